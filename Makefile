@@ -1,0 +1,59 @@
+# encinfer: every set-up step lives here, so a fresh clone needs only `make demo` or `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Binaries built with `go install` are cached outside the repo and reused.
+ENCINFER_CACHE ?= $(HOME)/.cache/encinfer
+BIN := $(ENCINFER_CACHE)/bin
+# MinIO RELEASE.2025-09-07T16-13-09Z, the last release with a published community image.
+# The Go proxy serves the release commit only as a pseudo-version.
+MINIO_VERSION := v0.0.0-20250907161309-07c3a429bfed
+GHZ_VERSION := v0.121.0
+export ENCINFER_MINIO_BIN ?= $(BIN)/minio
+export ENCINFER_GHZ_BIN ?= $(BIN)/ghz
+
+.PHONY: setup stubs test demo minio minio-bin ghz-bin bench bench-quick bench-keystore load stack clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed stubs
+
+# Stubs are build output: regenerated from protos/ whenever a .proto changes.
+stubs: $(VENV)/.installed
+	$(PY) -c 'from setup import generate_stubs; generate_stubs()'
+
+minio-bin: $(ENCINFER_MINIO_BIN)
+$(ENCINFER_MINIO_BIN):
+	mkdir -p $(BIN)
+	GOBIN=$(BIN) go install github.com/minio/minio@$(MINIO_VERSION)
+
+ghz-bin: $(ENCINFER_GHZ_BIN)
+$(ENCINFER_GHZ_BIN):
+	mkdir -p $(BIN)
+	GOBIN=$(BIN) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+
+# A local MinIO on loopback for development (tests start their own).
+minio: minio-bin
+	mkdir -p var/minio
+	MINIO_ROOT_USER=$${MINIO_ROOT_USER:-encinfer} MINIO_ROOT_PASSWORD=$${MINIO_ROOT_PASSWORD:-encinfer-dev-secret} \
+	  $(ENCINFER_MINIO_BIN) server --address 127.0.0.1:9000 --console-address 127.0.0.1:9001 var/minio
+
+test: setup minio-bin ghz-bin
+	bash scripts/run-tests.sh
+
+demo: setup
+	$(VENV)/bin/encinfer demo
+
+bench: setup minio-bin
+	$(VENV)/bin/python -m bench.run
+
+bench-quick: setup minio-bin
+	$(VENV)/bin/python -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info var out protos/encinfer/v1/*_pb2*.py*

@@ -1,0 +1,2 @@
+"""encinfer: encrypted inference as gRPC microservices."""
+__version__ = "0.1.0"

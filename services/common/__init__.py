@@ -1,0 +1,1 @@
+"""Pieces both services share: errors, logging, configuration, auth and the gRPC server frame."""

@@ -1,0 +1,217 @@
+"""The gRPC frame both services share: error mapping, access logs, metrics, health,
+reflection, TLS, and client channels.
+
+Errors are decided here and only here: handlers raise `EncinferError`s and the
+interceptor turns each into its status code; anything else is a bug, logged with
+its traceback and answered INTERNAL without details.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram
+
+from encinfer.common.errors import EncinferError
+
+log = logging.getLogger("encinfer.rpc")
+
+# gRPC's default; every message we define stays below it (big payloads are chunked).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+RPCS = Counter("encinfer_rpcs_total", "RPCs handled, by method and status code", ["method", "code"])
+RPC_SECONDS = Histogram(
+    "encinfer_rpc_seconds", "RPC handling time", ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+def status_code(exc: EncinferError) -> grpc.StatusCode:
+    return grpc.StatusCode[exc.code]
+
+
+def request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return str(value)[:128]
+    return uuid.uuid4().hex[:16]
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Maps errors to status codes, logs one JSON line per RPC, counts metrics."""
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer)
+
+
+class _Call:
+    """Times one RPC and turns its outcome into a status, a log line and metrics."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method, self.context = method, context
+        self.rid = request_id(context)
+        self.start = time.perf_counter()
+
+    async def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, EncinferError):
+            code, message = status_code(exc), str(exc)
+        else:
+            code = grpc.StatusCode.INTERNAL
+            message = f"internal error; the server log has request id {self.rid}"
+            log.error("unhandled error", exc_info=exc, extra={"fields": {"method": self.method, "request_id": self.rid}})
+        self.done(code)
+        await self.context.abort(code, message)
+
+    def done(self, code: grpc.StatusCode | None = None) -> None:
+        if code is None:
+            code = self.context.code() or grpc.StatusCode.OK
+            if isinstance(code, int):
+                code = grpc.StatusCode.OK if code == 0 else grpc.StatusCode.UNKNOWN
+        elapsed = time.perf_counter() - self.start
+        RPCS.labels(self.method, code.name).inc()
+        RPC_SECONDS.labels(self.method).observe(elapsed)
+        if not self.method.startswith("/grpc.health"):
+            log.info("rpc", extra={"fields": {
+                "method": self.method, "code": code.name, "request_id": self.rid,
+                "duration_ms": round(elapsed * 1000, 3)}})
+
+
+def _passthrough(exc: BaseException) -> bool:
+    # context.abort raises to unwind the handler; cancellation must propagate.
+    import asyncio
+    return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)) or type(exc).__name__ == "AbortError"
+
+
+def _wrap_unary(behavior: Callable, method: str) -> Callable:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = _Call(method, context)
+        try:
+            response = await behavior(request, context)
+        except BaseException as exc:  # noqa: BLE001 - decided in call.fail
+            if _passthrough(exc):
+                call.done(grpc.StatusCode.CANCELLED if not isinstance(exc, grpc.aio.AbortError) else None)
+                raise
+            await call.fail(exc)
+            raise AssertionError("unreachable")  # abort raised
+        call.done()
+        return response
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable, method: str) -> Callable:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext):
+        call = _Call(method, context)
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except BaseException as exc:  # noqa: BLE001 - decided in call.fail
+            if _passthrough(exc):
+                call.done(grpc.StatusCode.CANCELLED if not isinstance(exc, grpc.aio.AbortError) else None)
+                raise
+            await call.fail(exc)
+        else:
+            call.done()
+    return wrapper
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Paths to PEM files. Server: cert+key, optional client_ca for mutual TLS.
+    Client: ca to verify the server, optional cert+key for mutual TLS."""
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key) or bool(self.ca)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        cert, key = Path(self.cert).read_bytes(), Path(self.key).read_bytes()
+        ca = Path(self.ca).read_bytes() if self.ca else None
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(self.ca).read_bytes() if self.ca else None,
+            private_key=Path(self.key).read_bytes() if self.key else None,
+            certificate_chain=Path(self.cert).read_bytes() if self.cert else None,
+        )
+
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.enable_retries", 1),
+]
+
+
+def make_server(options: Iterable[tuple[str, Any]] = ()) -> grpc.aio.Server:
+    merged = dict(SERVER_OPTIONS)
+    merged.update(dict(options))
+    return grpc.aio.server(interceptors=[ServiceInterceptor()], options=list(merged.items()))
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
+    """Health starts NOT_SERVING for every service; the caller flips it when ready."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return servicer
+
+
+async def set_health(servicer: health.aio.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *service_names):
+        await servicer.set(name, status)
+
+
+def bind(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:
+    """Binds address ('host:port', port 0 = any free one) and returns the port."""
+    if tls is not None and tls.cert and tls.key:
+        port = server.add_secure_port(address, tls.server_credentials())
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {address}")
+    return port
+
+
+def channel(target: str, tls: TlsFiles | None = None, *, aio: bool = False,
+            options: Iterable[tuple[str, Any]] = ()) -> grpc.Channel | grpc.aio.Channel:
+    """A client channel with our message limits; TLS when tls is enabled."""
+    opts = [*CHANNEL_OPTIONS, *options]
+    module = grpc.aio if aio else grpc
+    if tls is not None and tls.enabled:
+        return module.secure_channel(target, tls.channel_credentials(), options=opts)
+    return module.insecure_channel(target, options=opts)
