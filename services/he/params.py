@@ -1,0 +1,115 @@
+"""CKKS parameter sets: what a layout needs, checked against 128-bit security.
+
+A model states its parameters; the client builds its keys from them (GetModelInfo),
+so the two cannot drift apart. The manifest hash names one parameter set: a key
+built for another set is refused before any compute.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import tenseal.sealapi as seal
+
+from encinfer.common.errors import InvalidArgument
+
+# SEAL's HomomorphicEncryption.org table for 128-bit classical security:
+# the largest total coefficient-modulus bit count per ring degree.
+MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+def check_security(poly_modulus_degree: int, coeff_modulus_bits: list[int] | tuple[int, ...]) -> None:
+    """Raises InvalidArgument unless the parameters give 128-bit security."""
+    limit = MAX_COEFF_BITS_128.get(poly_modulus_degree)
+    if limit is None:
+        raise InvalidArgument(
+            f"poly_modulus_degree {poly_modulus_degree} is not supported; use one of "
+            f"{', '.join(map(str, sorted(MAX_COEFF_BITS_128)))}")
+    total = sum(coeff_modulus_bits)
+    if total > limit:
+        raise InvalidArgument(
+            f"coefficient modulus of {total} bits at N={poly_modulus_degree} is below 128-bit security "
+            f"(at most {limit} bits at this ring degree)")
+    if not coeff_modulus_bits or any(not 1 <= b <= 60 for b in coeff_modulus_bits):
+        raise InvalidArgument("coefficient modulus primes must be 1 to 60 bits each")
+
+
+def galois_element(step: int, poly_modulus_degree: int) -> int:
+    """SEAL's Galois element for a CKKS slot rotation by `step` (3^step mod 2N)."""
+    m = 2 * poly_modulus_degree
+    return pow(3, step % (poly_modulus_degree // 2), m)
+
+
+@dataclass(frozen=True)
+class CkksParams:
+    """One parameter set. Scales are powers of two, given as exponents."""
+
+    poly_modulus_degree: int
+    coeff_modulus_bits: tuple[int, ...]
+    input_scale_bits: int
+    output_scale_bits: int
+    galois_steps: tuple[int, ...] = ()
+    needs_conjugation_key: bool = False
+    needs_relin_keys: bool = False
+    complex_packing: bool = False
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        check_security(self.poly_modulus_degree, self.coeff_modulus_bits)
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    def manifest(self) -> dict:
+        """The fields a key must match (everything that shapes the keys, nothing else)."""
+        return {
+            "scheme": "ckks",
+            "poly_modulus_degree": self.poly_modulus_degree,
+            "coeff_modulus_bits": list(self.coeff_modulus_bits),
+            "galois_steps": sorted(self.galois_steps),
+            "needs_conjugation_key": self.needs_conjugation_key,
+            "needs_relin_keys": self.needs_relin_keys,
+        }
+
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.manifest(), sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["coeff_modulus_bits"] = list(self.coeff_modulus_bits)
+        d["galois_steps"] = list(self.galois_steps)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CkksParams":
+        d = dict(d)
+        d["coeff_modulus_bits"] = tuple(d["coeff_modulus_bits"])
+        d["galois_steps"] = tuple(d.get("galois_steps", ()))
+        return cls(**d)
+
+    def galois_elements(self) -> list[int]:
+        elts = [galois_element(s, self.poly_modulus_degree) for s in self.galois_steps]
+        if self.needs_conjugation_key:
+            elts.append(2 * self.poly_modulus_degree - 1)
+        return sorted(set(elts))
+
+    def seal_parameters(self) -> seal.EncryptionParameters:
+        parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+        parms.set_poly_modulus_degree(self.poly_modulus_degree)
+        parms.set_coeff_modulus(seal.CoeffModulus.Create(self.poly_modulus_degree, list(self.coeff_modulus_bits)))
+        return parms
+
+    def context(self) -> seal.SEALContext:
+        return _context(self.poly_modulus_degree, self.coeff_modulus_bits)
+
+
+@functools.lru_cache(maxsize=16)
+def _context(n: int, bits: tuple[int, ...]) -> seal.SEALContext:
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(n)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(n, list(bits)))
+    # expand_mod_chain=True so mod switching works; TC128 makes SEAL refuse weaker sets too.
+    return seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
