@@ -1,0 +1,81 @@
+"""Served models: a safe artifact plus its two precomputed HE layouts.
+
+Built once per process (SEAL objects cannot cross processes), so each worker
+loads the artifacts itself and pre-encodes the weights for both layouts.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from encinfer.common.errors import InvalidArgument, NotFound
+from encinfer.he.batch import BatchModel
+from encinfer.he.latency import LatencyModel
+from encinfer.he.params import CkksParams
+from encinfer.inference.model import ModelArtifact, load_model
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("latency", "batch")
+
+
+@dataclass
+class ServedModel:
+    artifact: ModelArtifact
+    latency: LatencyModel
+    batch: BatchModel
+
+    @classmethod
+    def load(cls, path: str) -> "ServedModel":
+        artifact = load_model(path)
+        return cls(artifact=artifact,
+                   latency=LatencyModel(artifact.weights, artifact.bias),
+                   batch=BatchModel(artifact.weights, artifact.bias))
+
+    @property
+    def name(self) -> str:
+        return self.artifact.name
+
+    def params(self, layout: str) -> CkksParams:
+        return self.kernel(layout).layout.params
+
+    def kernel(self, layout: str) -> LatencyModel | BatchModel:
+        if layout == "latency":
+            return self.latency
+        if layout == "batch":
+            return self.batch
+        raise InvalidArgument(f"unknown layout {layout!r}; this model accepts {', '.join(LAYOUTS)}")
+
+    def describe(self) -> dict[str, Any]:
+        """Everything GetModelInfo tells a client, as plain values."""
+        a = self.artifact
+        return {
+            "name": a.name, "version": a.version, "kind": a.kind, "sha256": a.sha256,
+            "n_features": int(a.weights.shape[1]), "n_outputs": int(a.weights.shape[0]),
+            "class_labels": [str(c) for c in a.classes],
+            "layouts": {
+                "latency": {**self.latency.layout.to_dict(), "manifest_sha256": self.params("latency").manifest_sha256()},
+                "batch": {**self.batch.layout.to_dict(), "manifest_sha256": self.params("batch").manifest_sha256()},
+            },
+        }
+
+
+def load_catalog(paths: list[str] | tuple[str, ...]) -> dict[str, ServedModel]:
+    models: dict[str, ServedModel] = {}
+    for path in paths:
+        model = ServedModel.load(path)
+        if model.name in models:
+            raise SystemExit(f"two models are named {model.name!r}; names must be unique")
+        models[model.name] = model
+        log.info("model loaded", extra={"fields": {"model": model.name, "path": path}})
+    return models
+
+
+def find(models: dict[str, ServedModel], name: str) -> ServedModel:
+    if not name:
+        raise InvalidArgument("model name is empty; ListModels shows the served models")
+    model = models.get(name)
+    if model is None:
+        raise NotFound(f"model {name!r} is not served here; served: {', '.join(sorted(models)) or 'none'}")
+    return model

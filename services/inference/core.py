@@ -1,0 +1,228 @@
+"""The inference core: model lookup, key checks and HE dispatch, with no gRPC in it.
+
+A request flows: check the key id and its record (owner, parameters) -> pick a
+worker -> compute there (sending the key bytes only if that worker lacks them).
+Streams run items concurrently (bounded) and batches part by part, each answer
+tagged with its request id; one bad item fails only its own answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from encinfer.common.auth import Principal
+from encinfer.common.errors import EncinferError, InvalidArgument, NotFound
+from encinfer.he.params import CkksParams
+from encinfer.inference import workers
+from encinfer.inference.keys import KeySource, check_key_fits
+from encinfer.inference.workers import WorkerPool, check_batch_count, check_position
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Answer:
+    """One streamed answer: ciphertexts, or an error for this item only."""
+
+    request_id: str
+    ciphertexts: list[bytes] = field(default_factory=list)
+    n_samples: int = 0
+    server_ms: float = 0.0
+    error: EncinferError | None = None
+
+
+class InferenceCore:
+    def __init__(self, pool: WorkerPool, keys: KeySource, auth_enabled: bool,
+                 max_inflight_per_stream: int = 8, max_open_batches: int = 4) -> None:
+        self.pool = pool
+        self.keys = keys
+        self.auth_enabled = auth_enabled
+        self.max_inflight = max_inflight_per_stream
+        self.max_open_batches = max_open_batches
+
+    # ------------------------------------------------------------ models
+    def models(self) -> list[dict[str, Any]]:
+        return self.pool.models
+
+    def model_info(self, name: str) -> dict[str, Any]:
+        if not name:
+            raise InvalidArgument("model name is empty; ListModels shows the served models")
+        for m in self.pool.models:
+            if m["name"] == name:
+                return m
+        raise NotFound(f"model {name!r} is not served here; served: "
+                       f"{', '.join(m['name'] for m in self.pool.models) or 'none'}")
+
+    def params(self, model: str, layout: str) -> CkksParams:
+        info = self.model_info(model)
+        if layout not in info["layouts"]:
+            raise InvalidArgument(f"model {model!r} has no {layout!r} layout")
+        return CkksParams.from_json(info["layouts"][layout]["params"])
+
+    async def _checked_key(self, principal: Principal, model: str, key_id: str, layout: str) -> None:
+        params = self.params(model, layout)  # NOT_FOUND for an unknown model first
+        record = await self.keys.record(key_id, principal, self.auth_enabled)
+        check_key_fits(record.parameters, params, layout)
+
+    # ------------------------------------------------------------ latency
+    async def predict(self, principal: Principal, model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
+        if not ciphertext:
+            raise InvalidArgument("ciphertext is empty; send one encrypted input (latency layout)")
+        await self._checked_key(principal, model, key_id, "latency")
+        index = self.pool.pick()
+        return await self.pool.with_key(index, lambda: self.keys.data(key_id), workers.predict_latency,
+                                        (model, key_id), (ciphertext,))
+
+    # ------------------------------------------------------------ streams
+    def stream(self, principal: Principal) -> "StreamSession":
+        return StreamSession(self, principal)
+
+
+class _Batch:
+    def __init__(self, request_id: str, total: int, n_samples: int) -> None:
+        self.request_id = request_id
+        self.id = f"{uuid.uuid4().hex}:{request_id}"
+        self.total = total
+        self.n_samples = n_samples
+        self.next_position = 0
+        self.parts: asyncio.Queue = asyncio.Queue(maxsize=8)
+        self.task: asyncio.Task | None = None
+        self.worker = -1
+        self.started = time.perf_counter()
+
+
+class StreamSession:
+    """One PredictStream call. Feed it requests; read answers from `answers`."""
+
+    def __init__(self, core: InferenceCore, principal: Principal) -> None:
+        self.core = core
+        self.principal = principal
+        self.answers: asyncio.Queue[Answer | None] = asyncio.Queue()
+        self.model = ""
+        self.key_id = ""
+        self.layout = ""
+        self._slots = asyncio.Semaphore(core.max_inflight)
+        self._tasks: set[asyncio.Task] = set()
+        self._batches: dict[str, _Batch] = {}
+        self._failed: set[str] = set()
+
+    def header(self, model: str, key_id: str, layout: str) -> None:
+        if self.model:
+            raise InvalidArgument("the stream header was sent twice; send it once, first")
+        if layout not in ("latency", "batch"):
+            raise InvalidArgument("the stream header needs layout LAYOUT_LATENCY or LAYOUT_BATCH")
+        self.core.params(model, layout)
+        self.model, self.key_id, self.layout = model, key_id, layout
+
+    async def item(self, request_id: str, model: str, key_id: str, ciphertext: bytes) -> None:
+        """Starts one latency item; waits only for a free slot (back-pressure)."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._run_item(request_id, model or self.model, key_id or self.key_id, ciphertext))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_item(self, request_id: str, model: str, key_id: str, ciphertext: bytes) -> None:
+        try:
+            ct, ms = await self.core.predict(self.principal, model, key_id, ciphertext)
+            await self.answers.put(Answer(request_id, [ct], 1, ms))
+        except EncinferError as e:
+            await self.answers.put(Answer(request_id, error=e))
+        finally:
+            self._slots.release()
+
+    async def batch_part(self, request_id: str, position: int, n_samples: int, ciphertext: bytes) -> None:
+        if request_id in self._failed:
+            return  # the rest of a failed batch is dropped; its error was already answered
+        batch = self._batches.get(request_id)
+        try:
+            if self.layout != "batch":
+                raise InvalidArgument("batch parts need a stream header with layout LAYOUT_BATCH first")
+            if batch is None:
+                total = len(self.core.model_info(self.model)["layouts"]["batch"]["feature_indices"])
+                check_position(position, 0, total)
+                check_batch_count(len(self._batches), self.core.max_open_batches)
+                if n_samples <= 0:
+                    raise InvalidArgument("n_samples must be set on the first part of a batch")
+                batch = _Batch(request_id, total, n_samples)
+                self._batches[request_id] = batch
+                batch.task = asyncio.create_task(self._run_batch(batch))
+            else:
+                check_position(position, batch.next_position, batch.total)
+            batch.next_position += 1
+        except EncinferError as e:
+            self._fail(request_id, e)
+            return
+        await batch.parts.put((position, ciphertext))
+
+    def _fail(self, request_id: str, error: EncinferError) -> None:
+        self._failed.add(request_id)
+        batch = self._batches.pop(request_id, None)
+        if batch is not None and batch.task is not None and batch.task is not asyncio.current_task():
+            batch.task.cancel()
+        self.answers.put_nowait(Answer(request_id, error=error))
+
+    async def _run_batch(self, batch: _Batch) -> None:
+        pool, core = self.core.pool, self.core
+        pending: list[asyncio.Future] = []
+        started = False
+        try:
+            await core._checked_key(self.principal, self.model, self.key_id, "batch")
+            batch.worker = pool.pick()
+            await pool.with_key(batch.worker, lambda: core.keys.data(self.key_id), workers.batch_start,
+                                (batch.id, self.model, self.key_id), (batch.n_samples,))
+            started = True
+            for _ in range(batch.total):
+                position, ct = await batch.parts.get()
+                # The worker runs calls in order, so parts are pipelined, not awaited one by one.
+                pending.append(asyncio.ensure_future(pool.call(batch.worker, workers.batch_add, batch.id, position, ct)))
+                if len(pending) >= 4:
+                    await pending.pop(0)
+            for fut in pending:
+                await fut
+            pending.clear()
+            cts, _ = await pool.call(batch.worker, workers.batch_finish, batch.id)
+            started = False
+            elapsed = (time.perf_counter() - batch.started) * 1000
+            self._batches.pop(batch.request_id, None)
+            await self.answers.put(Answer(batch.request_id, cts, batch.n_samples, elapsed))
+        except EncinferError as e:
+            self._fail(batch.request_id, e)
+        except asyncio.CancelledError:
+            raise
+        finally:
+            for fut in pending:
+                fut.cancel()
+            if started:
+                await _quietly(pool.call(batch.worker, workers.batch_abort, batch.id))
+
+    async def finish(self) -> None:
+        """The client closed its side: wait for every item, fail incomplete batches."""
+        for batch in list(self._batches.values()):
+            if batch.next_position < batch.total:
+                self._fail(batch.request_id, InvalidArgument(
+                    f"the stream ended after {batch.next_position} of {batch.total} parts of batch "
+                    f"{batch.request_id!r}"))
+        await asyncio.gather(*self._tasks, *(b.task for b in self._batches.values() if b.task),
+                             return_exceptions=True)
+        await self.answers.put(None)
+
+    async def cancel(self) -> None:
+        """The call was cancelled: stop every item and free the workers' batch state."""
+        for task in list(self._tasks):
+            task.cancel()
+        for batch in list(self._batches.values()):
+            if batch.task:
+                batch.task.cancel()
+        await asyncio.gather(*self._tasks, *(b.task for b in self._batches.values() if b.task),
+                             return_exceptions=True)
+
+
+async def _quietly(coro) -> None:
+    try:
+        await coro
+    except Exception:  # noqa: BLE001 - best-effort clean-up of a batch that already failed
+        log.debug("batch clean-up failed", exc_info=True)
