@@ -6,10 +6,12 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from encinfer import stack
     from encinfer.client import cli as client_cli
     from encinfer.common import probe
     from encinfer.inference import cli as inference_cli
     from encinfer.keystore import cli as keystore_cli
+    from encinfer.keystore import s3init
 
     parser = argparse.ArgumentParser(prog="encinfer", description="Encrypted inference as gRPC microservices.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -17,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     inference_cli.register(sub)
     client_cli.register(sub)
     probe.register(sub)
+    s3init.register(sub)
+    stack.register(sub)
     return parser
 
 

@@ -1,0 +1,274 @@
+"""`encinfer s3-init`: prepares object storage for the key store, once, with the root credentials.
+
+It creates the bucket, a MinIO user for the key store and a policy that lets that
+user touch only that bucket. The root credentials exist only in this one-shot step
+(compose's `s3-init` service, `encinfer stack up`); the key store runs with its own
+user, and the inference service gets no storage credential at all.
+
+Every step is idempotent: an existing bucket, user or policy is fine, so the command
+can run on every `docker compose up`. The user's secret is (re)set to the configured
+one, which is how a rotated secret reaches MinIO.
+
+Environment (the key store's own S3 variables, plus the root credentials):
+ENCINFER_S3_ENDPOINT, ENCINFER_S3_SECURE, ENCINFER_S3_CA_FILE, ENCINFER_S3_REGION,
+ENCINFER_S3_BUCKET, ENCINFER_S3_ACCESS_KEY and ENCINFER_S3_SECRET_KEY (the key
+store's user), ENCINFER_S3_ROOT_USER and ENCINFER_S3_ROOT_PASSWORD (falling back to
+MINIO_ROOT_USER and MINIO_ROOT_PASSWORD).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import certifi
+import urllib3
+from minio import Minio, MinioAdmin
+from minio.credentials import StaticProvider
+from minio.helpers import check_bucket_name
+from minio.error import MinioAdminException, S3Error
+
+from encinfer.common.env import env_bool, env_float, env_str
+from encinfer.common.errors import EncinferError, FailedPrecondition, InvalidArgument, Unauthenticated, Unavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "127.0.0.1:9000"
+DEFAULT_BUCKET = "encinfer-keys"
+# MinIO's own limits on IAM users (checked here to fail with a clear message).
+ACCESS_KEY_LENGTH = (3, 20)
+SECRET_KEY_LENGTH = (8, 40)
+
+# Everything the key store does with its bucket: head/list, get/stat, put (multipart
+# included), delete, and cleaning up multipart uploads a crash left behind. Nothing else:
+# no other bucket, no bucket creation or deletion, no policy changes.
+BUCKET_ACTIONS = ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"]
+OBJECT_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
+                  "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
+
+
+@dataclass(frozen=True)
+class S3InitConfig:
+    endpoint: str = DEFAULT_ENDPOINT
+    secure: bool = False
+    ca_file: str = ""
+    region: str = ""
+    bucket: str = DEFAULT_BUCKET
+    access_key: str = ""
+    secret_key: str = ""
+    root_user: str = ""
+    root_password: str = ""
+    # How long to wait for the endpoint to answer (compose starts us right after
+    # MinIO reports healthy, `stack up` right after it listens).
+    wait_seconds: float = 30.0
+
+    @classmethod
+    def from_env(cls) -> "S3InitConfig":
+        return cls(
+            endpoint=env_str("ENCINFER_S3_ENDPOINT", DEFAULT_ENDPOINT),
+            secure=env_bool("ENCINFER_S3_SECURE", False),
+            ca_file=env_str("ENCINFER_S3_CA_FILE", ""),
+            region=env_str("ENCINFER_S3_REGION", ""),
+            bucket=env_str("ENCINFER_S3_BUCKET", DEFAULT_BUCKET),
+            access_key=env_str("ENCINFER_S3_ACCESS_KEY", ""),
+            secret_key=env_str("ENCINFER_S3_SECRET_KEY", ""),
+            root_user=env_str("ENCINFER_S3_ROOT_USER", "") or env_str("MINIO_ROOT_USER", ""),
+            root_password=env_str("ENCINFER_S3_ROOT_PASSWORD", "") or env_str("MINIO_ROOT_PASSWORD", ""),
+            wait_seconds=env_float("ENCINFER_S3_INIT_WAIT", cls.wait_seconds),
+        )
+
+    @property
+    def policy_name(self) -> str:
+        return f"encinfer-keystore-{self.bucket}"
+
+    def check(self) -> None:
+        """Refuses a configuration that would fail half-way or weaken the separation of credentials."""
+        missing = [name for name, value in (
+            ("ENCINFER_S3_ROOT_USER", self.root_user), ("ENCINFER_S3_ROOT_PASSWORD", self.root_password),
+            ("ENCINFER_S3_ACCESS_KEY", self.access_key), ("ENCINFER_S3_SECRET_KEY", self.secret_key)) if not value]
+        if missing:
+            raise InvalidArgument(f"s3-init needs {', '.join(missing)}")
+        if self.access_key == self.root_user:
+            raise InvalidArgument("the key store's access key must differ from the root user: "
+                                  "the key store gets its own, bucket-limited user")
+        try:
+            check_bucket_name(self.bucket)
+        except ValueError:
+            raise InvalidArgument(f"ENCINFER_S3_BUCKET={self.bucket!r} is not a valid bucket name "
+                                  "(3 to 63 lower-case letters, digits, dots and hyphens)") from None
+        lo, hi = ACCESS_KEY_LENGTH
+        if not lo <= len(self.access_key) <= hi:
+            raise InvalidArgument(f"ENCINFER_S3_ACCESS_KEY must be {lo} to {hi} characters long (a MinIO limit)")
+        lo, hi = SECRET_KEY_LENGTH
+        if not lo <= len(self.secret_key) <= hi:
+            raise InvalidArgument(f"ENCINFER_S3_SECRET_KEY must be {lo} to {hi} characters long (a MinIO limit)")
+
+
+@dataclass(frozen=True)
+class S3InitResult:
+    bucket: str
+    bucket_created: bool
+    user: str
+    user_created: bool
+    policy: str
+
+
+def keystore_policy(bucket: str) -> dict:
+    """The IAM policy of the key store's user: its one bucket, the actions it uses, nothing more."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": BUCKET_ACTIONS, "Resource": [f"arn:aws:s3:::{bucket}"]},
+            {"Effect": "Allow", "Action": OBJECT_ACTIONS, "Resource": [f"arn:aws:s3:::{bucket}/*"]},
+        ],
+    }
+
+
+def _http_client(config: S3InitConfig) -> urllib3.PoolManager:
+    # The SDK's default client retries for minutes; we retry ourselves, bounded, with a clear message.
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=5, read=30),
+        retries=urllib3.Retry(total=0),
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=config.ca_file or os.environ.get("SSL_CERT_FILE") or certifi.where(),
+    )
+
+
+def init_storage(config: S3InitConfig) -> S3InitResult:
+    """Creates (or confirms) the bucket, the key store's user and its bucket-only policy."""
+    config.check()
+    http = _http_client(config)
+    root = Minio(endpoint=config.endpoint, access_key=config.root_user, secret_key=config.root_password,
+                 secure=config.secure, region=config.region or None, http_client=http)
+    admin = MinioAdmin(endpoint=config.endpoint, credentials=StaticProvider(config.root_user, config.root_password),
+                       region=config.region, secure=config.secure, http_client=http)
+
+    exists = _wait_for_endpoint(root, config)
+    if not exists:
+        _s3_call(lambda: root.make_bucket(bucket_name=config.bucket, location=config.region or None), config)
+        log.info("bucket created", extra={"fields": {"bucket": config.bucket}})
+
+    user_created = not _user_exists(admin, config)
+    _admin_call(lambda: admin.user_add(access_key=config.access_key, secret_key=config.secret_key), config)
+    _admin_call(lambda: admin.policy_add(policy_name=config.policy_name, policy=keystore_policy(config.bucket)),
+                config)
+    try:
+        admin.attach_policy(policies=[config.policy_name], user=config.access_key)
+    except MinioAdminException as exc:
+        if _admin_code(exc) != "XMinioAdminPolicyChangeAlreadyApplied":
+            raise _admin_error(exc, config) from None
+    _warn_on_extra_policies(admin, config)
+    log.info("key store user ready", extra={"fields": {
+        "bucket": config.bucket, "user": config.access_key, "user_created": user_created,
+        "policy": config.policy_name}})
+    return S3InitResult(bucket=config.bucket, bucket_created=not exists, user=config.access_key,
+                        user_created=user_created, policy=config.policy_name)
+
+
+def _wait_for_endpoint(root: Minio, config: S3InitConfig) -> bool:
+    """Polls until the endpoint answers (bounded by wait_seconds); returns whether the bucket exists."""
+    deadline = time.monotonic() + config.wait_seconds
+    while True:
+        try:
+            return root.bucket_exists(bucket_name=config.bucket)
+        except S3Error as exc:
+            raise _s3_error(exc, config) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"S3 endpoint {config.endpoint} did not answer within "
+                                  f"{config.wait_seconds:g} s: {exc}") from None
+            time.sleep(0.5)
+
+
+def _user_exists(admin: MinioAdmin, config: S3InitConfig) -> bool:
+    try:
+        admin.user_info(access_key=config.access_key)
+        return True
+    except MinioAdminException as exc:
+        if _admin_code(exc) == "XMinioAdminNoSuchUser":
+            return False
+        raise _admin_error(exc, config) from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise Unavailable(f"S3 endpoint {config.endpoint}: {exc}") from None
+
+
+def _warn_on_extra_policies(admin: MinioAdmin, config: S3InitConfig) -> None:
+    info = json.loads(_admin_call(lambda: admin.user_info(access_key=config.access_key), config) or "{}")
+    attached = [p for p in str(info.get("policyName", "")).split(",") if p]
+    extra = sorted(set(attached) - {config.policy_name})
+    if extra:
+        # Someone granted more by hand; we don't take it away silently, but say so.
+        log.warning("key store user has more policies than it needs", extra={"fields": {
+            "user": config.access_key, "extra_policies": extra}})
+
+
+def _s3_call(fn, config: S3InitConfig):
+    try:
+        return fn()
+    except S3Error as exc:
+        raise _s3_error(exc, config) from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise Unavailable(f"S3 endpoint {config.endpoint}: {exc}") from None
+
+
+def _admin_call(fn, config: S3InitConfig):
+    try:
+        return fn()
+    except MinioAdminException as exc:
+        raise _admin_error(exc, config) from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise Unavailable(f"S3 endpoint {config.endpoint}: {exc}") from None
+
+
+_AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "XMinioInvalidIAMCredentials", "AccessDenied"}
+
+
+def _s3_error(exc: S3Error, config: S3InitConfig) -> EncinferError:
+    if exc.code in _AUTH_CODES:
+        return Unauthenticated(f"S3 endpoint {config.endpoint} refused the root credentials ({exc.code})")
+    return FailedPrecondition(f"S3 endpoint {config.endpoint}: {exc.code}: {exc.message}")
+
+
+def _admin_code(exc: MinioAdminException) -> str:
+    try:
+        return str(json.loads(exc._body).get("Code", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _admin_error(exc: MinioAdminException, config: S3InitConfig) -> EncinferError:
+    code = _admin_code(exc)
+    try:
+        message = json.loads(exc._body).get("Message", "")
+    except (ValueError, AttributeError):
+        message = str(exc._body)[:200]
+    if code in _AUTH_CODES:
+        return Unauthenticated(f"MinIO admin API at {config.endpoint} refused the root credentials ({code})")
+    if exc._code == "404" and not code:
+        return FailedPrecondition(f"{config.endpoint} has no MinIO admin API: s3-init needs MinIO")
+    return FailedPrecondition(f"MinIO admin API at {config.endpoint}: {code or exc._code}: {message}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("s3-init", help="create the key store's bucket, MinIO user and bucket-only policy (idempotent)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--wait", type=float, default=None, help="seconds to wait for the endpoint (ENCINFER_S3_INIT_WAIT)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from encinfer.common import logs
+
+    logs.configure()
+    config = S3InitConfig.from_env()
+    if args.wait is not None:
+        config = S3InitConfig(**{**config.__dict__, "wait_seconds": args.wait})
+    try:
+        init_storage(config)
+    except EncinferError as exc:
+        log.error("s3-init failed", extra={"fields": {"error": str(exc), "code": exc.code}})
+        return 1
+    return 0
