@@ -1,0 +1,1 @@
+"""Benchmarks: encinfer against its peers (`make bench`)."""
