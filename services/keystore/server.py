@@ -1,0 +1,265 @@
+"""The key store's gRPC face: a thin servicer over `KeyStore`, plus the process around it
+(health probe, cleanup loop, graceful shutdown).
+
+Start it with `encinfer keystore serve`, `python -m encinfer.keystore.server`, from
+async code with `await start(config)`, or from sync code and tests with
+`BackgroundKeyStore(config)` (its own event loop in a thread).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from typing import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from encinfer.common import logs
+from encinfer.common.auth import TokenTable
+from encinfer.common.errors import InvalidArgument
+from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
+from encinfer.keystore.config import KeyStoreConfig
+from encinfer.keystore.storage import open_backend
+from encinfer.keystore.store import KeyRecord, KeyStore, PutHeader
+from encinfer.v1 import keystore_pb2 as pb
+from encinfer.v1 import keystore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyStore"].full_name
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def record_to_pb(record: KeyRecord) -> pb.KeyRecord:
+    p = record.parameters
+    return pb.KeyRecord(
+        key_id=record.key_id, size_bytes=record.size_bytes, sha256=record.sha256, owner=record.owner,
+        created=_timestamp(record.created), expires=_timestamp(record.expires), labels=record.labels,
+        parameters=pb.KeyParameters(
+            scheme=p.scheme, poly_modulus_degree=p.poly_modulus_degree, coeff_modulus_bits=p.coeff_modulus_bits,
+            has_public_key=p.has_public_key, has_relin_keys=p.has_relin_keys, galois_steps=p.galois_steps,
+            has_conjugation_key=p.has_conjugation_key, format=p.format))
+
+
+async def split_put_stream(requests: AsyncIterator[pb.PutKeysRequest]) -> tuple[PutHeader, AsyncIterator[bytes]]:
+    """Enforces the PutKeys shape: exactly one header, first, then chunks."""
+    first = None
+    async for first in requests:
+        break
+    if first is None or first.WhichOneof("msg") != "header":
+        raise InvalidArgument("PutKeys must start with a header message (labels, expected_size, ttl_seconds)")
+    h = first.header
+    header = PutHeader(labels=dict(h.labels), expected_size=h.expected_size, ttl_seconds=h.ttl_seconds)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async for message in requests:
+            if message.WhichOneof("msg") != "chunk":
+                raise InvalidArgument("PutKeys got a second header; after the header send only chunks")
+            yield message.chunk
+    return header, chunks()
+
+
+class KeyStoreServicer(pb_grpc.KeyStoreServicer):
+    """Authenticates, converts messages, calls the core; errors are mapped by the interceptor."""
+
+    def __init__(self, store: KeyStore, tokens: TokenTable) -> None:
+        self.store, self.tokens = store, tokens
+
+    async def PutKeys(self, request_iterator, context):
+        principal = self.tokens.authenticate(context.invocation_metadata())
+        header, chunks = await split_put_stream(request_iterator)
+        return record_to_pb(await self.store.put(principal, header, chunks))
+
+    async def GetKeys(self, request, context):
+        principal = self.tokens.authenticate(context.invocation_metadata())
+        async with await self.store.fetch(principal, request.key_id) as key:
+            yield pb.GetKeysResponse(record=record_to_pb(key.record))
+            async for chunk in key.chunks():
+                yield pb.GetKeysResponse(chunk=chunk)
+
+    async def StatKeys(self, request, context):
+        principal = self.tokens.authenticate(context.invocation_metadata())
+        return record_to_pb(await self.store.stat(principal, request.key_id))
+
+    async def DeleteKeys(self, request, context):
+        principal = self.tokens.authenticate(context.invocation_metadata())
+        return pb.DeleteKeysResponse(deleted=await self.store.delete(principal, request.key_id))
+
+    async def ListKeys(self, request, context):
+        principal = self.tokens.authenticate(context.invocation_metadata())
+        records, token = await self.store.list(principal, request.page_size, request.page_token)
+        return pb.ListKeysResponse(keys=[record_to_pb(r) for r in records], next_page_token=token)
+
+
+class KeyStoreServer:
+    """A running key store: the gRPC server, its health probe and its cleanup loop."""
+
+    def __init__(self, config: KeyStoreConfig, store: KeyStore) -> None:
+        self.config, self.store = config, store
+        self.server = make_server()
+        pb_grpc.add_KeyStoreServicer_to_server(KeyStoreServicer(store, config.tokens), self.server)
+        self.health = add_health_and_reflection(self.server, [SERVICE_NAME])
+        self.port = 0
+        self.serving: bool | None = None  # unknown until the first probe
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        host = self.config.address.rsplit(":", 1)[0] or "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        self.port = bind(self.server, self.config.address, self.config.tls)
+        await self.server.start()
+        await self._probe_once()  # SERVING before start returns when the backend is there
+        self._tasks = [asyncio.create_task(self._probe_loop(), name="keystore-health"),
+                       asyncio.create_task(self._cleanup_loop(), name="keystore-cleanup")]
+        if not self.config.tokens.enabled:
+            log.warning("authentication is off (no ENCINFER_TOKENS/ENCINFER_TOKENS_FILE): "
+                        "every caller is the owner 'public'")
+        log.info("key store listening", extra={"fields": {
+            "address": self.address, "port": self.port, "backend": self.store.backend.kind,
+            "tls": bool(self.config.tls), "serving": self.serving}})
+
+    async def _probe_once(self) -> None:
+        ok = await self.store.probe()
+        if ok != self.serving:
+            await set_health(self.health, [SERVICE_NAME], ok)
+            (log.info if ok else log.warning)(
+                "storage backend " + ("reachable: SERVING" if ok else "unreachable: NOT_SERVING"),
+                extra={"fields": {"backend": self.store.backend.kind}})
+        self.serving = ok
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            try:
+                await self._probe_once()
+            except Exception:  # noqa: BLE001 - the probe must outlive any one failure
+                log.exception("health probe failed")
+
+    async def _cleanup_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.cleanup_interval)
+            try:
+                await self.store.cleanup()
+            except Exception as e:  # noqa: BLE001 - retried next interval
+                log.warning("cleanup failed; retrying next interval", extra={"fields": {"error": str(e)}})
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, stop accepting, let in-flight RPCs finish within the grace period."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.serving = False
+        await set_health(self.health, [SERVICE_NAME], False)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.server.stop(self.config.shutdown_grace if grace is None else grace)
+        self.store.close()
+        log.info("key store stopped", extra={"fields": {"address": self.address}})
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+async def start(config: KeyStoreConfig, store: KeyStore | None = None) -> KeyStoreServer:
+    """Starts a key store on the running loop; `config.address` may use port 0."""
+    if store is None:
+        store = KeyStore(open_backend(config), config)
+    server = KeyStoreServer(config, store)
+    await server.start()
+    return server
+
+
+class BackgroundKeyStore:
+    """A key store on its own event loop in a daemon thread, for sync code and tests.
+
+        with BackgroundKeyStore(config) as ks:
+            KeyStoreClient(ks.target).stat(key_id)
+    """
+
+    def __init__(self, config: KeyStoreConfig, store_factory=None) -> None:
+        self.config = config
+        self._factory = store_factory
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="keystore-loop", daemon=True)
+        self._thread.start()
+        self.server: KeyStoreServer = self._run(self._start())
+
+    async def _start(self) -> KeyStoreServer:
+        store = self._factory(self.config) if self._factory else None
+        return await start(self.config, store)
+
+    def _run(self, coro, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return self.server.address
+
+    @property
+    def store(self) -> KeyStore:
+        return self.server.store
+
+    def call(self, coro, timeout: float = 30.0):
+        """Runs a coroutine (e.g. `ks.store.cleanup()`) on the key store's loop."""
+        return self._run(coro, timeout)
+
+    def stop(self, grace: float = 0.5) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self.server.stop(grace), timeout=grace + 30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+    def __enter__(self) -> "BackgroundKeyStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+async def serve(config: KeyStoreConfig) -> int:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    metrics_port = config.metrics_port
+    if metrics_port:
+        from prometheus_client import start_http_server
+        start_http_server(metrics_port, addr="127.0.0.1")
+        log.info("metrics listening", extra={"fields": {"address": f"127.0.0.1:{metrics_port}"}})
+    server = await start(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"fields": {"grace_seconds": config.shutdown_grace}})
+    await server.stop()
+    return 0
+
+
+def main() -> int:
+    config = KeyStoreConfig.from_env()
+    logs.configure(config.log_level)
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,573 @@
+"""The key store's core, transport-free: upload, verify, record, read, list, expire.
+
+Layout in the object store (the same on S3 and on disk):
+
+    keys/<key_id>               the key bytes, once per content (metadata: sha256, size)
+    owners/<owner>/<key_id>     the owner's record (JSON: parameters, created, expires, labels)
+    refs/<key_id>/<owner>       empty marker: who holds this key id
+
+The content is shared, ownership is per owner: two tenants who upload identical
+bytes get the same key id and one stored object, but each has its own record
+(expiry, labels) and deleting one record leaves the other owner's key intact; the
+bytes go when the last record goes. `refs/` lets the inference service (role
+"service") find a key by id alone, and lets a delete know whether anyone else still
+holds the bytes.
+
+Visibility: a tenant sees only its own records. Another owner's key id answers
+NOT_FOUND exactly as an unknown one does, so ids do not leak whose keys exist.
+Expired records are invisible at once and removed by `cleanup()`.
+
+Writes go ref -> bytes -> record, and deletes record -> ref -> bytes, so a crash
+leaves at worst an unreferenced object that `cleanup()` removes later, never a
+record without its bytes. Within one key-store process, puts and deletes of one
+owner and one key id are serialized by locks (a multi-replica deployment could race
+a delete of one owner against another owner's upload of the same bytes; run one
+replica per bucket).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+from urllib.parse import quote, unquote
+
+from prometheus_client import Counter, Gauge
+
+from encinfer.common.auth import Principal
+from encinfer.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from encinfer.keystore.config import KeyStoreConfig
+from encinfer.keystore.storage import READ_SIZE, ObjectStore
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNK = 1024 * 1024          # the wire contract: chunks of at most 1 MiB, both ways
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 1000
+MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE = 32, 63, 256
+MIN_TRANSFER_RATE = 8 * 1024 * 1024  # bytes/s assumed when sizing a big transfer's deadline
+ORPHAN_GRACE = 600.0             # an object without its record is left alone this long (uploads in flight)
+SPOOL_MAX_AGE = 24 * 3600.0      # spool files older than this are leftovers of a crash
+
+KEY_ID = re.compile(r"^[0-9a-f]{64}$")
+LABEL_KEY = re.compile(r"^[A-Za-z0-9._/-]+$")
+
+KEY_BYTES = Counter("encinfer_keystore_bytes_total", "Key bytes received and sent", ["direction"])
+KEYS_REJECTED = Counter("encinfer_keystore_rejected_total", "Uploads refused, by status code", ["code"])
+BACKEND_UP = Gauge("encinfer_keystore_backend_up", "1 while the storage backend answers its health probe")
+
+
+@dataclass(frozen=True)
+class KeyParameters:
+    """What parsing the upload told: enough to check a key against a model without fetching it."""
+
+    scheme: str
+    poly_modulus_degree: int
+    coeff_modulus_bits: tuple[int, ...]
+    has_public_key: bool
+    has_relin_keys: bool
+    galois_steps: tuple[int, ...]
+    has_conjugation_key: bool
+    format: str
+
+    @classmethod
+    def from_info(cls, info) -> "KeyParameters":
+        """From encinfer.he.keys.KeyInfo."""
+        return cls(scheme="ckks", poly_modulus_degree=int(info.poly_modulus_degree),
+                   coeff_modulus_bits=tuple(int(b) for b in info.coeff_modulus_bits),
+                   has_public_key=bool(info.has_public_key), has_relin_keys=bool(info.has_relin_keys),
+                   galois_steps=tuple(sorted(int(s) for s in info.galois_steps)),
+                   has_conjugation_key=bool(info.has_conjugation_key), format=str(info.format))
+
+    @classmethod
+    def from_json(cls, d: dict) -> "KeyParameters":
+        return cls(**{**d, "coeff_modulus_bits": tuple(d["coeff_modulus_bits"]),
+                      "galois_steps": tuple(d["galois_steps"])})
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key_id: str
+    size_bytes: int
+    sha256: str
+    parameters: KeyParameters
+    owner: str
+    created: float  # epoch seconds
+    expires: float
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def live(self, now: float) -> bool:
+        return now < self.expires
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"version": 1, **asdict(self)}, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "KeyRecord":
+        d = json.loads(data)
+        d.pop("version", None)
+        d["parameters"] = KeyParameters.from_json(d["parameters"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class PutHeader:
+    labels: dict[str, str] = field(default_factory=dict)
+    expected_size: int = 0  # 0 = unknown
+    ttl_seconds: int = 0    # 0 = the configured default
+
+
+@dataclass(frozen=True)
+class _Spooled:
+    path: Path
+    size: int
+    sha256: str
+
+
+class FetchedKey:
+    """A key whose bytes were read from storage and verified; streams them from a spool file.
+
+    Reading everything before sending anything is what makes a tampered object an
+    error rather than data: the caller gets DATA_LOSS before the first byte.
+    """
+
+    def __init__(self, record: KeyRecord, path: Path) -> None:
+        self.record, self.path = record, path
+
+    async def chunks(self, size: int = MAX_CHUNK) -> AsyncIterator[bytes]:
+        with open(self.path, "rb") as f:
+            while chunk := f.read(size):
+                KEY_BYTES.labels("out").inc(len(chunk))
+                yield chunk
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    async def __aenter__(self) -> "FetchedKey":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+
+class _KeyedLocks:
+    """One asyncio.Lock per name, created on demand and dropped when unused."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = defaultdict(int)
+
+    @asynccontextmanager
+    async def hold(self, *names: str):
+        # Callers always pass (owner, key id) in that order, so there is no lock cycle.
+        held: list[str] = []
+        try:
+            for name in names:
+                self._users[name] += 1
+                held.append(name)
+                await self._locks.setdefault(name, asyncio.Lock()).acquire()
+            yield
+        finally:
+            for name in reversed(held):
+                lock = self._locks[name]
+                if lock.locked():
+                    lock.release()
+                self._users[name] -= 1
+                if not self._users[name]:
+                    del self._users[name], self._locks[name]
+
+
+def check_key_id(key_id: str) -> str:
+    kid = (key_id or "").strip().lower()
+    if not KEY_ID.match(kid):
+        raise InvalidArgument(f"malformed key id {key_id[:80]!r}: expected 64 hex digits (a SHA-256)")
+    return kid
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"{len(labels)} labels; at most {MAX_LABELS} are allowed")
+    for k, v in labels.items():
+        if not (0 < len(k) <= MAX_LABEL_KEY and LABEL_KEY.match(k)):
+            raise InvalidArgument(f"label key {k[:80]!r}: 1 to {MAX_LABEL_KEY} of A-Z a-z 0-9 . _ / -")
+        if len(v) > MAX_LABEL_VALUE:
+            raise InvalidArgument(f"label {k!r}: value longer than {MAX_LABEL_VALUE} characters")
+    return dict(labels)
+
+
+def encode_owner(owner: str) -> str:
+    # One safe path segment on S3 and on disk ("." too, so ".." can never be a segment).
+    return quote(owner, safe="").replace(".", "%2E")
+
+
+def page_token(key_id: str) -> str:
+    return base64.urlsafe_b64encode(bytes.fromhex(key_id)).decode().rstrip("=")
+
+
+def parse_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise InvalidArgument("malformed page_token: pass back the next_page_token of a previous reply")
+    return raw.hex()
+
+
+class KeyStore:
+    """Upload, verify, record, read, list and expire keys over one `ObjectStore`.
+
+    `inspect` parses and validates an uploaded file (default:
+    encinfer.he.keys.inspect_key_bundle); `clock` is injectable so expiry is testable.
+    """
+
+    def __init__(self, backend: ObjectStore, config: KeyStoreConfig, *,
+                 inspect: Callable[[Path], object] | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.backend, self.config, self.clock = backend, config, clock
+        self._inspect_fn = inspect
+        self.spool_dir = config.spool_dir
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        # Storage calls run here, so a hung backend cannot starve the loop's default executor.
+        self._io_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="keystore-io")
+        # One validation at a time: parsing a key costs about twice its size in memory.
+        self._inspect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keystore-inspect")
+        self._locks = _KeyedLocks()
+
+    def close(self) -> None:
+        self._io_pool.shutdown(wait=False, cancel_futures=True)
+        self._inspect_pool.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _io(self, fn: Callable, *args, timeout: float | None = None):
+        """One storage call in a thread, bounded by the backend deadline."""
+        deadline = timeout or self.config.backend_timeout
+        future = asyncio.get_running_loop().run_in_executor(self._io_pool, functools.partial(fn, *args))
+        try:
+            return await asyncio.wait_for(future, deadline)
+        except TimeoutError:
+            raise Unavailable(f"storage backend did not answer within {deadline:.1f} s") from None
+
+    def _transfer_deadline(self, size: int) -> float:
+        return self.config.backend_timeout + size / MIN_TRANSFER_RATE
+
+    @staticmethod
+    def _blob(kid: str) -> str:
+        return f"keys/{kid}"
+
+    @staticmethod
+    def _record_name(owner: str, kid: str) -> str:
+        return f"owners/{encode_owner(owner)}/{kid}"
+
+    @staticmethod
+    def _ref(kid: str, owner: str) -> str:
+        return f"refs/{kid}/{encode_owner(owner)}"
+
+    async def _read_record(self, name: str) -> KeyRecord | None:
+        data = await self._io(self.backend.read_bytes, name)
+        if data is None:
+            return None
+        try:
+            return KeyRecord.from_bytes(data)
+        except (ValueError, KeyError, TypeError) as e:
+            log.error("unreadable key record", extra={"fields": {"object": name, "error": str(e)}})
+            raise DataLoss(f"the record of key {name.rsplit('/', 1)[-1]} is corrupted in storage") from None
+
+    async def _inspect(self, path: Path) -> KeyParameters:
+        inspect = self._inspect_fn
+        if inspect is None:
+            from encinfer.he import keys as he_keys
+            inspect = he_keys.inspect_key_bundle
+        info = await asyncio.get_running_loop().run_in_executor(self._inspect_pool, inspect, path)
+        return KeyParameters.from_info(info)
+
+    def _ttl(self, ttl_seconds: int) -> int:
+        if ttl_seconds == 0:
+            return self.config.default_ttl
+        if ttl_seconds > self.config.max_ttl:
+            raise InvalidArgument(f"ttl_seconds {ttl_seconds} exceeds the maximum of {self.config.max_ttl}")
+        return ttl_seconds
+
+    # ------------------------------------------------------------ operations
+
+    async def probe(self) -> bool:
+        """True when the backend answers (creating the bucket or directories if needed)."""
+        try:
+            await self._io(self.backend.ensure_ready)
+            await self._io(self.backend.check)
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+        except (Unavailable, OSError) as e:
+            BACKEND_UP.set(0)
+            log.debug("backend probe failed", extra={"fields": {"error": str(e)}})
+            return False
+        BACKEND_UP.set(1)
+        return True
+
+    async def put(self, principal: Principal, header: PutHeader, chunks: AsyncIterator[bytes]) -> KeyRecord:
+        """Spools, hashes and validates an upload, then stores it under its SHA-256.
+
+        Uploading bytes the owner already holds stores nothing new: it renews the
+        expiry and replaces the labels (`created` stays the first upload's time).
+        """
+        try:
+            labels = check_labels(header.labels)
+            ttl = self._ttl(header.ttl_seconds)
+            if header.expected_size > self.config.max_key_bytes:
+                raise ResourceExhausted(f"expected_size {header.expected_size} is over the key size limit "
+                                        f"of {self.config.max_key_bytes} bytes")
+            spool = await self._receive(chunks, header.expected_size)
+        except (InvalidArgument, ResourceExhausted) as e:
+            KEYS_REJECTED.labels(e.code).inc()
+            raise
+        try:
+            return await self._commit(principal.owner, spool, labels, ttl)
+        except (InvalidArgument, ResourceExhausted) as e:
+            KEYS_REJECTED.labels(e.code).inc()
+            raise
+        finally:
+            spool.path.unlink(missing_ok=True)
+
+    async def _receive(self, chunks: AsyncIterator[bytes], expected: int) -> _Spooled:
+        """Writes the stream to a spool file, hashing as it goes, stopping at the first byte over a limit."""
+        limit = self.config.max_key_bytes
+        fd, name = tempfile.mkstemp(prefix="put-", dir=self.spool_dir)
+        path, digest, size, ok = Path(name), hashlib.sha256(), 0, False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in chunks:
+                    if len(chunk) > MAX_CHUNK:
+                        raise InvalidArgument(f"chunk of {len(chunk)} bytes; chunks are at most {MAX_CHUNK} bytes")
+                    size += len(chunk)
+                    if size > limit:
+                        raise ResourceExhausted(f"key is over the size limit of {limit} bytes")
+                    if expected and size > expected:
+                        raise InvalidArgument(f"more bytes than the expected_size of {expected}")
+                    digest.update(chunk)
+                    f.write(chunk)
+            if size == 0:
+                raise InvalidArgument("no key bytes were sent")
+            if expected and size != expected:
+                raise InvalidArgument(f"stream ended after {size} of {expected} bytes: the upload is truncated")
+            ok = True
+            KEY_BYTES.labels("in").inc(size)
+            return _Spooled(path, size, digest.hexdigest())
+        finally:
+            if not ok:
+                path.unlink(missing_ok=True)
+
+    async def _commit(self, owner: str, spool: _Spooled, labels: dict[str, str], ttl: int) -> KeyRecord:
+        kid = spool.sha256
+        record_name = self._record_name(owner, kid)
+        known = await self._read_record(record_name)
+        # Parameters are a function of the bytes: any earlier record of these bytes has them.
+        parameters = known.parameters if known else await self._inspect(spool.path)
+        async with self._locks.hold(f"owner:{owner}", f"key:{kid}"):
+            now = self.clock()
+            existing = await self._read_record(record_name)
+            renewing = existing is not None and existing.live(now)
+            if not renewing:
+                await self._check_quota(owner, kid, now)
+            record = KeyRecord(
+                key_id=kid, size_bytes=spool.size, sha256=kid, parameters=parameters, owner=owner,
+                created=existing.created if renewing else now, expires=now + ttl, labels=labels)
+            await self._io(self.backend.put_bytes, self._ref(kid, owner), b"", {})
+            blob = await self._io(self.backend.head, self._blob(kid))
+            stored = blob is None or blob.size != spool.size
+            if stored:
+                await self._io(self.backend.put_file, self._blob(kid), spool.path, spool.size,
+                               {"sha256": kid, "size": str(spool.size)},
+                               timeout=self._transfer_deadline(spool.size))
+            await self._io(self.backend.put_bytes, record_name, record.to_bytes(), {})
+        log.info("key stored", extra={"fields": {
+            "key_id": kid, "owner": owner, "size_bytes": spool.size, "new_bytes": stored, "renewed": renewing}})
+        return record
+
+    async def _check_quota(self, owner: str, kid: str, now: float) -> None:
+        limit = self.config.max_keys_per_owner
+        prefix = f"owners/{encode_owner(owner)}/"
+        names = [n for n in await self._io(self.backend.list, prefix, "", None) if n != prefix + kid]
+        if len(names) < limit:
+            return
+        live = 0
+        for name in names:  # expired records still on storage do not count
+            try:
+                record = await self._read_record(name)
+            except DataLoss:
+                continue
+            live += bool(record and record.live(now))
+        if live >= limit:
+            raise ResourceExhausted(f"owner {owner!r} holds {live} keys, the limit is {limit}: "
+                                    f"delete some or let them expire")
+
+    async def _find(self, principal: Principal, kid: str) -> KeyRecord | None:
+        now = self.clock()
+        own = await self._read_record(self._record_name(principal.owner, kid))
+        if own is not None and own.live(now):
+            return own
+        if not principal.is_service:
+            return None
+        # The service role may read any owner's key: find a live record through refs/.
+        for ref in await self._io(self.backend.list, f"refs/{kid}/", "", None):
+            owner = unquote(ref.rsplit("/", 1)[-1])
+            try:
+                record = await self._read_record(self._record_name(owner, kid))
+            except DataLoss:
+                continue
+            if record is not None and record.live(now):
+                return record
+        return None
+
+    async def stat(self, principal: Principal, key_id: str) -> KeyRecord:
+        """The record of a live key the caller may see; NOT_FOUND otherwise."""
+        kid = check_key_id(key_id)
+        record = await self._find(principal, kid)
+        if record is None:
+            raise NotFound(f"key {kid} not found (unknown, expired, deleted, or not yours)")
+        return record
+
+    async def fetch(self, principal: Principal, key_id: str) -> FetchedKey:
+        """Reads and verifies a key's bytes; use as `async with await store.fetch(...) as key`."""
+        record = await self.stat(principal, key_id)
+        kid = record.key_id
+        fd, name = tempfile.mkstemp(prefix="get-", dir=self.spool_dir)
+        path = Path(name)
+        try:
+            result = await self._io(self._download, self._blob(kid), fd,
+                                    timeout=self._transfer_deadline(record.size_bytes))
+            if result is None:
+                log.error("key bytes missing", extra={"fields": {"key_id": kid}})
+                raise DataLoss(f"the bytes of key {kid} are missing from storage; upload the key again")
+            size, digest = result
+            if digest != kid or size != record.size_bytes:
+                log.error("key failed its integrity check; removing the altered bytes", extra={"fields": {
+                    "key_id": kid, "stored_sha256": digest, "stored_size": size}})
+                # Content-addressed bytes that do not hash to their name are no one's key:
+                # dropping them lets the owner's next upload store good bytes again.
+                async with self._locks.hold(f"key:{kid}"):
+                    await self._io(self.backend.delete, self._blob(kid))
+                raise DataLoss(f"key {kid} failed its SHA-256 check: the stored object was altered; "
+                               f"upload the key again")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return FetchedKey(record, path)
+
+    def _download(self, name: str, fd: int) -> tuple[int, str] | None:
+        """Copies an object into the spool file `fd` (which this call closes), hashing it."""
+        with os.fdopen(fd, "wb") as out:
+            reader = self.backend.open(name)
+            if reader is None:
+                return None
+            digest, size = hashlib.sha256(), 0
+            try:
+                while chunk := reader.read(READ_SIZE):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            finally:
+                reader.close()
+        return size, digest.hexdigest()
+
+    async def delete(self, principal: Principal, key_id: str) -> bool:
+        """Deletes the caller's own record; True if a live key was deleted.
+
+        Idempotent: an unknown, expired or other owner's key id answers False (and
+        the other owner's key is untouched). The bytes go with the last record.
+        """
+        kid = check_key_id(key_id)
+        owner = principal.owner
+        async with self._locks.hold(f"owner:{owner}", f"key:{kid}"):
+            try:
+                record = await self._read_record(self._record_name(owner, kid))
+            except DataLoss:
+                record = None  # a corrupted record is removed like any other
+            else:
+                if record is None:
+                    return False
+            await self._remove(owner, kid)
+        log.info("key deleted", extra={"fields": {"key_id": kid, "owner": owner}})
+        return record is not None and record.live(self.clock())
+
+    async def _remove(self, owner: str, kid: str) -> None:
+        """Record, then ref, then the bytes if no owner holds them any more (caller holds the locks)."""
+        await self._io(self.backend.delete, self._record_name(owner, kid))
+        await self._io(self.backend.delete, self._ref(kid, owner))
+        if not await self._io(self.backend.list, f"refs/{kid}/", "", 1):
+            await self._io(self.backend.delete, self._blob(kid))
+
+    async def list(self, principal: Principal, page_size: int = 0, token: str = "") -> tuple[list[KeyRecord], str]:
+        """One page of the caller's own live keys, in key-id order, and the next page's token."""
+        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+        after = parse_page_token(token)
+        prefix = f"owners/{encode_owner(principal.owner)}/"
+        names = await self._io(self.backend.list, prefix, prefix + after if after else "", None)
+        now, page = self.clock(), []
+        for i, name in enumerate(names):
+            try:
+                record = await self._read_record(name)
+            except DataLoss:
+                continue  # logged; one bad record must not hide the others
+            if record is not None and record.live(now):
+                page.append(record)
+            if len(page) == size:
+                more = i + 1 < len(names)
+                return page, page_token(name.rsplit("/", 1)[-1]) if more else ""
+        return page, ""
+
+    async def cleanup(self) -> dict[str, int]:
+        """Removes expired records, objects left by interrupted uploads, and stale spool files."""
+        now = self.clock()
+        counts = {"expired": 0, "orphan_refs": 0, "orphan_blobs": 0, "spool_files": 0}
+        for name in await self._io(self.backend.list, "owners/", "", None):
+            _, enc_owner, kid = name.split("/")
+            owner = unquote(enc_owner)
+            async with self._locks.hold(f"owner:{owner}", f"key:{kid}"):
+                try:
+                    record = await self._read_record(name)
+                except DataLoss:
+                    continue  # left for an operator to look at; it is invisible anyway
+                if record is not None and not record.live(now):
+                    await self._remove(owner, kid)
+                    counts["expired"] += 1
+        for name in await self._io(self.backend.list, "refs/", "", None):
+            _, kid, enc_owner = name.split("/")
+            owner = unquote(enc_owner)
+            async with self._locks.hold(f"owner:{owner}", f"key:{kid}"):
+                if await self._io(self.backend.head, self._record_name(owner, kid)) is None:
+                    info = await self._io(self.backend.head, name)
+                    if info is not None and info.modified < now - ORPHAN_GRACE:
+                        await self._io(self.backend.delete, name)
+                        counts["orphan_refs"] += 1
+        for name in await self._io(self.backend.list, "keys/", "", None):
+            kid = name.split("/")[1]
+            async with self._locks.hold(f"key:{kid}"):
+                if not await self._io(self.backend.list, f"refs/{kid}/", "", 1):
+                    info = await self._io(self.backend.head, name)
+                    if info is not None and info.modified < now - ORPHAN_GRACE:
+                        await self._io(self.backend.delete, name)
+                        counts["orphan_blobs"] += 1
+        for path in self.spool_dir.glob("*-*"):
+            try:
+                if path.stat().st_mtime < time.time() - SPOOL_MAX_AGE:
+                    path.unlink()
+                    counts["spool_files"] += 1
+            except FileNotFoundError:
+                pass
+        if any(counts.values()):
+            log.info("cleanup", extra={"fields": counts})
+        return counts
