@@ -403,9 +403,10 @@ def load_model(path: str | os.PathLike) -> ModelArtifact:
     """
     npz_path, json_path = artifact_paths(path)
     metadata = _read_metadata(json_path)
-    npz_path = json_path.with_name(str(metadata.get("weights_file", npz_path.name)))
-    if Path(metadata.get("weights_file", "")).name != metadata.get("weights_file"):
+    weights_file = metadata.get("weights_file", npz_path.name)
+    if not isinstance(weights_file, str) or not weights_file or Path(weights_file).name != weights_file:
         raise InvalidArgument(f"{json_path}: weights_file must be a file name next to the JSON")
+    npz_path = json_path.with_name(weights_file)
     if not npz_path.is_file():
         raise NotFound(f"model weights {npz_path} do not exist")
     digest = _sha256_file(npz_path)
