@@ -8,6 +8,24 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     register_model(sub)
+    register_serve(sub)
+
+
+def register_serve(sub: argparse._SubParsersAction) -> None:
+    """`encinfer inference serve --model PATH...` (the rest comes from ENCINFER_* variables)."""
+    inference = sub.add_parser("inference", help="the inference service")
+    isub = inference.add_subparsers(dest="inference_command", required=True)
+    serve = isub.add_parser("serve", help="serve models on encrypted inputs (config: ENCINFER_* variables)")
+    serve.add_argument("--model", action="append", default=[], metavar="PATH",
+                       help="model artifact path stem; repeat for several (default: $ENCINFER_MODELS)")
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from encinfer.inference.server import main
+
+    main(args.model or None)
+    return 0
 
 
 def register_model(sub: argparse._SubParsersAction) -> None:

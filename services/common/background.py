@@ -1,0 +1,55 @@
+"""An asyncio server on its own event loop in a daemon thread, for sync callers:
+the demo, benchmarks and tests run real gRPC servers this way without a subprocess."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Awaitable, Callable
+
+
+class LoopThread:
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Awaitable[Any], timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class BackgroundServer:
+    """Starts `make()`'s server (an object with async start() -> port and async stop())."""
+
+    def __init__(self, make: Callable[[], Any], name: str = "server-loop", timeout: float = 120.0) -> None:
+        self._thread = LoopThread(name)
+        self.server = make()
+        try:
+            self.port: int = self._thread.run(self.server.start(), timeout)
+        except BaseException:
+            self._thread.close()
+            raise
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self._thread.loop.is_closed():
+            return
+        try:
+            self._thread.run(self.server.stop(), timeout=60)
+        finally:
+            self._thread.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
