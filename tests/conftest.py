@@ -275,3 +275,37 @@ def small_bundle() -> bytes:
     params = CkksParams(poly_modulus_degree=4096, coeff_modulus_bits=(40, 29, 40), input_scale_bits=29,
                         output_scale_bits=29, galois_steps=(1, 2))
     return SecretKeys.generate(params).public_bundle()
+
+
+# ------------------------------------------------------------------ storage-only fakes
+
+FAKE_MAGIC = b"FAKEKEY1"
+
+
+def fake_key(size: int = 4096) -> bytes:
+    """Random bytes that `fake_inspect` accepts: for tests of storage, not of key parsing."""
+    return FAKE_MAGIC + os.urandom(max(0, size - len(FAKE_MAGIC)))
+
+
+def fake_inspect(path):
+    """Stands in for encinfer.he.keys.inspect_key_bundle where only storage behaviour matters."""
+    from encinfer.common.errors import InvalidArgument
+    from encinfer.he.keys import KeyInfo
+    with open(path, "rb") as f:
+        if f.read(len(FAKE_MAGIC)) != FAKE_MAGIC:
+            raise InvalidArgument("not an encinfer key bundle")
+    return KeyInfo(poly_modulus_degree=4096, coeff_modulus_bits=(40, 29, 40), has_public_key=True,
+                   has_relin_keys=False, galois_steps=(2, 1), has_conjugation_key=False)
+
+
+class FakeClock:
+    """A clock a test moves forward by hand: `clock.advance(8 * 86400)`."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
