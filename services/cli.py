@@ -8,7 +8,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from encinfer import stack
     from encinfer.client import cli as client_cli
-    from encinfer.client import demo
+    from encinfer.client import demo, predict
     from encinfer.common import probe
     from encinfer.inference import cli as inference_cli
     from encinfer.keystore import cli as keystore_cli
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     inference_cli.register(sub)
     client_cli.register(sub)
     demo.register(sub)
+    predict.register(sub)
     probe.register(sub)
     s3init.register(sub)
     stack.register(sub)
