@@ -212,12 +212,27 @@ class KeyStoreProcess:
         return self.process.returncode
 
 
-def start_keystore_process(env: dict[str, str], log_path: Path, timeout: float = 30) -> KeyStoreProcess:
-    """Starts a key store subprocess on a free port and waits for its 'listening' log line."""
+# Runs the key store with key parsing replaced by fake_inspect (storage-only tests).
+_FAKE_PARSER_MAIN = (
+    "import sys; sys.path.insert(0, {tests!r}); import conftest; from encinfer.he import keys; "
+    "keys.inspect_key_bundle = conftest.fake_inspect; from encinfer.keystore.server import main; sys.exit(main())")
+
+
+def start_keystore_process(env: dict[str, str], log_path: Path, timeout: float = 30, *,
+                           fake_parser: bool = False, command: list[str] | None = None) -> KeyStoreProcess:
+    """Starts a key store subprocess on a free port and waits for its 'listening' log line.
+
+    Default command: `python -m encinfer.keystore.server`; fake_parser=True swaps in
+    fake_inspect; `command` runs anything else (e.g. the `encinfer keystore serve` script).
+    """
     full_env = {**os.environ, "ENCINFER_KEYSTORE_ADDRESS": "127.0.0.1:0", **env}
+    if command is None:
+        command = [sys.executable, "-m", "encinfer.keystore.server"]
+        if fake_parser:
+            command = [sys.executable, "-c", _FAKE_PARSER_MAIN.format(tests=str(Path(__file__).parent))]
     log = open(log_path, "wb")
-    process = subprocess.Popen([sys.executable, "-m", "encinfer.keystore.server"], env=full_env,
-                               stdout=log, stderr=subprocess.STDOUT, cwd=str(log_path.parent))
+    process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                               cwd=str(log_path.parent))
     log.close()
     handle = KeyStoreProcess(process=process, address="", log_path=log_path)
 
@@ -237,12 +252,12 @@ def start_keystore_process(env: dict[str, str], log_path: Path, timeout: float =
 
 @pytest.fixture
 def keystore_process(tmp_path):
-    """Starts key-store subprocesses (`keystore_process(env)`) and stops them after the test."""
+    """Starts key-store subprocesses (`keystore_process(env, fake_parser=True)`), stops them after the test."""
     started: list[KeyStoreProcess] = []
 
-    def make(env: dict[str, str]) -> KeyStoreProcess:
+    def make(env: dict[str, str], **kwargs) -> KeyStoreProcess:
         env = {"ENCINFER_KEYSTORE_DATA_DIR": str(tmp_path / f"ksp{len(started)}"), **env}
-        handle = start_keystore_process(env, tmp_path / f"keystore{len(started)}.log")
+        handle = start_keystore_process(env, tmp_path / f"keystore{len(started)}.log", **kwargs)
         started.append(handle)
         return handle
 

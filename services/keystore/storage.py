@@ -265,6 +265,9 @@ class S3ObjectStore:
         from minio import Minio
 
         self.settings, self.bucket = settings, settings.bucket
+        # urllib3 warns on every retried connection: during an outage the health probe
+        # and our own UNAVAILABLE lines already say it, once.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         self._http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=min(timeout, 2.0), read=timeout),
             maxsize=16,
