@@ -277,6 +277,7 @@ class Stack:
         self._env_overrides = {k: dict(v) for k, v in (env or {}).items()}
         self.services: dict[str, Service] = {}
         self._running: dict[str, _Running] = {}
+        self.pids: dict[str, int] = {}  # every process started, kept after stop (for checks)
 
     # ---- public API
 
@@ -317,7 +318,7 @@ class Stack:
         self.stop()
 
     def start(self) -> None:
-        self._prepare()
+        self.prepare()
         try:
             for name in self.order:
                 self._start_service(self.services[name])
@@ -341,7 +342,10 @@ class Stack:
 
     # ---- translation
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Translates the compose file for loopback (ports, secrets, volumes); start() calls it."""
+        if self.services:
+            return
         spec = self.compose["services"]
         compose_dir = self.compose_file.parent
         needed_secrets = {s for name in self.order for s in _service_secrets(spec[name])}
@@ -410,6 +414,7 @@ class Stack:
             process = subprocess.Popen(service.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True)
         self._running[service.name] = _Running(service, process, log_path)
+        self.pids[service.name] = process.pid
         log.info("started", extra={"fields": {"service": service.name, "pid": process.pid}})
         deadline = time.monotonic() + self.start_timeout
         if service.one_shot:

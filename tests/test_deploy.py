@@ -1,0 +1,497 @@
+"""deploy/compose.yml and deploy/Dockerfile, checked without a Docker engine.
+
+The compose file is validated against the Compose Specification's JSON schema (the one
+`docker compose` itself embeds, from the Go module compose-spec/compose-go, fetched at
+test time with `go mod download` and cached; nothing third-party is committed), then
+its references are checked. Each check is a function returning problems, and the
+mutation tests below break a copy of the file to show that each check can fail.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Callable
+
+import jsonschema
+import pytest
+import yaml
+
+from encinfer import stack
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+COMPOSE_FILE = DEPLOY / "compose.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+ENTRYPOINT = DEPLOY / "entrypoint.sh"
+
+COMPOSE_GO = "github.com/compose-spec/compose-go/v2"
+COMPOSE_GO_VERSION = "v2.16.2"
+CACHE = Path(os.environ.get("ENCINFER_CACHE", Path.home() / ".cache" / "encinfer"))
+SCHEMA_CACHE = CACHE / "compose-spec" / f"compose-go-{COMPOSE_GO_VERSION}.json"
+
+ENCINFER_IMAGE = "encinfer"
+# The services that may see MinIO's root credentials.
+ROOT_CREDENTIAL_SERVICES = {"minio", "s3-init"}
+STORAGE_SECRETS = {"minio_root_user", "minio_root_password", "keystore_s3_access_key", "keystore_s3_secret_key"}
+
+
+# ---------------------------------------------------------------------------- inputs
+
+def compose_schema() -> dict:
+    """The Compose Specification schema embedded in compose-go, cached under ~/.cache/encinfer."""
+    if not SCHEMA_CACHE.exists():
+        go = shutil.which("go") or "/usr/local/go/bin/go"
+        with tempfile.TemporaryDirectory() as outside_any_module:
+            result = subprocess.run(
+                [go, "mod", "download", "-json", f"{COMPOSE_GO}@{COMPOSE_GO_VERSION}"],
+                cwd=outside_any_module, capture_output=True, text=True, timeout=300,
+                env={**os.environ, "GOFLAGS": "-mod=mod"})
+        info = json.loads(result.stdout or "{}")
+        if result.returncode != 0 or "Dir" not in info:
+            pytest.fail(f"cannot fetch the compose schema ({COMPOSE_GO}@{COMPOSE_GO_VERSION}): "
+                        f"{info.get('Error') or result.stderr.strip()}")
+        SCHEMA_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(info["Dir"]) / "schema" / "compose-spec.json", SCHEMA_CACHE)
+    return json.loads(SCHEMA_CACHE.read_text(encoding="utf-8"))
+
+
+# A few lines of Go that load a compose file with compose-go, the library `docker compose`
+# itself is built on: interpolation, merges, normalization and the cross-references the
+# schema cannot express (undefined secrets, volumes or services). Built once, cached.
+COMPOSE_CHECK_GO = """\
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/compose-spec/compose-go/v2/loader"
+	"github.com/compose-spec/compose-go/v2/types"
+)
+
+// Usage: composecheck PATH < content; PATH names the file (its directory is the project's).
+func main() {
+	path, _ := filepath.Abs(os.Args[1])
+	content, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	details := types.ConfigDetails{
+		WorkingDir:  filepath.Dir(path),
+		ConfigFiles: []types.ConfigFile{{Filename: path, Content: content}},
+		Environment: types.Mapping{},
+	}
+	project, err := loader.LoadWithContext(context.Background(), details, func(o *loader.Options) {
+		o.SetProjectName("encinfer", true)
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	out, _ := project.MarshalJSON()
+	fmt.Println(string(out))
+}
+"""
+
+
+def compose_check_binary() -> Path:
+    """composecheck built against the pinned compose-go (go build caches it; modules come from the Go proxy)."""
+    work = CACHE / f"composecheck-{COMPOSE_GO_VERSION}"
+    binary = work / "composecheck"
+    if binary.exists():
+        return binary
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "main.go").write_text(COMPOSE_CHECK_GO, encoding="utf-8")
+    (work / "go.mod").write_text(f"module encinfer.test/composecheck\n\ngo 1.24\n\n"
+                                 f"require {COMPOSE_GO} {COMPOSE_GO_VERSION}\n", encoding="utf-8")
+    env = {**os.environ, "GOFLAGS": "-mod=mod"}
+    for step in (["mod", "tidy"], ["build", "-o", str(binary), "."]):
+        result = subprocess.run([go, *step], cwd=work, capture_output=True, text=True, timeout=600, env=env)
+        if result.returncode != 0:
+            pytest.fail(f"cannot build the compose-go checker (go {' '.join(step)}): {result.stderr.strip()[-2000:]}")
+    return binary
+
+
+def compose_go_load(text: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(compose_check_binary()), str(COMPOSE_FILE)], input=text,
+                          capture_output=True, text=True, timeout=60)
+
+
+def load_compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+
+
+def project_version() -> str:
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+
+
+_QUOTED_VAR = re.compile(r"""["'](ENCINFER_[A-Z0-9_]+)["']""")
+
+
+def variables_read_by_code() -> set[str]:
+    """ENCINFER_* names that appear as string literals in services/ and client/ (env reads)."""
+    names: set[str] = set()
+    for root in ("services", "client"):
+        for path in (REPO / root).rglob("*.py"):
+            names |= set(_QUOTED_VAR.findall(path.read_text(encoding="utf-8")))
+    return names
+
+
+def entrypoint_file_variables() -> set[str]:
+    """NAME for which the image's entrypoint turns NAME_FILE into NAME."""
+    m = re.search(r'^FILE_VARS="([^"]*)"', ENTRYPOINT.read_text(encoding="utf-8"), re.M)
+    assert m, "deploy/entrypoint.sh has no FILE_VARS line"
+    return set(m.group(1).split())
+
+
+def documented_text() -> str:
+    parts = [p for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))] if p.exists()]
+    return "\n".join(p.read_text(encoding="utf-8") for p in parts)
+
+
+def encinfer_services(compose: dict) -> dict[str, dict]:
+    return {n: s for n, s in compose["services"].items() if "build" in s}
+
+
+def env_of(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) if "=" in e else (e, "") for e in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def is_long_running(service: dict) -> bool:
+    return str(service.get("restart", "no")) != "no"
+
+
+# ---------------------------------------------------------------------------- checks
+
+def schema_problems(compose: dict) -> list[str]:
+    schema = compose_schema()
+    # compose-go also registers a "duration" format (Go's time.ParseDuration); this schema
+    # version names no format, so the plain validator is the whole check.
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in validator.iter_errors(compose)]
+
+
+def compose_go_problems(compose: dict) -> list[str]:
+    result = compose_go_load(yaml.safe_dump(compose, sort_keys=False))
+    return [result.stderr.strip()] if result.returncode != 0 else []
+
+
+def build_problems(compose: dict) -> list[str]:
+    problems = []
+    for name, service in compose["services"].items():
+        build = service.get("build")
+        if build is None:
+            continue
+        build = {"context": build} if isinstance(build, str) else build
+        context = (COMPOSE_FILE.parent / build.get("context", ".")).resolve()
+        dockerfile = context / build.get("dockerfile", "Dockerfile")
+        if not context.is_dir():
+            problems.append(f"{name}: build context {context} does not exist")
+        elif not dockerfile.is_file():
+            problems.append(f"{name}: Dockerfile {dockerfile} does not exist")
+    return problems
+
+
+def image_problems(compose: dict) -> list[str]:
+    problems = []
+    for name, service in compose["services"].items():
+        image = str(service.get("image", ""))
+        repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
+        if not image:
+            problems.append(f"{name}: no image name (an unnamed build is not pinned)")
+        elif not tag or tag == "latest":
+            problems.append(f"{name}: image {image!r} is not pinned to a tag")
+        elif "build" in service and (repo != ENCINFER_IMAGE or tag != project_version()):
+            problems.append(f"{name}: built image should be {ENCINFER_IMAGE}:{project_version()}, not {image}")
+    return problems
+
+
+def health_and_port_problems(compose: dict) -> list[str]:
+    problems = []
+    for name, service in compose["services"].items():
+        if not is_long_running(service):
+            continue
+        hc = service.get("healthcheck") or {}
+        if not hc.get("test") or hc.get("disable"):
+            problems.append(f"{name}: long-running service without a health check")
+        if not service.get("ports"):
+            problems.append(f"{name}: long-running service publishes no port")
+    return problems
+
+
+def probe_problems(compose: dict) -> list[str]:
+    """Each encinfer service's probe targets the port it listens on, and that port is published."""
+    problems = []
+    for name, service in encinfer_services(compose).items():
+        if not is_long_running(service):
+            continue
+        listen = [v for k, v in env_of(service).items() if k in ("ENCINFER_KEYSTORE_ADDRESS", "ENCINFER_INFERENCE_ADDRESS")]
+        test = (service.get("healthcheck") or {}).get("test") or []
+        if len(listen) != 1:
+            problems.append(f"{name}: should set exactly one listen address, has {listen}")
+            continue
+        port = listen[0].rsplit(":", 1)[1]
+        if test[:3] != ["CMD", "encinfer", "probe"] or test[3:4] != [f"127.0.0.1:{port}"]:
+            problems.append(f"{name}: health check {test} does not probe 127.0.0.1:{port}")
+        if port not in {str(p).rsplit(":", 1)[-1] for p in service.get("ports", [])}:
+            problems.append(f"{name}: listen port {port} is not published")
+    return problems
+
+
+def loopback_port_problems(compose: dict) -> list[str]:
+    problems = []
+    for name, service in compose["services"].items():
+        for entry in service.get("ports", []) or []:
+            host_ip = entry.get("host_ip", "") if isinstance(entry, dict) else (
+                str(entry).split(":")[0] if str(entry).count(":") == 2 else "")
+            if host_ip != "127.0.0.1":
+                problems.append(f"{name}: port {entry} is not bound to 127.0.0.1")
+    return problems
+
+
+def depends_on_problems(compose: dict) -> list[str]:
+    problems = []
+    for name, service in compose["services"].items():
+        deps = service.get("depends_on") or {}
+        if isinstance(deps, list):
+            problems.append(f"{name}: depends_on without conditions")
+            continue
+        for dep, spec in deps.items():
+            condition = (spec or {}).get("condition")
+            if dep not in compose["services"]:
+                problems.append(f"{name}: depends on unknown service {dep}")
+            elif condition not in ("service_healthy", "service_completed_successfully"):
+                problems.append(f"{name}: depends on {dep} with condition {condition!r}")
+            elif condition == "service_completed_successfully" and is_long_running(compose["services"][dep]):
+                problems.append(f"{name}: waits for {dep} to complete, but {dep} is long-running")
+            elif condition == "service_healthy" and not (compose["services"][dep].get("healthcheck") or {}).get("test"):
+                problems.append(f"{name}: waits for {dep} to be healthy, but {dep} has no health check")
+    return problems
+
+
+def variable_problems(compose: dict) -> list[str]:
+    """Every ENCINFER_* variable compose sets is one the code (or the image's entrypoint) reads."""
+    read = variables_read_by_code() | {f"{v}_FILE" for v in entrypoint_file_variables()}
+    problems = []
+    for name, service in compose["services"].items():
+        for var in env_of(service):
+            if var.startswith("ENCINFER_") and var not in read:
+                problems.append(f"{name}: sets {var}, which no code reads")
+    return problems
+
+
+def credential_problems(compose: dict) -> list[str]:
+    """Storage credentials stay with storage: none for inference, no root outside minio/s3-init."""
+    problems = []
+    for name, service in compose["services"].items():
+        env = env_of(service)
+        secrets = {s if isinstance(s, str) else s["source"] for s in service.get("secrets", []) or []}
+        if name == "inference":
+            s3 = [v for v in env if v.startswith("ENCINFER_S3_") or v.startswith("MINIO_")]
+            if s3 or secrets & STORAGE_SECRETS:
+                problems.append(f"inference gets storage credentials: {sorted(s3) + sorted(secrets & STORAGE_SECRETS)}")
+        if name not in ROOT_CREDENTIAL_SERVICES:
+            root = [v for v in env if "ROOT" in v] + sorted(s for s in secrets if s.startswith("minio_root"))
+            if root:
+                problems.append(f"{name} gets MinIO's root credentials: {root}")
+        for var, value in env.items():
+            if re.search(r"(SECRET|SECRET_KEY|PASSWORD|ACCESS_KEY|TOKEN|TOKENS|ROOT_USER)$", var) and value:
+                problems.append(f"{name}: {var} given as a value; use a secret file (_FILE)")
+    return problems
+
+
+def secret_problems(compose: dict) -> list[str]:
+    """Every secret is a file in deploy/secrets/ that `encinfer stack secrets` writes."""
+    problems = []
+    defined = compose.get("secrets") or {}
+    with tempfile.TemporaryDirectory() as tmp:
+        generated = {p.name for p in stack.write_secrets(Path(tmp) / "secrets")}
+    for name, service in compose["services"].items():
+        for secret in service.get("secrets", []) or []:
+            secret = secret if isinstance(secret, str) else secret["source"]
+            if secret not in defined:
+                problems.append(f"{name}: secret {secret} is not defined at the top level")
+    for secret, spec in defined.items():
+        path = str((spec or {}).get("file", ""))
+        if not path.startswith("./secrets/"):
+            problems.append(f"secret {secret}: file {path!r} is not under deploy/secrets/")
+        elif Path(path).name not in generated:
+            problems.append(f"secret {secret}: `encinfer stack secrets` does not write {Path(path).name}")
+    return problems
+
+
+def volume_problems(compose: dict) -> list[str]:
+    minio = compose["services"].get("minio", {})
+    named = set(compose.get("volumes") or {})
+    mounts = [str(v).split(":")[0] for v in minio.get("volumes", []) or []]
+    if not any(m in named for m in mounts):
+        return ["minio: its data is not on a named volume"]
+    return []
+
+
+CHECKS: dict[str, Callable[[dict], list[str]]] = {
+    "schema": schema_problems, "compose_go": compose_go_problems, "build": build_problems, "image": image_problems,
+    "health_and_ports": health_and_port_problems, "probe": probe_problems, "loopback": loopback_port_problems,
+    "depends_on": depends_on_problems, "variables": variable_problems, "credentials": credential_problems,
+    "secrets": secret_problems, "volumes": volume_problems,
+}
+
+
+# ---------------------------------------------------------------------------- the real file
+
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_compose_file_passes_check(check):
+    assert CHECKS[check](load_compose()) == []
+
+
+def test_compose_loads_with_the_library_docker_compose_uses():
+    # The file as written (anchors, merge keys), not as PyYAML read it.
+    result = compose_go_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert result.returncode == 0, result.stderr
+    project = json.loads(result.stdout)
+    assert set(project["services"]) == {"minio", "s3-init", "keystore", "inference"}
+    assert project["services"]["inference"]["environment"]["ENCINFER_KEYSTORE_TARGET"] == "keystore:50051"
+
+
+def undocumented(variables: set[str], text: str) -> list[str]:
+    return sorted(v for v in variables if not re.search(rf"\b{v}\b", text))
+
+
+def test_every_variable_the_code_reads_is_documented():
+    missing = undocumented(variables_read_by_code(), documented_text())
+    assert missing == [], f"add these to README.md or docs/*.md: {missing}"
+
+
+def test_every_variable_the_image_sets_is_read_by_the_code():
+    set_in_image = set(re.findall(r"\b(ENCINFER_[A-Z0-9_]+)=", DOCKERFILE.read_text(encoding="utf-8")))
+    assert set_in_image and set_in_image <= variables_read_by_code()
+
+
+def test_dockerfile_is_multi_stage_on_a_pinned_slim_python():
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert base and re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base.group(1))
+    assert len(re.findall(r"^FROM \$\{PYTHON_IMAGE\} AS \w+$", text, re.M)) == 2
+    assert "COPY --from=builder /opt/venv /opt/venv" in text
+
+
+def test_dockerfile_runs_as_a_non_root_user():
+    users = re.findall(r"^USER (\S+)$", DOCKERFILE.read_text(encoding="utf-8"), re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_dockerfile_health_check_uses_the_probe_command():
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r"^HEALTHCHECK .*\n(\s+.*\n)*?\s+CMD encinfer probe ", text, re.M)
+
+
+def test_dockerfile_installs_no_dev_dependencies():
+    installs = [line for line in DOCKERFILE.read_text(encoding="utf-8").splitlines() if "install" in line]
+    assert installs and not any("[dev]" in line or "-e " in line for line in installs)
+
+
+def test_dockerfile_trains_the_model_the_stack_trains():
+    # The stack stands /app/models in for the image's directory and trains the same model there.
+    command = " ".join(stack.DEFAULT_MODEL_COMMAND)
+    assert f"encinfer {command} {stack.IMAGE_MODELS_DIR}/mnist" in DOCKERFILE.read_text(encoding="utf-8")
+
+
+def test_dockerignore_keeps_local_state_and_generated_stubs_out_of_the_build():
+    ignored = set((REPO / ".dockerignore").read_text(encoding="utf-8").split())
+    assert {".git", ".venv", "var", "deploy/secrets", "protos/encinfer/v1/*_pb2*.py"} <= ignored
+
+
+def test_entrypoint_turns_file_variables_into_values(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t\n")
+    env = {"PATH": os.environ["PATH"], "ENCINFER_S3_SECRET_KEY_FILE": str(secret)}
+    out = subprocess.run(["sh", str(ENTRYPOINT), "env"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "ENCINFER_S3_SECRET_KEY=s3cr3t" in out.splitlines()
+    assert "ENCINFER_S3_SECRET_KEY_FILE" not in out
+
+
+def test_entrypoint_refuses_a_missing_secret_file(tmp_path):
+    env = {"PATH": os.environ["PATH"], "ENCINFER_S3_ACCESS_KEY_FILE": str(tmp_path / "absent")}
+    result = subprocess.run(["sh", str(ENTRYPOINT), "true"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "ENCINFER_S3_ACCESS_KEY_FILE" in result.stderr
+
+
+# ---------------------------------------------------------------------------- the checks can fail
+
+def _set(path: str, value) -> Callable[[dict], None]:
+    def mutate(c: dict) -> None:
+        *parents, last = path.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return mutate
+
+
+def _delete(path: str) -> Callable[[dict], None]:
+    def mutate(c: dict) -> None:
+        *parents, last = path.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        del node[last]
+    return mutate
+
+
+MUTATIONS = {
+    "unknown service key": ("schema", _set("services.keystore.port", ["50051"])),
+    "unknown depends_on condition": ("schema", _set("services.inference.depends_on",
+                                                    {"keystore": {"condition": "service_happy"}})),
+    "undefined volume": ("compose_go", _set("services.keystore.volumes", ["nowhere:/var/lib/encinfer/keystore"])),
+    "dependency on an unknown service": ("compose_go", _set("services.inference.depends_on",
+                                                            {"keystroe": {"condition": "service_healthy"}})),
+    "missing Dockerfile": ("build", _set("services.keystore.build", {"context": "..", "dockerfile": "deploy/Nope"})),
+    "missing build context": ("build", _set("services.inference.build", {"context": "../nowhere"})),
+    "latest tag": ("image", _set("services.minio.image", "quay.io/minio/minio:latest")),
+    "untagged image": ("image", _set("services.minio.image", "quay.io/minio/minio")),
+    "built image without the project version": ("image", _set("services.keystore.image", "encinfer:dev")),
+    "no health check": ("health_and_ports", _delete("services.inference.healthcheck")),
+    "no published port": ("health_and_ports", _delete("services.keystore.ports")),
+    "probe of the wrong port": ("probe", _set("services.inference.healthcheck.test",
+                                              ["CMD", "encinfer", "probe", "127.0.0.1:50051"])),
+    "port on every interface": ("loopback", _set("services.minio.ports", ["9000:9000"])),
+    "depends_on without condition": ("depends_on", _set("services.inference.depends_on", ["keystore"])),
+    "waits for a long-running service to complete": (
+        "depends_on", _set("services.inference.depends_on", {"keystore": {"condition": "service_completed_successfully"}})),
+    "variable no code reads": ("variables", _set("services.keystore.environment.ENCINFER_KEYSTORE_PORTT", "1")),
+    "storage endpoint given to inference": ("credentials", _set("services.inference.environment.ENCINFER_S3_ENDPOINT", "minio:9000")),
+    "storage secret given to inference": ("credentials", _set("services.inference.secrets", ["tokens", "keystore_s3_secret_key"])),
+    "root credentials given to the key store": ("credentials", _set("services.keystore.secrets", ["tokens", "minio_root_password"])),
+    "credential as a plain value": ("credentials", _set("services.keystore.environment.ENCINFER_S3_SECRET_KEY", "hunter22")),
+    "secret nobody generates": ("secrets", _set("secrets.tokens", {"file": "./secrets/unknown.json"})),
+    "undefined secret": ("secrets", _set("services.keystore.secrets", ["tokens", "nope"])),
+    "MinIO data on a bind mount": ("volumes", _set("services.minio.volumes", ["./data:/data"])),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_check_catches_a_broken_compose_file(mutation):
+    check, mutate = MUTATIONS[mutation]
+    compose = copy.deepcopy(load_compose())
+    mutate(compose)
+    assert CHECKS[check](compose) != []
+
+
+def test_undocumented_variable_is_caught():
+    assert undocumented({"ENCINFER_NEVER_DOCUMENTED"}, documented_text()) == ["ENCINFER_NEVER_DOCUMENTED"]
