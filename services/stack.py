@@ -115,7 +115,12 @@ class Service:
 
 
 def load_compose(path: Path = COMPOSE_FILE) -> dict:
-    import yaml  # only the stack needs YAML
+    try:
+        import yaml  # a dev dependency: the stack is a development tool, not part of the image
+    except ImportError:
+        raise StackError("encinfer stack needs PyYAML: pip install -e '.[dev]'") from None
+    if not path.is_file():
+        raise StackError(f"{path} not found: encinfer stack runs from a checkout of the repository")
 
     with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f)
@@ -415,7 +420,7 @@ class Stack:
                                        stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True)
         self._running[service.name] = _Running(service, process, log_path)
         self.pids[service.name] = process.pid
-        log.info("started", extra={"fields": {"service": service.name, "pid": process.pid}})
+        log.info("started", extra={"fields": {"service": service.name, "service_pid": process.pid}})
         deadline = time.monotonic() + self.start_timeout
         if service.one_shot:
             try:
@@ -502,7 +507,7 @@ def _terminate(process: subprocess.Popen, grace: float) -> None:
     try:
         process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        log.warning("did not stop in time; killing", extra={"fields": {"pid": process.pid}})
+        log.warning("did not stop in time; killing", extra={"fields": {"service_pid": process.pid}})
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

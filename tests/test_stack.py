@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import signal
 import os
 import subprocess
 import sys
@@ -329,14 +330,48 @@ def test_stack_up_command_runs_for_a_while_and_exits_cleanly(tmp_path):
 
 @pytest.mark.minio
 @needs_minio
-@needs_inference
-def test_stack_serves_inference_through_the_key_store(tmp_path):
-    from encinfer.v1 import inference_pb2, inference_pb2_grpc
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stack_up_command_stops_everything_on_a_signal(tmp_path, sig):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "encinfer.cli", "stack", "up", "--only", "s3-init", "--free-ports",
+         "--workdir", str(tmp_path), "--secrets-dir", str(tmp_path / "secrets")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        started = {}
+        for line in process.stdout:  # bounded: the stack prints its summary or exits
+            if line.startswith("{") and json.loads(line).get("message") == "started":
+                entry = json.loads(line)
+                started[entry["service"]] = entry["service_pid"]
+            if "encinfer stack is up" in line:
+                break
+        process.send_signal(sig)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        process.wait()
+    assert started["minio"] and not alive(started["minio"])
 
+
+@pytest.mark.minio
+@needs_minio
+@needs_inference
+def test_stack_predicts_on_encrypted_images_end_to_end(tmp_path):
+    # client -> inference -> key store (its own token) -> MinIO (the key store's own user).
+    import numpy as np
+
+    from encinfer.client.classifier import EncryptedClassifier
+    from encinfer.datasets import load_mnist
+    from encinfer.inference.model import load_model
+
+    X, _ = load_mnist(split="test")
+    X = X[:3]
     with Stack(tmp_path, free_ports=True, env={"inference": {"ENCINFER_WORKERS": "1"}}) as stack:
-        env = process_env(stack.pid("inference"))
-        with grpc.insecure_channel(stack.address("inference", 50052)) as ch:
-            reply = inference_pb2_grpc.InferenceStub(ch).ListModels(
-                inference_pb2.ListModelsRequest(), metadata=auth_metadata(stack.token("demo")), timeout=30)
-    assert [m.name for m in reply.models] == ["mnist"]
-    assert not [k for k in env if k.startswith(("ENCINFER_S3_", "MINIO_"))]
+        inference_env = process_env(stack.pid("inference"))
+        with EncryptedClassifier(inference=stack.address("inference", 50052),
+                                 keystore=stack.address("keystore", 50051), model="mnist",
+                                 token=stack.token("demo"), layout="latency", key_dir=tmp_path / "keys") as clf:
+            scores = clf.decision_function(X)
+        plaintext = load_model(stack.models_dir / "mnist").scores(X)
+    assert np.array_equal(scores.argmax(axis=1), plaintext.argmax(axis=1))
+    assert np.abs(scores - plaintext).max() < 1e-3
+    assert not [k for k in inference_env if k.startswith(("ENCINFER_S3_", "MINIO_"))]
