@@ -138,6 +138,8 @@ def _sections(f: BinaryIO, size: int) -> list[_Section]:
     if size == 0:
         raise InvalidArgument("key bundle is empty")
     head = f.read(len(MAGIC))
+    if len(head) < len(MAGIC) and MAGIC.startswith(head):
+        raise InvalidArgument(f"key bundle is truncated ({size} bytes); upload the whole file")
     if head != MAGIC:
         raise InvalidArgument(_foreign_format(f, head, size))
     sections: list[_Section] = []
@@ -363,9 +365,12 @@ def _rotation_element(step: int, n: int) -> int:
 
 def _describe(elements: list[int], n: int) -> str:
     table = _steps_by_element(n)
-    parts = [f"rotation step {table[e]}" if e in table else
-             ("complex conjugation" if e == 2 * n - 1 else f"Galois element {e}") for e in sorted(elements)]
-    return ", ".join(parts)
+    steps = sorted(table[e] for e in elements if e in table)
+    parts = [f"rotation step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}"] if steps else []
+    if 2 * n - 1 in elements:
+        parts.append("complex conjugation")
+    parts += [f"Galois element {e}" for e in sorted(elements) if e not in table and e != 2 * n - 1]
+    return " and ".join(parts)
 
 
 def _open(source: bytes | str | os.PathLike) -> tuple[BinaryIO, int]:

@@ -121,7 +121,11 @@ class SecretKeys:
         keygen = seal.KeyGenerator(self.context, self._secret_key)
         galois = {elt: serial.dump(keygen.create_galois_keys([elt])) for elt in self.params.galois_elements()}
         relin = serial.dump(keygen.create_relin_keys()) if self.params.needs_relin_keys else None
-        public = serial.dump(keygen.create_public_key()) if include_public_key else None
+        public = None
+        if include_public_key:  # sealapi does not expose the seeded form of a public key
+            public_key = seal.PublicKey()
+            keygen.create_public_key(public_key)
+            public = serial.dump(public_key)
         return build_key_bundle(serial.dump(self.params.seal_parameters()), public_key=public,
                                 relin_keys=relin, galois_keys=galois)
 
