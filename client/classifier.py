@@ -15,7 +15,6 @@ Example::
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -191,17 +190,24 @@ class EncryptedClassifier:
         return out
 
     # ------------------------------------------------------------ latency layout
-    def predict_stream(self, samples: Iterable[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
-        """Streams samples up and yields (index, scores) as answers arrive, in any order."""
+    def predict_stream(self, samples: Iterable[np.ndarray], window: int = 4) -> Iterator[tuple[int, np.ndarray]]:
+        """Streams samples up and yields (index, scores) as answers arrive, in any order.
+
+        At most `window` samples are in flight: enough to keep the server's workers
+        busy, few enough that each answer's latency is compute, not queueing.
+        """
         secret, key_id = self.keys("latency")
         layout = self.layout_info("latency")
         sent: dict[str, float] = {}
         stats = self.stats
+        slots = threading.Semaphore(window)
 
         def requests() -> Iterator[pb.PredictStreamRequest]:
             yield pb.PredictStreamRequest(header=pb.StreamHeader(model=self.model, key_id=key_id,
                                                                  layout=pb.LAYOUT_LATENCY))
             for i, x in enumerate(samples):
+                if not slots.acquire(timeout=self.timeout):
+                    return
                 t = time.perf_counter()
                 ct = encrypt_latency(secret, np.asarray(x, dtype=np.float64), layout)
                 stats.encrypt_s += time.perf_counter() - t
@@ -210,6 +216,7 @@ class EncryptedClassifier:
                 yield pb.PredictStreamRequest(item=pb.PredictRequest(request_id=str(i), ciphertext=ct))
 
         for answer in self._stub.PredictStream(requests(), metadata=self._metadata, timeout=self.timeout):
+            slots.release()
             if answer.status.code:
                 raise PredictionError(answer.request_id, grpc.StatusCode(_code(answer.status.code)),
                                       answer.status.message)

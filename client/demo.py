@@ -121,7 +121,6 @@ def run_demo(n: int = 100, layout: str = "latency", idx_dir: str | None = None, 
         with tqdm(total=len(X), unit="img", desc=f"encrypted {layout}", disable=quiet) as bar:
             scores = clf.decision_function(X, progress=bar.update)
         stats = clf.stats
-    predicted = artifact.classes[scores.argmax(axis=1)] if hasattr(artifact.classes, "__getitem__") else None
     predicted = np.array([artifact.classes[i] for i in scores.argmax(axis=1)])
     plain_scores = artifact.decision_function(X)
     plain = np.array([artifact.classes[i] for i in np.atleast_2d(plain_scores).argmax(axis=1)]) \
@@ -164,7 +163,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from encinfer.common import logs
 
-    logs.configure("WARNING")
+    os.environ.setdefault("ENCINFER_LOG_LEVEL", "WARNING")  # the servers share this terminal
+    logs.configure()
     r = run_demo(args.n, args.layout, args.idx_dir, args.model, args.png, args.workers, quiet=args.json)
     if args.json:
         print(json.dumps(r))
@@ -175,8 +175,16 @@ encinfer demo: {r['n']} MNIST test images, {r['layout']} layout, encrypted end t
   agreement with the plaintext model    {r['plaintext_agreement']:.3f}  (max score error {r['max_score_error']:.1e})
   latency per image                     p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms
   server compute per image              {r['server_ms_per_image']:.2f} ms
-  public keys uploaded                  {r['public_key_bytes'] / 1024:.0f} KiB (secret key stayed here)
-  bytes per image                       {r['ciphertext_bytes'] / 1024:.1f} KiB up, {r['result_bytes'] / 1024:.1f} KiB down
+  public keys uploaded                  {_size(r['public_key_bytes'])} (the secret key stayed here)
+  bytes per image                       {_size(r['ciphertext_bytes'])} up, {_size(r['result_bytes'])} down
   picture                               {r.get('png', '-')}
 """)
     return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} MiB"
