@@ -336,6 +336,16 @@ def secret_problems(compose: dict) -> list[str]:
     return problems
 
 
+def network_problems(compose: dict) -> list[str]:
+    """The inference service shares no network with MinIO (defence in depth beyond credentials)."""
+    def networks(service: dict) -> set[str]:
+        nets = service.get("networks") or ["default"]
+        return set(nets) if isinstance(nets, list) else set(nets.keys())
+
+    shared = networks(compose["services"]["inference"]) & networks(compose["services"]["minio"])
+    return [f"inference and minio share the network(s) {sorted(shared)}"] if shared else []
+
+
 def volume_problems(compose: dict) -> list[str]:
     minio = compose["services"].get("minio", {})
     named = set(compose.get("volumes") or {})
@@ -349,7 +359,7 @@ CHECKS: dict[str, Callable[[dict], list[str]]] = {
     "schema": schema_problems, "compose_go": compose_go_problems, "build": build_problems, "image": image_problems,
     "health_and_ports": health_and_port_problems, "probe": probe_problems, "loopback": loopback_port_problems,
     "depends_on": depends_on_problems, "variables": variable_problems, "credentials": credential_problems,
-    "secrets": secret_problems, "volumes": volume_problems,
+    "secrets": secret_problems, "volumes": volume_problems, "networks": network_problems,
 }
 
 
@@ -481,6 +491,9 @@ MUTATIONS = {
     "credential as a plain value": ("credentials", _set("services.keystore.environment.ENCINFER_S3_SECRET_KEY", "hunter22")),
     "secret nobody generates": ("secrets", _set("secrets.tokens", {"file": "./secrets/unknown.json"})),
     "undefined secret": ("secrets", _set("services.keystore.secrets", ["tokens", "nope"])),
+    "inference on the storage network": ("networks", _set("services.inference.networks", ["grpc", "storage"])),
+    "everything on the default network": ("networks", lambda c: [s.pop("networks", None) for s in c["services"].values()]),
+    "undefined network": ("compose_go", _set("services.inference.networks", ["grpc", "backend"])),
     "MinIO data on a bind mount": ("volumes", _set("services.minio.volumes", ["./data:/data"])),
 }
 
