@@ -35,8 +35,11 @@ def load_model(path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
         from encinfer.inference.model import load_model as load_artifact
         a = load_artifact(path)
         return np.asarray(a.weights), np.asarray(a.bias), a.name
+    from threadpoolctl import threadpool_limits
+
     from encinfer.inference.model import train_mnist
-    model, _ = train_mnist()
+    with threadpool_limits(1):  # two BLAS threads on two shared cores can be 100x slower
+        model, _ = train_mnist()
     return model.coef_, model.intercept_, "mnist-default (trained now)"
 
 
@@ -85,9 +88,9 @@ class _SealSecret:
 _worker_model: BatchModel | None = None
 
 
-def _init_worker(weights: np.ndarray, bias: np.ndarray, params: dict) -> None:
+def _init_worker(weights: np.ndarray, bias: np.ndarray, params: dict, kernel: str) -> None:
     global _worker_model
-    _worker_model = BatchModel(weights, bias, CkksParams.from_json(params))
+    _worker_model = BatchModel(weights, bias, CkksParams.from_json(params), kernel=kernel)
 
 
 def _work(job: tuple[list[bytes], int]) -> tuple[list[bytes], float]:
@@ -97,10 +100,10 @@ def _work(job: tuple[list[bytes], int]) -> tuple[list[bytes], float]:
     return out, time.perf_counter() - start
 
 
-def pool_run(workers: int, weights, bias, params: CkksParams, jobs: list) -> tuple[float, float]:
+def pool_run(workers: int, weights, bias, params: CkksParams, kernel: str, jobs: list) -> tuple[float, float]:
     """(wall seconds for all jobs, summed in-worker seconds) on a spawn pool of `workers`."""
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(weights, bias, params.to_json())) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(weights, bias, params.to_json(), kernel)) as pool:
         pool.map(_work, jobs[:1] * workers, chunksize=1)  # warm every worker (imports, first call)
         start = time.perf_counter()
         results = pool.map(_work, jobs, chunksize=1)
@@ -110,8 +113,8 @@ def pool_run(workers: int, weights, bias, params: CkksParams, jobs: list) -> tup
 
 # ---------------------------------------------------------------- the measurement
 
-def measure(W, b, X, y, params: CkksParams | None, workers: bool) -> dict:
-    model = BatchModel(W, b, params)
+def measure(W, b, X, y, params: CkksParams | None, workers: bool, kernel: str = "auto") -> dict:
+    model = BatchModel(W, b, params, kernel=kernel)
     layout = model.layout
     secret = make_secret(layout.params)
     plain = X @ W.T + b
@@ -138,7 +141,7 @@ def measure(W, b, X, y, params: CkksParams | None, workers: bool) -> dict:
     n = len(X)
     agree = scores.argmax(1) == plain.argmax(1)
     row = {
-        "params": layout.params.to_json(),
+        "params": layout.params.to_json(), "kernel": model.kernel,
         "n_images": n, "batches": len(jobs), "features_sent": len(layout.feature_indices),
         "multiplies_per_batch": model.n_terms,
         "server_us_per_image": srv_s / n * 1e6,
@@ -154,8 +157,8 @@ def measure(W, b, X, y, params: CkksParams | None, workers: bool) -> dict:
         if len(jobs) < 2:
             jobs = jobs * 2
         imgs = sum(j[1] for j in jobs)
-        one, busy1 = pool_run(1, W, b, layout.params, jobs)
-        two, busy2 = pool_run(2, W, b, layout.params, jobs)
+        one, busy1 = pool_run(1, W, b, layout.params, model.kernel, jobs)
+        two, busy2 = pool_run(2, W, b, layout.params, model.kernel, jobs)
         row.update({
             "worker_batches": len(jobs),
             "one_worker_us_per_image": one / imgs * 1e6,
@@ -242,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, default=2, help="full batches of images when not --all (default 2)")
     ap.add_argument("--poly-modulus-degree", type=int, default=None, help="override N (2048, 4096, 8192...)")
     ap.add_argument("--real", action="store_true", help="no complex packing (one image per slot)")
+    ap.add_argument("--kernel", choices=("auto", "numpy", "seal"), default="auto", help="server kernel")
     ap.add_argument("--no-workers", action="store_true", help="skip the 1- and 2-process runs")
     ap.add_argument("--options", action="store_true", help="also measure the arithmetic options")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     per_batch = (params or choose_batch_params(W, b)).slots * (1 if args.real else 2)
     if not args.all:
         X, y = X[:args.batches * per_batch], y[:args.batches * per_batch]
-    result = {"model": model_name, "images": source, **measure(W, b, X, y, params, not args.no_workers)}
+    result = {"model": model_name, "images": source, **measure(W, b, X, y, params, not args.no_workers, args.kernel)}
     if args.options:
         result["options"] = options(W, b)
     if args.json:

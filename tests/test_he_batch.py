@@ -6,11 +6,12 @@ import warnings
 import numpy as np
 import pytest
 import tenseal.sealapi as seal
+from threadpoolctl import threadpool_limits
 
 from encinfer.common.errors import FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.batch import (BatchLayout, BatchModel, choose_batch_params, decrypt_batch, encrypt_batch,
-                               split_batches)
+from encinfer.he.batch import (KERNELS, NUMPY_CHUNK, BatchLayout, BatchModel, choose_batch_params, decrypt_batch,
+                               encrypt_batch, split_batches)
 from encinfer.he.params import CkksParams
 
 TOLERANCE = 1e-3
@@ -59,7 +60,7 @@ def digits():
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
     X, y = load_digits(return_X_y=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(1):  # 2 BLAS threads on 2 busy cores: 100x slower
         warnings.simplefilter("ignore")
         clf = LogisticRegression(max_iter=300).fit(X, y)
     model = BatchModel(clf.coef_, clf.intercept_, input_range=(0.0, 16.0))
@@ -73,7 +74,7 @@ def mnist():
 
     from encinfer import datasets
     X_all, y_all = datasets.load_default_mnist()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore")
         clf = LogisticRegression(C=0.1, max_iter=60).fit(X_all[::2], y_all[::2])
     shared = datasets.shared_mnist_dir()
@@ -288,8 +289,10 @@ def test_batch_size_outside_one_to_max_samples_is_invalid_argument(digits, n):
         model.start(n if n != 4097 else model.layout.max_samples + 1)
 
 
-def test_accumulator_memory_does_not_grow_with_features(mnist):
-    X, _, model, secret = mnist
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_accumulator_memory_does_not_grow_with_features(mnist, kernel):
+    X, clf, _, secret = mnist
+    model = BatchModel(clf.coef_, clf.intercept_, kernel=kernel)
     parts = encrypt_batch(secret, X[:8], model.layout)
     acc = model.start(8)
     acc.add(0, next(parts))
@@ -299,7 +302,38 @@ def test_accumulator_memory_does_not_grow_with_features(mnist):
     assert acc.received == len(model.layout.feature_indices) > 500
     assert acc.nbytes == first
     ct_bytes = 2 * model.params.poly_modulus_degree * 8
-    assert first <= (model.layout.n_outputs + 1) * ct_bytes
+    # seal: one ciphertext per output and one product; numpy: four 16-bit limbs (as float64)
+    # per output and per row of one fixed chunk, and one carrier ciphertext.
+    limit = model.layout.n_outputs + 1 if kernel == "seal" else 4 * (model.layout.n_outputs + NUMPY_CHUNK) + 1
+    assert first <= limit * ct_bytes < len(model.layout.feature_indices) * ct_bytes
+
+
+# ---------------------------------------------------------------- kernels
+
+def test_numpy_kernel_is_used_by_default_here(mnist):
+    assert mnist[2].kernel == "numpy"
+
+
+def test_numpy_and_seal_kernels_give_identical_ciphertexts(digits):
+    X, clf, _, secret = digits
+    fast = BatchModel(clf.coef_, clf.intercept_, input_range=(0.0, 16.0), kernel="numpy")
+    slow = BatchModel(clf.coef_, clf.intercept_, input_range=(0.0, 16.0), kernel="seal")
+    parts = list(encrypt_batch(secret, X[:40], fast.layout))
+    assert fast.evaluate(parts, 40) == slow.evaluate(parts, 40)
+
+
+def test_seal_kernel_scores_match_plaintext(digits):
+    X, clf, _, secret = digits
+    model = BatchModel(clf.coef_, clf.intercept_, input_range=(0.0, 16.0), kernel="seal")
+    assert_matches(run(model, secret, X[:300]), clf.decision_function(X[:300]))
+
+
+def test_weights_too_large_for_exact_float_sums_use_the_seal_kernel():
+    params = CkksParams(4096, (60,), 20, 50)
+    W, b = np.full((2, 64), 100.0), np.zeros(2)
+    assert BatchModel(W, b, params).kernel == "seal"
+    with pytest.raises(FailedPrecondition, match="weights too large"):
+        BatchModel(W, b, params, kernel="numpy")
 
 
 # ---------------------------------------------------------------- client: bad input
