@@ -54,33 +54,8 @@ def load_images(idx_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def make_secret(params: CkksParams):
-    try:
-        from encinfer.he.secret import SecretKeys
-    except ImportError:  # TEMPORARY until encinfer.he.secret lands
-        return _SealSecret(params)
+    from encinfer.he.secret import SecretKeys
     return SecretKeys.generate(params)
-
-
-class _SealSecret:
-    """TEMPORARY stand-in with SecretKeys' interface, until encinfer.he.secret lands."""
-
-    def __init__(self, params: CkksParams) -> None:
-        import tenseal.sealapi as seal
-        self.params, self.context = params, params.context()
-        sk = seal.KeyGenerator(self.context).secret_key()
-        self.encoder = seal.CKKSEncoder(self.context)
-        self._enc, self._dec = seal.Encryptor(self.context, sk), seal.Decryptor(self.context, sk)
-
-    def encrypt_symmetric(self, plaintext) -> bytes:
-        from encinfer.he import serial
-        return serial.dump(self._enc.encrypt_symmetric(plaintext))
-
-    def decrypt(self, data: bytes):
-        import tenseal.sealapi as seal
-        from encinfer.he import serial
-        pt = seal.Plaintext()
-        self._dec.decrypt(serial.load_ciphertext(data, self.context), pt)
-        return pt
 
 
 # ---------------------------------------------------------------- worker processes

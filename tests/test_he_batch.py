@@ -13,34 +13,12 @@ from encinfer.he import serial
 from encinfer.he.batch import (KERNELS, NUMPY_CHUNK, BatchLayout, BatchModel, choose_batch_params, decrypt_batch,
                                encrypt_batch, split_batches)
 from encinfer.he.params import CkksParams
+from encinfer.he.secret import SecretKeys
 
 TOLERANCE = 1e-3
 
 
-class _SealSecret:
-    """TEMPORARY: SecretKeys' interface on sealapi, until encinfer.he.secret lands."""
-
-    def __init__(self, params: CkksParams) -> None:
-        self.params, self.context = params, params.context()
-        self.secret_key = seal.KeyGenerator(self.context).secret_key()
-        self.encoder = seal.CKKSEncoder(self.context)
-        self._enc = seal.Encryptor(self.context, self.secret_key)
-        self._dec = seal.Decryptor(self.context, self.secret_key)
-
-    def encrypt_symmetric(self, plaintext: seal.Plaintext) -> bytes:
-        return serial.dump(self._enc.encrypt_symmetric(plaintext))
-
-    def decrypt(self, data: bytes) -> seal.Plaintext:
-        pt = seal.Plaintext()
-        self._dec.decrypt(serial.load_ciphertext(data, self.context), pt)
-        return pt
-
-
-def make_secret(params: CkksParams):
-    try:
-        from encinfer.he.secret import SecretKeys
-    except ImportError:
-        return _SealSecret(params)
+def make_secret(params: CkksParams) -> SecretKeys:
     return SecretKeys.generate(params)
 
 
