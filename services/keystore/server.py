@@ -122,7 +122,8 @@ class KeyStoreServer:
         await self.server.start()
         await self._probe_once()  # SERVING before start returns when the backend is there
         self._tasks = [asyncio.create_task(self._probe_loop(), name="keystore-health"),
-                       asyncio.create_task(self._cleanup_loop(), name="keystore-cleanup")]
+                       asyncio.create_task(self._cleanup_loop(), name="keystore-cleanup"),
+                       asyncio.create_task(self._warm_up(), name="keystore-warm-up")]
         if not self.config.tokens.enabled:
             log.warning("authentication is off (no ENCINFER_TOKENS/ENCINFER_TOKENS_FILE): "
                         "every caller is the owner 'public'")
@@ -146,6 +147,12 @@ class KeyStoreServer:
                 await self._probe_once()
             except Exception:  # noqa: BLE001 - the probe must outlive any one failure
                 log.exception("health probe failed")
+
+    async def _warm_up(self) -> None:
+        try:
+            await self.store.warm_up()
+        except Exception:  # noqa: BLE001 - the first upload will report it
+            log.exception("cannot load the key parser")
 
     async def _cleanup_loop(self) -> None:
         while True:
@@ -255,7 +262,24 @@ async def serve(config: KeyStoreConfig) -> int:
     return 0
 
 
+def tune_malloc() -> None:
+    """Lets transient buffers (1 MiB chunks, S3 parts) go back to the OS.
+
+    glibc otherwise raises its mmap threshold after the first freed big buffer and
+    keeps later ones in one arena per thread: about 30 MB more peak RSS per 50 MB
+    key here, for no speed gained.
+    """
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)            # M_ARENA_MAX
+        libc.mallopt(-3, 256 * 1024)   # M_MMAP_THRESHOLD (fixed, so it no longer grows)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def main() -> int:
+    tune_malloc()
     config = KeyStoreConfig.from_env()
     logs.configure(config.log_level)
     return asyncio.run(serve(config))

@@ -58,7 +58,7 @@ class ObjectStore(Protocol):
         """A cheap reachability probe for health; Unavailable when not usable."""
 
     def put_file(self, name: str, path: Path, size: int, metadata: dict[str, str]) -> None:
-        """Stores the file's bytes; may move the file away (callers delete `path` if still there)."""
+        """Stores the file's bytes; `path` stays readable (the caller deletes it)."""
 
     def put_bytes(self, name: str, data: bytes, metadata: dict[str, str]) -> None: ...
 
@@ -161,7 +161,14 @@ class FsObjectStore:
             data, meta = self._paths(name)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            self._replace(Path(path), data)  # the spool file lives in <root>/tmp: a rename, no copy
+            # The spool file lives in <root>/tmp: a hard link and a rename, no copy, and the
+            # spool path stays valid for the parser running alongside.
+            link = self.tmp / f"l-{uuid.uuid4().hex}"
+            os.link(path, link)
+            try:
+                self._replace(link, data)
+            finally:
+                link.unlink(missing_ok=True)
             sidecar = json.dumps({"metadata": metadata}).encode()
             self._atomic_write(meta, lambda f: f.write(sidecar))
         self._io("write", put)
@@ -263,7 +270,13 @@ class S3ObjectStore:
         import certifi
         import urllib3
         from minio import Minio
+        from minio.helpers import check_bucket_name
 
+        try:
+            check_bucket_name(settings.bucket)
+        except ValueError:
+            raise SystemExit(f"ENCINFER_S3_BUCKET={settings.bucket!r} is not a valid bucket name "
+                             "(3-63 characters: a-z 0-9 . -)") from None
         self.settings, self.bucket = settings, settings.bucket
         # urllib3 warns on every retried connection: during an outage the health probe
         # and our own UNAVAILABLE lines already say it, once.

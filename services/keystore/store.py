@@ -31,6 +31,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -296,6 +297,12 @@ class KeyStore:
         info = await asyncio.get_running_loop().run_in_executor(self._inspect_pool, inspect, path)
         return KeyParameters.from_info(info)
 
+    async def warm_up(self) -> None:
+        """Imports the key parser ahead of the first upload (TenSEAL takes a moment to load)."""
+        if self._inspect_fn is None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._inspect_pool, importlib.import_module, "encinfer.he.keys")
+
     def _ttl(self, ttl_seconds: int) -> int:
         if ttl_seconds == 0:
             return self.config.default_ttl
@@ -374,28 +381,51 @@ class KeyStore:
         kid = spool.sha256
         record_name = self._record_name(owner, kid)
         known = await self._read_record(record_name)
-        # Parameters are a function of the bytes: any earlier record of these bytes has them.
-        parameters = known.parameters if known else await self._inspect(spool.path)
         async with self._locks.hold(f"owner:{owner}", f"key:{kid}"):
             now = self.clock()
             existing = await self._read_record(record_name)
             renewing = existing is not None and existing.live(now)
             if not renewing:
                 await self._check_quota(owner, kid, now)
+            await self._io(self.backend.put_bytes, self._ref(kid, owner), b"", {})
+            blob = await self._io(self.backend.head, self._blob(kid))
+            new_bytes = blob is None or blob.size != spool.size
+            t0 = time.perf_counter()
+            # Parsing (CPU here) and storing (I/O, mostly the storage server's CPU) overlap:
+            # on S3 that hides most of the parse. Bytes that fail to parse are removed again.
+            store = asyncio.ensure_future(self._io(
+                self.backend.put_file, self._blob(kid), spool.path, spool.size,
+                {"sha256": kid, "size": str(spool.size)}, timeout=self._transfer_deadline(spool.size))
+            ) if new_bytes else None
+            try:
+                # Parameters are a function of the bytes: an earlier record of these bytes has them.
+                parameters = known.parameters if known else await self._inspect(spool.path)
+                t1 = time.perf_counter()
+                if store is not None:
+                    await store
+            except BaseException:
+                if store is not None:
+                    await asyncio.gather(store, return_exceptions=True)
+                if existing is None:
+                    await self._undo_upload(owner, kid)
+                raise
             record = KeyRecord(
                 key_id=kid, size_bytes=spool.size, sha256=kid, parameters=parameters, owner=owner,
                 created=existing.created if renewing else now, expires=now + ttl, labels=labels)
-            await self._io(self.backend.put_bytes, self._ref(kid, owner), b"", {})
-            blob = await self._io(self.backend.head, self._blob(kid))
-            stored = blob is None or blob.size != spool.size
-            if stored:
-                await self._io(self.backend.put_file, self._blob(kid), spool.path, spool.size,
-                               {"sha256": kid, "size": str(spool.size)},
-                               timeout=self._transfer_deadline(spool.size))
             await self._io(self.backend.put_bytes, record_name, record.to_bytes(), {})
         log.info("key stored", extra={"fields": {
-            "key_id": kid, "owner": owner, "size_bytes": spool.size, "new_bytes": stored, "renewed": renewing}})
+            "key_id": kid, "owner": owner, "size_bytes": spool.size, "new_bytes": new_bytes, "renewed": renewing,
+            "parse_ms": round((t1 - t0) * 1000, 1), "store_ms": round((time.perf_counter() - t0) * 1000, 1)}})
         return record
+
+    async def _undo_upload(self, owner: str, kid: str) -> None:
+        """Takes back the ref (and the bytes, when no one else holds them) of a refused upload."""
+        try:
+            await self._io(self.backend.delete, self._ref(kid, owner))
+            if not await self._io(self.backend.list, f"refs/{kid}/", "", 1):
+                await self._io(self.backend.delete, self._blob(kid))
+        except Unavailable:
+            pass  # storage is down: cleanup() removes the leftovers later
 
     async def _check_quota(self, owner: str, kid: str, now: float) -> None:
         limit = self.config.max_keys_per_owner
