@@ -39,6 +39,17 @@ def _path(name: str) -> str:
     return str(scratch_dir() / name)
 
 
+def _write_input(data: bytes) -> str:
+    """Writes `data` to this thread's input file through a descriptor kept open, in place
+    (pwrite + ftruncate: 4 us for 33 KB, against 23 us to open, write and close)."""
+    d = scratch_dir()
+    if getattr(_local, "in_dir", None) != d:
+        _local.in_fd, _local.in_dir = os.open(d / "in", os.O_RDWR | os.O_CREAT, 0o600), d
+    os.pwrite(_local.in_fd, data, 0)
+    os.ftruncate(_local.in_fd, len(data))
+    return str(d / "in")
+
+
 def dump(obj: Any) -> bytes:
     """Serializes a SEAL object or Serializable (seeded) with SEAL's default compression."""
     path = _path("out")
@@ -55,9 +66,7 @@ def load(make: Callable[[], T], data: bytes, context: seal.SEALContext | None, w
     """
     if not data:
         raise InvalidArgument(f"{what} is empty")
-    path = _path("in")
-    with open(path, "wb") as f:
-        f.write(data)
+    path = _write_input(data)
     obj = make()
     try:
         if context is None:
