@@ -386,7 +386,7 @@ class Stack:
             health = _health_test(s)
             self.services[name] = Service(
                 name=name, argv=self._argv(name, s, command), env=env, ports=ports[name],
-                depends_on=_depends_on(s), one_shot=str(s.get("restart", "no")) == "no" and not ports[name],
+                depends_on=_depends_on(s), one_shot=s.get("restart", "no") in ("no", False, None) and not ports[name],
                 health=[translate(name, a) for a in health] if health else None,
                 model_stems=[Path(m) for m in env.get("ENCINFER_MODELS", "").split(",") if m.strip()],
             )

@@ -105,23 +105,90 @@ func main() {
 """
 
 
-def compose_check_binary() -> Path:
-    """composecheck built against the pinned compose-go (go build caches it; modules come from the Go proxy)."""
-    work = CACHE / f"composecheck-{COMPOSE_GO_VERSION}"
-    binary = work / "composecheck"
+# BuildKit's Dockerfile linter (what `docker build --check` runs), offline: base images
+# resolve to an empty config with a standard PATH instead of being fetched.
+BUILDKIT = "github.com/moby/buildkit"
+BUILDKIT_VERSION = "v0.34.2"
+DOCKERFILE_CHECK_GO = """\
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/moby/buildkit/client/llb"
+	"github.com/moby/buildkit/client/llb/sourceresolver"
+	"github.com/moby/buildkit/frontend/dockerfile/dockerfile2llb"
+	digest "github.com/opencontainers/go-digest"
+)
+
+type offline struct{}
+
+func (offline) ResolveImageConfig(_ context.Context, ref string, _ sourceresolver.Opt) (string, digest.Digest, []byte, error) {
+	config := []byte(`{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}}`)
+	return ref, digest.FromBytes(config), config, nil
+}
+
+// Usage: dockerfilecheck < Dockerfile; prints BuildKit's lint results as JSON.
+func main() {
+	dt, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	sm := llb.NewSourceMap(nil, "Dockerfile", "Dockerfile", dt)
+	sm.Definition = &llb.Definition{}
+	res, err := dockerfile2llb.DockerfileLint(context.Background(), dt, dockerfile2llb.ConvertOpt{
+		SourceMap: sm, MetaResolver: offline{},
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	out, _ := json.Marshal(res)
+	fmt.Println(string(out))
+}
+"""
+
+
+def go_tool(name: str, source: str, module: str, version: str) -> Path:
+    """Builds (once, cached under ~/.cache/encinfer) a small Go program against a pinned module."""
+    work = CACHE / "go-tools" / f"{name}-{version}"
+    binary = work / name
     if binary.exists():
         return binary
     go = shutil.which("go") or "/usr/local/go/bin/go"
     work.mkdir(parents=True, exist_ok=True)
-    (work / "main.go").write_text(COMPOSE_CHECK_GO, encoding="utf-8")
-    (work / "go.mod").write_text(f"module encinfer.test/composecheck\n\ngo 1.24\n\n"
-                                 f"require {COMPOSE_GO} {COMPOSE_GO_VERSION}\n", encoding="utf-8")
+    (work / "main.go").write_text(source, encoding="utf-8")
+    (work / "go.mod").write_text(f"module encinfer.test/{name}\n\ngo 1.24\n\nrequire {module} {version}\n",
+                                 encoding="utf-8")
     env = {**os.environ, "GOFLAGS": "-mod=mod"}
     for step in (["mod", "tidy"], ["build", "-o", str(binary), "."]):
-        result = subprocess.run([go, *step], cwd=work, capture_output=True, text=True, timeout=600, env=env)
+        result = subprocess.run([go, *step], cwd=work, capture_output=True, text=True, timeout=900, env=env)
         if result.returncode != 0:
-            pytest.fail(f"cannot build the compose-go checker (go {' '.join(step)}): {result.stderr.strip()[-2000:]}")
+            pytest.fail(f"cannot build {name} (go {' '.join(step)}): {result.stderr.strip()[-2000:]}")
     return binary
+
+
+def compose_check_binary() -> Path:
+    return go_tool("composecheck", COMPOSE_CHECK_GO, COMPOSE_GO, COMPOSE_GO_VERSION)
+
+
+def dockerfile_lint(text: str) -> list[str]:
+    """BuildKit's parse error or lint warnings for a Dockerfile; [] when clean."""
+    result = subprocess.run([str(go_tool("dockerfilecheck", DOCKERFILE_CHECK_GO, BUILDKIT, BUILDKIT_VERSION))],
+                            input=text, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        return [result.stderr.strip()]
+    report = json.loads(result.stdout)
+    problems = [f"line {w['location']['ranges'][0]['start']['line']}: {w['ruleName']}: {w['detail']}"
+                for w in report.get("warnings") or []]
+    if report.get("buildError"):
+        problems.append(report["buildError"]["message"])
+    return problems
 
 
 def compose_go_load(text: str) -> subprocess.CompletedProcess:
@@ -391,6 +458,23 @@ def test_every_variable_the_code_reads_is_documented():
 def test_every_variable_the_image_sets_is_read_by_the_code():
     set_in_image = set(re.findall(r"\b(ENCINFER_[A-Z0-9_]+)=", DOCKERFILE.read_text(encoding="utf-8")))
     assert set_in_image and set_in_image <= variables_read_by_code()
+
+
+def test_dockerfile_passes_buildkit_lint():
+    assert dockerfile_lint(DOCKERFILE.read_text(encoding="utf-8")) == []
+
+
+@pytest.mark.parametrize("breakage", [
+    ("ENTRYPOINT [\"/usr/local/bin/encinfer-entrypoint\"]", "ENTRYPOINT /usr/local/bin/encinfer-entrypoint"),
+    ("FROM ${PYTHON_IMAGE} AS runtime", "from ${PYTHON_IMAGE} as runtime"),
+    ("WORKDIR /app", "WORKDIR /app\nFOOBAR x"),
+    ("ENV PATH=/opt/venv/bin:$PATH", "ENV PATH=/opt/venv/bin:$VENV_PATH"),
+], ids=["shell-form entrypoint", "inconsistent casing", "unknown instruction", "undefined variable"])
+def test_dockerfile_lint_catches_a_broken_dockerfile(breakage):
+    old, new = breakage
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert old in text
+    assert dockerfile_lint(text.replace(old, new, 1)) != []
 
 
 def test_dockerfile_is_multi_stage_on_a_pinned_slim_python():
