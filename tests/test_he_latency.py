@@ -123,27 +123,42 @@ def test_inputs_outside_zero_one_work_with_a_stated_input_range(digits, digits_s
     assert_same_predictions(clf.decision_function(X[1000:1100]), served.scores(X[1000:1100] * 2 - 1))
 
 
+def replay(W: np.ndarray, b: np.ndarray, layout: LatencyLayout, x: np.ndarray) -> np.ndarray:
+    """The server's steps in numpy (np.roll for rotations), then the client's unpacking."""
+    diagonals, bias = diagonal_values(W, b, layout)
+    v, acc = layout.pack(x), np.zeros(layout.params.slots, dtype=complex)
+    for d in reversed(diagonals):
+        acc = np.roll(acc, -1) + d * v
+    for step in fold_steps(layout.row_period, layout.params.slots):
+        acc = acc + np.roll(acc, -step)
+    if layout.params.complex_packing:
+        acc = acc + np.conj(acc)
+    return layout.unpack(acc + bias)
+
+
 @pytest.mark.parametrize("n_features,n_outputs,complex_packing", [
     (784, 10, True), (784, 10, False), (64, 10, True), (1, 1, True), (5, 1, False), (4096, 1, True),
     (300, 300, True), (3, 5, True), (2000, 17, False), (4095, 33, True), (1000, 1000, False),
 ])
 def test_layout_arithmetic_computes_the_affine_map(n_features, n_outputs, complex_packing):
-    """The server's steps replayed in numpy (np.roll for rotations) give W @ x + b for any shape."""
     rng = np.random.default_rng(n_features * 7 + n_outputs)
     W, b, x = rng.normal(size=(n_outputs, n_features)), rng.normal(size=n_outputs), rng.random(n_features)
     params = choose_latency_params(n_features, n_outputs, complex_packing=complex_packing)
     packed = (n_features + 1) // 2 if complex_packing else n_features
     m, k = plan(packed, n_outputs, params.slots)
     layout = LatencyLayout(params, n_features, n_outputs, k * params.slots // m, tuple(range(n_outputs)))
-    diagonals, bias = diagonal_values(W, b, layout)
-    v, acc = layout.pack(x), np.zeros(params.slots, dtype=complex)
-    for d in reversed(diagonals):
-        acc = np.roll(acc, -1) + d * v
-    for step in fold_steps(m, params.slots):
-        acc = acc + np.roll(acc, -step)
-    if complex_packing:
-        acc = acc + np.conj(acc)
-    np.testing.assert_allclose(layout.unpack(acc + bias), W @ x + b, atol=1e-9)
+    np.testing.assert_allclose(replay(W, b, layout, x), W @ x + b, atol=1e-9)
+
+
+@pytest.mark.parametrize("complex_packing", [True, False])
+def test_layout_arithmetic_without_zero_weight_features_computes_the_affine_map(complex_packing):
+    rng = np.random.default_rng(3)
+    W, b, x = rng.normal(size=(10, 784)), rng.normal(size=10), rng.random(784)
+    W[:, rng.choice(784, 100, replace=False)] = 0
+    params = choose_latency_params(684, 10, score_bound=1000.0, complex_packing=complex_packing)
+    layout = LatencyModel(W, b, params, input_range=(0.0, 1.0)).layout
+    assert len(layout.feature_indices) == 684
+    np.testing.assert_allclose(replay(W, b, layout, x), W @ x + b, atol=1e-9)
 
 
 # ---------------------------------------------------------------- sizes and shape of the answer
@@ -182,7 +197,26 @@ def test_layout_rebuilt_from_getmodelinfo_fields_equals_the_servers(mnist_served
     _, served, _ = mnist_served
     lay = served.layout
     params = CkksParams.from_json(lay.params.to_json())
-    assert LatencyLayout(params, lay.n_features, lay.n_outputs, lay.block_size, lay.output_slots) == lay
+    assert LatencyLayout(params=params, n_features=lay.n_features, n_outputs=lay.n_outputs, block_size=lay.block_size,
+                         output_slots=lay.output_slots, feature_indices=lay.feature_indices) == lay
+
+
+def test_zero_weight_features_are_not_sent_when_that_saves_a_diagonal(mnist_served):
+    clf, served, _ = mnist_served
+    used = np.flatnonzero(np.any(clf.coef_ != 0, axis=0))
+    assert served.layout.feature_indices == tuple(used) and len(used) < 768
+    assert served.layout.diagonals == 3  # 4 with all 784 pixels
+
+
+def test_features_are_all_sent_when_dropping_some_saves_nothing(digits_served):
+    _, served = digits_served
+    assert served.layout.feature_indices == () and served.layout.diagonals == 1
+
+
+def test_client_ignoring_the_servers_feature_indices_is_refused(mnist_served):
+    _, served, _ = mnist_served
+    with pytest.raises(InvalidArgument, match="feature_indices"):
+        dataclasses.replace(served.layout, feature_indices=())
 
 
 def test_layout_with_a_wrong_block_size_is_refused(mnist_served):

@@ -1,7 +1,9 @@
 """Latency layout: one sample per ciphertext, every output back in ONE ciphertext.
 
-Slots (S = N/2 of them) and packing. With complex packing the features pair up,
-packed column c = x[2c] + i*x[2c+1]; without it, packed column c = x[c]. Let
+Slots (S = N/2 of them) and packing. The features sent are all of them, or only
+`feature_indices` when the others have all-zero weights AND dropping them saves a
+diagonal. With complex packing they pair up, packed column c = x[2c] + i*x[2c+1];
+without it, packed column c = x[c]. Let
 M = the smallest power of two >= n_outputs (the row period) and k = the number of
 diagonals (block_size = k*S/M >= packed columns). The client puts
 
@@ -20,7 +22,10 @@ parts, which would leak other linear forms of the weights. Adding the bias leave
 slot j = score[j mod M] (zero for j mod M >= n_outputs), at the last prime.
 
 Rotations: (k - 1) + log2(S/M) (+1 conjugation): MNIST (784 -> 10) at N=4096 has
-k=4, M=16: 3 + 7 + 1 = 11 key switches, 9 Galois keys (steps 1, 16..1024, conj).
+M=16 and k=4 (392 packed columns), or k=3 when at most 768 pixels have weights
+(the default model: 657): 2 + 7 + 1 = 10 key switches, the fewest that can sum
+~330 complex products and take the real part; 9 Galois keys (steps 1, 16..1024,
+conjugation), 0.56 MB seeded.
 Why rotate after the multiply: with one data prime the input sits at 2^~25 and a
 key switch adds noise ~2^15; after the multiply the product sits at 2^~49.
 
@@ -144,7 +149,10 @@ class LatencyLayout:
 
     block_size: packed input positions (k*S/M); output_slots: slot of output j in the
     result (j; every slot j + t*M holds a replica). input_range: the values each
-    feature may take (the server sized the scales for it).
+    feature may take (the server sized the scales for it). feature_indices: the
+    features that are sent, when the model's other features have all-zero weights
+    and dropping them saves a diagonal (empty: all features). Leaving them out when
+    the server lists them is caught: the block size then does not match.
     """
 
     params: CkksParams
@@ -153,18 +161,25 @@ class LatencyLayout:
     block_size: int
     output_slots: tuple[int, ...]
     input_range: tuple[float, float] = (0.0, 1.0)
+    feature_indices: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_slots", tuple(int(s) for s in self.output_slots))
         object.__setattr__(self, "input_range", tuple(float(v) for v in self.input_range))
-        p, slots = self.params, self.params.slots
+        object.__setattr__(self, "feature_indices", tuple(int(i) for i in self.feature_indices))
+        p, slots, idx = self.params, self.params.slots, self.feature_indices
         if self.n_features < 1 or self.n_outputs < 1:
             raise InvalidArgument("a latency layout needs at least one feature and one output")
-        packed = _packed(self.n_features, p.complex_packing)
-        m, k = plan(packed, self.n_outputs, slots)
+        if idx and (any(not 0 <= i < self.n_features for i in idx) or any(a >= b for a, b in zip(idx, idx[1:]))):
+            raise InvalidArgument(f"feature_indices must be increasing and within 0..{self.n_features - 1}")
+        m, k = plan(self.packed_features, self.n_outputs, slots)
         if self.block_size != k * slots // m:
-            raise InvalidArgument(f"latency block_size is {self.block_size}; {self.n_features} features and "
-                                  f"{self.n_outputs} outputs at N={p.poly_modulus_degree} give {k * slots // m}")
+            raise InvalidArgument(
+                f"latency block_size is {self.block_size}; {len(self.used_features)} features sent and "
+                f"{self.n_outputs} outputs at N={p.poly_modulus_degree} give {k * slots // m} (pass the "
+                "layout's feature_indices, if the server lists any)")
+        if idx and k >= plan(_packed(self.n_features, p.complex_packing), self.n_outputs, slots)[1]:
+            raise InvalidArgument("latency feature_indices are given only when dropping features saves a diagonal")
         if self.output_slots != tuple(range(self.n_outputs)):
             raise InvalidArgument("latency output_slots must be 0..n_outputs-1")
         missing = sorted(set(rotation_steps(m, k, slots)) - set(p.galois_steps))
@@ -187,8 +202,12 @@ class LatencyLayout:
         return self.block_size * self.row_period // self.params.slots
 
     @property
+    def used_features(self) -> tuple[int, ...] | range:
+        return self.feature_indices or range(self.n_features)
+
+    @property
     def packed_features(self) -> int:
-        return _packed(self.n_features, self.params.complex_packing)
+        return _packed(len(self.used_features), self.params.complex_packing)
 
     def slot_columns(self) -> np.ndarray:
         """Packed column held by each slot (>= packed_features: zero)."""
@@ -198,10 +217,12 @@ class LatencyLayout:
 
     def pack(self, x: np.ndarray) -> np.ndarray:
         """The slot vector for one sample (complex with complex packing)."""
+        if self.feature_indices:
+            x = x[list(self.feature_indices)]
         if self.params.complex_packing:
             xp = np.zeros(self.packed_features, dtype=np.complex128)
             xp.real = x[0::2]
-            xp.imag[: self.n_features // 2] = x[1::2]
+            xp.imag[: len(x) // 2] = x[1::2]
         else:
             xp = np.asarray(x, dtype=np.float64)
         cols = self.slot_columns()
@@ -233,6 +254,7 @@ class LatencyLayout:
             "block_size": self.block_size,
             "output_slots": list(self.output_slots),
             "input_range": list(self.input_range),
+            **({"feature_indices": list(self.feature_indices)} if self.feature_indices else {}),
         }
 
     @classmethod
@@ -242,7 +264,8 @@ class LatencyLayout:
             return cls(params=params if isinstance(params, CkksParams) else CkksParams.from_json(params),
                        n_features=int(d["n_features"]), n_outputs=int(d["n_outputs"]),
                        block_size=int(d["block_size"]), output_slots=tuple(int(s) for s in d["output_slots"]),
-                       input_range=tuple(float(v) for v in d.get("input_range", (0.0, 1.0))))
+                       input_range=tuple(float(v) for v in d.get("input_range", (0.0, 1.0))),
+                       feature_indices=tuple(int(i) for i in d.get("feature_indices", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidArgument(f"not a latency layout description ({e!r})") from None
 
@@ -266,12 +289,13 @@ def diagonal_values(weights: np.ndarray, bias: np.ndarray,
     fold then sums.
     """
     slots, m, k, n = layout.params.slots, layout.row_period, layout.diagonals, layout.n_outputs
+    weights = np.asarray(weights, dtype=np.float64)[:, list(layout.used_features)]
     if layout.params.complex_packing:
         packed = np.zeros((n, layout.packed_features), dtype=np.complex128)
         packed.real = weights[:, 0::2] / 2
-        packed.imag[:, : layout.n_features // 2] = -weights[:, 1::2] / 2
+        packed.imag[:, : weights.shape[1] // 2] = -weights[:, 1::2] / 2
     else:
-        packed = np.asarray(weights, dtype=np.float64)
+        packed = weights
     cols = layout.slot_columns()
     residue = np.arange(slots) % m
     diagonals = []
@@ -313,18 +337,23 @@ class LatencyModel:
             raise InvalidArgument(f"input_range {input_range!r} is not a finite interval")
         m, d = W.shape
         bound = score_bound(W, b, (lo, hi))
+        used = np.flatnonzero(np.any(W != 0, axis=0))
         if params is None:
-            params = choose_latency_params(d, m, score_bound=bound)
+            params = choose_latency_params(len(used), m, score_bound=bound)
         capacity = 2.0 ** (params.coeff_modulus_bits[0] - 2 - params.output_scale_bits)
         if bound > capacity:
             raise InvalidArgument(f"scores up to {bound:.3g} overflow these parameters (at most {capacity:.3g} at "
                                   f"output scale 2^{params.output_scale_bits})")
         slots = params.slots
-        packed = _packed(d, params.complex_packing)
-        row_period, diagonals = plan(packed, m, slots)
+        row_period, diagonals = plan(_packed(d, params.complex_packing), m, slots)
+        pruned = plan(_packed(len(used), params.complex_packing), m, slots)[1]
+        # Drop zero-weight features only when that saves a diagonal (a multiply and a rotation):
+        # then a client that ignores feature_indices fails on block_size instead of computing garbage.
+        feature_indices = tuple(int(i) for i in used) if pruned < diagonals else ()
+        diagonals = min(pruned, diagonals)
         self.layout = LatencyLayout(params=params, n_features=d, n_outputs=m,
                                     block_size=diagonals * slots // row_period, output_slots=tuple(range(m)),
-                                    input_range=(lo, hi))
+                                    input_range=(lo, hi), feature_indices=feature_indices)
         self.params = params
         self._context = params.context()
         self._parms_id = self._context.last_parms_id()
