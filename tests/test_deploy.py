@@ -506,9 +506,77 @@ def test_dockerfile_trains_the_model_the_stack_trains():
     assert f"encinfer {command} {stack.IMAGE_MODELS_DIR}/mnist" in DOCKERFILE.read_text(encoding="utf-8")
 
 
-def test_dockerignore_keeps_local_state_and_generated_stubs_out_of_the_build():
-    ignored = set((REPO / ".dockerignore").read_text(encoding="utf-8").split())
-    assert {".git", ".venv", "var", "deploy/secrets", "protos/encinfer/v1/*_pb2*.py"} <= ignored
+def _dockerignore_regex(pattern: str) -> re.Pattern:
+    """Docker's pattern syntax: `*` within a path segment, `**` across segments, `?` one character."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore excludes path: a pattern matches it or one of its parent directories."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        regex = _dockerignore_regex(pattern.lstrip("!").strip("/"))
+        if any(regex.fullmatch(p) for p in prefixes):
+            excluded = not negate
+    return excluded
+
+
+def build_context_problems(dockerfile: str, context: Path, patterns: list[str]) -> list[str]:
+    """Everything the build reads from its context is there and not excluded by .dockerignore."""
+    needed = []
+    for line in re.findall(r"^(?:COPY|ADD)\s+(.*)$", dockerfile, re.M):
+        args = [a for a in line.split() if not a.startswith("--")]
+        if "--from=" not in line:
+            needed += [a for a in args[:-1] if a != "."]
+    pyproject = tomllib.loads((context / "pyproject.toml").read_text(encoding="utf-8"))
+    needed += ["pyproject.toml", "setup.py", pyproject["project"]["readme"], "protos",
+               *pyproject["tool"]["setuptools"]["package-dir"].values()]
+    problems = []
+    for path in needed:
+        if not (context / path).exists():
+            problems.append(f"{path}: the build needs it but it does not exist")
+        elif dockerignored(path, patterns):
+            problems.append(f"{path}: the build needs it but .dockerignore excludes it")
+    return problems
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_build_context_has_everything_the_image_build_reads():
+    assert build_context_problems(DOCKERFILE.read_text(encoding="utf-8"), REPO, dockerignore_patterns()) == []
+
+
+def test_build_context_check_catches_an_excluded_source():
+    problems = build_context_problems(DOCKERFILE.read_text(encoding="utf-8"), REPO, [*dockerignore_patterns(), "deploy/*.sh"])
+    assert any("entrypoint.sh" in p for p in problems)
+
+
+@pytest.mark.parametrize("path", [".git/HEAD", ".venv/bin/python", "var/stack/logs/minio.log", "deploy/secrets/tokens.json",
+                                  "protos/encinfer/v1/keystore_pb2.py", "services/__pycache__/cli.cpython-311.pyc"])
+def test_dockerignore_keeps_local_state_and_generated_stubs_out_of_the_build(path):
+    assert dockerignored(path, dockerignore_patterns())
+
+
+def test_dockerignore_keeps_the_sources_in_the_build():
+    assert not dockerignored("services/keystore/server.py", dockerignore_patterns())
 
 
 def test_entrypoint_turns_file_variables_into_values(tmp_path):
