@@ -146,3 +146,16 @@ def test_encinfer_keystore_serve_runs_the_service(keystore_process):
     ks = keystore_process(FAST, command=command)
     assert health(ks.target) == SERVING
     assert ks.stop() == 0
+
+
+def test_metrics_are_served_on_loopback_when_asked(keystore_process):
+    import urllib.request
+    from conftest import free_port
+    port = free_port()
+    ks = keystore_process({**FAST, "ENCINFER_METRICS_PORT": str(port)}, fake_parser=True)
+    with KeyStoreClient(ks.target, token="alice-t") as alice:
+        alice.put(fake_key())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert 'encinfer_rpcs_total{code="OK",method="/encinfer.v1.KeyStore/PutKeys"} 1.0' in text
+    assert 'encinfer_keystore_bytes_total{direction="in"} 4096.0' in text

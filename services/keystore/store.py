@@ -173,21 +173,23 @@ class _KeyedLocks:
     @asynccontextmanager
     async def hold(self, *names: str):
         # Callers always pass (owner, key id) in that order, so there is no lock cycle.
-        held: list[str] = []
+        for name in names:
+            self._users[name] += 1
+        acquired: list[asyncio.Lock] = []
         try:
             for name in names:
-                self._users[name] += 1
-                held.append(name)
-                await self._locks.setdefault(name, asyncio.Lock()).acquire()
+                lock = self._locks.setdefault(name, asyncio.Lock())
+                await lock.acquire()
+                acquired.append(lock)
             yield
         finally:
-            for name in reversed(held):
-                lock = self._locks[name]
-                if lock.locked():
-                    lock.release()
+            for lock in reversed(acquired):
+                lock.release()
+            for name in names:
                 self._users[name] -= 1
                 if not self._users[name]:
-                    del self._users[name], self._locks[name]
+                    del self._users[name]
+                    self._locks.pop(name, None)
 
 
 def check_key_id(key_id: str) -> str:
