@@ -82,8 +82,10 @@ def layout_from_pb(info: pb.ModelInfo, lay: pb.LayoutInfo) -> LatencyLayout | Ba
         galois_steps=tuple(p.galois_steps), needs_conjugation_key=p.needs_conjugation_key,
         needs_relin_keys=p.needs_relin_keys, complex_packing=p.complex_packing)
     if lay.layout == pb.LAYOUT_LATENCY:
+        # feature_indices: only when the server lists some (the model drops zero-weight pixels).
+        extra = {"feature_indices": tuple(lay.feature_indices)} if lay.feature_indices else {}
         return LatencyLayout(params=params, n_features=info.n_features, n_outputs=info.n_outputs,
-                             block_size=lay.block_size, output_slots=tuple(lay.output_slots))
+                             block_size=lay.block_size, output_slots=tuple(lay.output_slots), **extra)
     return BatchLayout(params=params, n_features=info.n_features, n_outputs=info.n_outputs,
                        feature_indices=tuple(lay.feature_indices), max_samples=lay.max_samples)
 
