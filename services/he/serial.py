@@ -43,11 +43,12 @@ def _write_input(data: bytes) -> str:
     """Writes `data` to this thread's input file through a descriptor kept open, in place
     (pwrite + ftruncate: 4 us for 33 KB, against 23 us to open, write and close)."""
     d = scratch_dir()
-    if getattr(_local, "in_dir", None) != d:
-        _local.in_fd, _local.in_dir = os.open(d / "in", os.O_RDWR | os.O_CREAT, 0o600), d
+    if getattr(_local, "in_dir", None) is not d:
+        path = str(d / "in")
+        _local.in_fd, _local.in_dir, _local.in_path = os.open(path, os.O_RDWR | os.O_CREAT, 0o600), d, path
     os.pwrite(_local.in_fd, data, 0)
     os.ftruncate(_local.in_fd, len(data))
-    return str(d / "in")
+    return _local.in_path
 
 
 def dump(obj: Any) -> bytes:
