@@ -41,6 +41,8 @@ _KNOWN = {PARM, PUBK, RELK, GALK, END}
 _SECRET_TAGS = {b"SECK", b"SKEY", b"SECR", b"PRIV"}
 _SEAL_MAGIC = b"\x5e\xa1"  # SEAL's serialization header starts with 0xA15E (little endian)
 _COPY_CHUNK = 1 << 20
+# PARM, PUBK, RELK and one Galois key per odd element below 2N (N <= 32768).
+_MAX_SECTIONS = 3 + 32768
 _KEYGEN_HINT = "create keys with encinfer's keygen (SecretKeys.public_bundle())"
 
 T = TypeVar("T")
@@ -174,6 +176,10 @@ def _sections(f: BinaryIO, size: int) -> list[_Section]:
             if length != 0 or pos != size:
                 raise InvalidArgument(f"key bundle has {size - pos} unexpected bytes after its END section")
             return sections
+        if length == 0:
+            raise InvalidArgument(f"key bundle's {tag.decode()} section at byte {pos - _HEADER.size} is empty")
+        if len(sections) >= _MAX_SECTIONS:
+            raise InvalidArgument(f"key bundle has more than {_MAX_SECTIONS} sections")
         sections.append(_Section(tag, arg, pos, length))
         f.seek(length, io.SEEK_CUR)
         pos += length
