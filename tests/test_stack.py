@@ -353,6 +353,7 @@ def test_stack_up_command_stops_everything_on_a_signal(tmp_path, sig):
 
 
 @pytest.mark.minio
+@pytest.mark.slow
 @needs_minio
 @needs_inference
 def test_stack_predicts_on_encrypted_images_end_to_end(tmp_path):
