@@ -13,7 +13,7 @@ GHZ_VERSION := v0.121.0
 export ENCINFER_MINIO_BIN ?= $(BIN)/minio
 export ENCINFER_GHZ_BIN ?= $(BIN)/ghz
 
-.PHONY: setup stubs test demo minio minio-bin ghz-bin bench bench-quick bench-keystore load stack clean
+.PHONY: setup stubs test demo minio minio-bin ghz-bin bench bench-quick bench-keystore stack secrets clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,16 @@ bench: setup minio-bin
 
 bench-quick: setup minio-bin
 	$(VENV)/bin/python -m bench.run --quick
+
+# The compose topology without Docker, on loopback (see docs/config-deploy.md).
+stack: setup minio-bin
+	$(VENV)/bin/encinfer stack up
+
+secrets: setup
+	$(VENV)/bin/encinfer stack secrets
+
+bench-keystore: setup minio-bin
+	$(VENV)/bin/python -m bench.keystore
 
 clean:
 	rm -rf $(VENV) build *.egg-info var out protos/encinfer/v1/*_pb2*.py*
