@@ -135,6 +135,7 @@ class _Spooled:
     path: Path
     size: int
     sha256: str
+    seconds: float  # receiving took this long
 
 
 class FetchedKey:
@@ -355,7 +356,7 @@ class KeyStore:
         """Writes the stream to a spool file, hashing as it goes, stopping at the first byte over a limit."""
         limit = self.config.max_key_bytes
         fd, name = tempfile.mkstemp(prefix="put-", dir=self.spool_dir)
-        path, digest, size, ok = Path(name), hashlib.sha256(), 0, False
+        path, digest, size, ok, start = Path(name), hashlib.sha256(), 0, False, time.perf_counter()
         try:
             with os.fdopen(fd, "wb") as f:
                 async for chunk in chunks:
@@ -374,7 +375,7 @@ class KeyStore:
                 raise InvalidArgument(f"stream ended after {size} of {expected} bytes: the upload is truncated")
             ok = True
             KEY_BYTES.labels("in").inc(size)
-            return _Spooled(path, size, digest.hexdigest())
+            return _Spooled(path, size, digest.hexdigest(), time.perf_counter() - start)
         finally:
             if not ok:
                 path.unlink(missing_ok=True)
@@ -417,7 +418,8 @@ class KeyStore:
             await self._io(self.backend.put_bytes, record_name, record.to_bytes(), {})
         log.info("key stored", extra={"fields": {
             "key_id": kid, "owner": owner, "size_bytes": spool.size, "new_bytes": new_bytes, "renewed": renewing,
-            "parse_ms": round((t1 - t0) * 1000, 1), "store_ms": round((time.perf_counter() - t0) * 1000, 1)}})
+            "receive_ms": round(spool.seconds * 1000, 1), "parse_ms": round((t1 - t0) * 1000, 1),
+            "store_ms": round((time.perf_counter() - t0) * 1000, 1)}})
         return record
 
     async def _undo_upload(self, owner: str, kid: str) -> None:
@@ -477,7 +479,7 @@ class KeyStore:
         record = await self.stat(principal, key_id)
         kid = record.key_id
         fd, name = tempfile.mkstemp(prefix="get-", dir=self.spool_dir)
-        path = Path(name)
+        path, start = Path(name), time.perf_counter()
         try:
             result = await self._io(self._download, self._blob(kid), fd,
                                     timeout=self._transfer_deadline(record.size_bytes))
@@ -497,6 +499,8 @@ class KeyStore:
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        log.info("key read and verified", extra={"fields": {
+            "key_id": kid, "size_bytes": size, "read_ms": round((time.perf_counter() - start) * 1000, 1)}})
         return FetchedKey(record, path)
 
     def _download(self, name: str, fd: int) -> tuple[int, str] | None:
