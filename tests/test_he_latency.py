@@ -163,6 +163,15 @@ def test_layout_arithmetic_without_zero_weight_features_computes_the_affine_map(
     np.testing.assert_allclose(replay(W, b, layout, x), W @ x + b, atol=1e-9)
 
 
+def test_model_wider_than_the_ring_serves_when_its_nonzero_features_fit():
+    rng = np.random.default_rng(4)
+    W, b, x = np.zeros((3, 5000)), rng.normal(size=3), rng.random(5000)
+    W[:, 1000:4000] = rng.normal(size=(3, 3000)) * 0.01
+    layout = LatencyModel(W, b).layout
+    assert layout.params.poly_modulus_degree == 4096 and len(layout.feature_indices) == 3000
+    np.testing.assert_allclose(replay(W, b, layout, x), W @ x + b, atol=1e-9)
+
+
 # ---------------------------------------------------------------- sizes and shape of the answer
 
 def test_answer_is_one_ciphertext_at_the_last_prime(mnist_served):

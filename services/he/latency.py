@@ -178,7 +178,8 @@ class LatencyLayout:
                 f"latency block_size is {self.block_size}; {len(self.used_features)} features sent and "
                 f"{self.n_outputs} outputs at N={p.poly_modulus_degree} give {k * slots // m} (pass the "
                 "layout's feature_indices, if the server lists any)")
-        if idx and k >= plan(_packed(self.n_features, p.complex_packing), self.n_outputs, slots)[1]:
+        everything = _packed(self.n_features, p.complex_packing)
+        if idx and everything <= slots and k >= plan(everything, self.n_outputs, slots)[1]:
             raise InvalidArgument("latency feature_indices are given only when dropping features saves a diagonal")
         if self.output_slots != tuple(range(self.n_outputs)):
             raise InvalidArgument("latency output_slots must be 0..n_outputs-1")
@@ -345,12 +346,14 @@ class LatencyModel:
             raise InvalidArgument(f"scores up to {bound:.3g} overflow these parameters (at most {capacity:.3g} at "
                                   f"output scale 2^{params.output_scale_bits})")
         slots = params.slots
-        row_period, diagonals = plan(_packed(d, params.complex_packing), m, slots)
-        pruned = plan(_packed(len(used), params.complex_packing), m, slots)[1]
+        row_period, diagonals = plan(_packed(len(used), params.complex_packing), m, slots)
+        everything = _packed(d, params.complex_packing)
         # Drop zero-weight features only when that saves a diagonal (a multiply and a rotation):
         # then a client that ignores feature_indices fails on block_size instead of computing garbage.
-        feature_indices = tuple(int(i) for i in used) if pruned < diagonals else ()
-        diagonals = min(pruned, diagonals)
+        if everything <= slots and plan(everything, m, slots)[1] == diagonals:
+            feature_indices = ()
+        else:
+            feature_indices = tuple(int(i) for i in used)
         self.layout = LatencyLayout(params=params, n_features=d, n_outputs=m,
                                     block_size=diagonals * slots // row_period, output_slots=tuple(range(m)),
                                     input_range=(lo, hi), feature_indices=feature_indices)
