@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,8 @@ def pool_run(workers: int, weights, bias, params: CkksParams, kernel: str, jobs:
 
 # ---------------------------------------------------------------- the measurement
 
-def measure(W, b, X, y, params: CkksParams | None, workers: bool, kernel: str = "auto") -> dict:
+def measure(W, b, X, y, params: CkksParams | None, kernel: str = "auto") -> tuple[dict, list]:
+    """Encrypt, compute and decrypt every batch in this process; the row and the encrypted batches."""
     model = BatchModel(W, b, params, kernel=kernel)
     layout = model.layout
     secret = make_secret(layout.params)
@@ -128,21 +130,25 @@ def measure(W, b, X, y, params: CkksParams | None, workers: bool, kernel: str = 
         "accuracy": float((scores.argmax(1) == y).mean()),
         "plaintext_accuracy": float((plain.argmax(1) == y).mean()),
     }
-    if workers:
-        if len(jobs) < 2:
-            jobs = jobs * 2
-        imgs = sum(j[1] for j in jobs)
-        one, busy1 = pool_run(1, W, b, layout.params, model.kernel, jobs)
-        two, busy2 = pool_run(2, W, b, layout.params, model.kernel, jobs)
-        row.update({
-            "worker_batches": len(jobs),
-            "one_worker_us_per_image": one / imgs * 1e6,
-            "two_workers_us_per_image": two / imgs * 1e6,
-            "two_worker_speedup": one / two,
-            "in_worker_us_per_image_1": busy1 / imgs * 1e6,
-            "in_worker_us_per_image_2": busy2 / imgs * 1e6,
-        })
-    return row
+    return row, jobs
+
+
+def worker_runs(W, b, params: CkksParams, kernel: str, jobs: list) -> dict:
+    """The same batches on 1 and on 2 spawned worker processes; each worker gets >= 2 batches."""
+    jobs = (jobs * 4)[:max(4, len(jobs))]
+    imgs = sum(j[1] for j in jobs)
+    load = os.getloadavg()[0]
+    one, busy1 = pool_run(1, W, b, params, kernel, jobs)
+    two, busy2 = pool_run(2, W, b, params, kernel, jobs)
+    return {
+        "worker_batches": len(jobs),
+        "load_average_before": load,
+        "one_worker_us_per_image": one / imgs * 1e6,
+        "two_workers_us_per_image": two / imgs * 1e6,
+        "two_worker_speedup": one / two,
+        # ~1.0 when two cores were really free; 2.0 when the two workers shared one core.
+        "two_worker_slowdown_per_batch": busy2 / busy1,
+    }
 
 
 # ---------------------------------------------------------------- the options the issue lists
@@ -155,15 +161,20 @@ def _per_call(fn, n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def options(W: np.ndarray, b: np.ndarray) -> list[dict]:
-    """Per-image cost of each way to compute the class sums, from measured per-term costs."""
+def options(W: np.ndarray, b: np.ndarray, job: tuple[list[bytes], int]) -> list[dict]:
+    """What each way to compute the class sums costs per image.
+
+    Estimates from measured per-term costs for the TenSEAL and sealapi loops; the two
+    BatchModel kernels measured whole on one real batch; seeded against unseeded inputs.
+    """
     import tenseal as ts
     import tenseal.sealapi as seal
 
     from encinfer.he import serial
 
     n_classes, n_all = W.shape
-    n_used = int(np.any(W != 0, axis=0).sum())
+    params = choose_batch_params(W, b)
+    n_used = len(BatchModel(W, b, params, kernel="seal").layout.feature_indices)
     rng = np.random.default_rng(0)
     rows = []
 
@@ -174,20 +185,21 @@ def options(W: np.ndarray, b: np.ndarray) -> list[dict]:
     acc = v * 0.5
     term = _per_call(lambda: acc.add_(v * 0.123), 20)
     zero = _per_call(lambda: v * 0.0, 10)
-    rows.append({"option": "tenseal ckks_vector * float + add, N=8192, all features", "us_per_term": term * 1e6,
-                 "us_per_image": term * n_all * n_classes / 4096 * 1e6, "multiply_by_0_us": zero * 1e6})
-    rows.append({"option": "same, skipping all-zero features", "us_per_term": term * 1e6,
+    rows.append({"option": "tenseal: ckks_vector * float + add (encode + rescale each), N=8192, all features",
+                 "us_per_term": term * 1e6, "us_per_image": term * n_all * n_classes / 4096 * 1e6,
+                 "multiply_by_0_us": zero * 1e6})
+    rows.append({"option": "tenseal, same, skipping all-zero features", "us_per_term": term * 1e6,
                  "us_per_image": term * n_used * n_classes / 4096 * 1e6})
 
-    # sealapi at the batch parameters: plain multiply + add, no rescale.
-    params = choose_batch_params(W, b)
+    # sealapi at the batch parameters: plain multiply by a constant + add, no rescale.
     sctx = params.context()
     enc, ev = seal.CKKSEncoder(sctx), seal.Evaluator(sctx)
     sk = seal.KeyGenerator(sctx).secret_key()
     pt = seal.Plaintext()
     enc.encode(rng.random(params.slots).tolist(), 2.0 ** params.input_scale_bits, pt)
-    data = serial.dump(seal.Encryptor(sctx, sk).encrypt_symmetric(pt))
-    ct = serial.load_ciphertext(data, sctx)
+    seeded = serial.dump(seal.Encryptor(sctx, sk).encrypt_symmetric(pt))
+    ct = serial.load_ciphertext(seeded, sctx)
+    unseeded = serial.dump(ct)
     pid, wscale = sctx.first_parms_id(), 2.0 ** (params.output_scale_bits - params.input_scale_bits)
     w = seal.Plaintext()
     enc.encode(0.123, pid, wscale, w)
@@ -196,19 +208,35 @@ def options(W: np.ndarray, b: np.ndarray) -> list[dict]:
     mul = _per_call(lambda: ev.multiply_plain(ct, w, prod), 500)
     add = _per_call(lambda: ev.add_inplace(total, prod), 500)
     fill = _per_call(lambda: enc.encode(0.123, pid, wscale, w), 2000)
-    load = _per_call(lambda: serial.load_ciphertext(data, sctx), 200)
+    load = _per_call(lambda: serial.load_ciphertext(seeded, sctx), 200)
+    load_unseeded = _per_call(lambda: serial.load_ciphertext(unseeded, sctx), 200)
     for packing, per_ct in (("real slots", params.slots), ("complex packing", 2 * params.slots)):
         rows.append({
-            "option": f"sealapi multiply_plain + add_inplace, pre-encoded weights, N={params.poly_modulus_degree}, "
+            "option": f"sealapi: multiply_plain + add_inplace, pre-encoded weights, N={params.poly_modulus_degree}, "
                       f"used features, {packing}",
             "us_per_term": (mul + add) * 1e6,
             "us_per_image": (n_used * (n_classes * (mul + add) + load)) / per_ct * 1e6,
             "pre_encoded_weight_bytes": n_used * n_classes * params.poly_modulus_degree * 8})
     rows.append({
-        "option": "same, complex packing, weight constant filled per term (what BatchModel does)",
+        "option": "sealapi, complex packing, weight constant filled per term",
         "us_per_term": (mul + add + fill) * 1e6,
         "us_per_image": (n_used * (n_classes * (mul + add + fill) + load)) / (2 * params.slots) * 1e6,
-        "encode_constant_us": fill * 1e6, "deserialize_us_per_feature": load * 1e6})
+        "encode_constant_us": fill * 1e6})
+
+    # The two kernels, whole, on one real batch (deserialization included).
+    parts, n = job
+    for kernel in ("seal", "numpy"):
+        model = BatchModel(W, b, params, kernel=kernel)
+        model.evaluate(parts, n)  # warm
+        elapsed = _per_call(lambda: model.evaluate(parts, n), 2)
+        rows.append({"option": f"BatchModel kernel={kernel}, measured on a batch of {n}",
+                     "us_per_image": elapsed / n * 1e6})
+    rows.append({
+        "option": "inputs unseeded instead of seeded (estimate: load time saved, bytes doubled)",
+        "deserialize_seeded_us": load * 1e6, "deserialize_unseeded_us": load_unseeded * 1e6,
+        "us_per_image_saved": n_used * (load - load_unseeded) / (2 * params.slots) * 1e6,
+        "bytes_up_per_image": n_used * len(unseeded) / (2 * params.slots),
+        "bytes_up_per_image_seeded": n_used * len(seeded) / (2 * params.slots)})
     return rows
 
 
@@ -235,16 +263,19 @@ def main(argv: list[str] | None = None) -> None:
     per_batch = (params or choose_batch_params(W, b)).slots * (1 if args.real else 2)
     if not args.all:
         X, y = X[:args.batches * per_batch], y[:args.batches * per_batch]
-    result = {"model": model_name, "images": source, **measure(W, b, X, y, params, not args.no_workers, args.kernel)}
+    row, jobs = measure(W, b, X, y, params, args.kernel)
+    result = {"model": model_name, "images": source, **row}
+    if not args.no_workers:
+        result.update(worker_runs(W, b, CkksParams.from_json(row["params"]), row["kernel"], jobs))
     if args.options:
-        result["options"] = options(W, b)
+        result["options"] = options(W, b, jobs[0])
     if args.json:
         json.dump(result, sys.stdout, indent=1)
         print()
         return
     for k, v in result.items():
         if k == "options":
-            print("options (per-image estimates from per-term costs):")
+            print("options:")
             for o in v:
                 print("  " + ", ".join(f"{kk}={vv:.4g}" if isinstance(vv, float) else f"{kk}={vv}"
                                        for kk, vv in o.items()))

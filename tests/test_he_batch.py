@@ -145,6 +145,12 @@ def test_layout_round_trips_through_its_dict(mnist):
     assert BatchLayout.from_dict(layout.to_dict()) == layout
 
 
+def test_layout_dict_without_an_input_range_leaves_it_unchecked(mnist):
+    d = mnist[2].layout.to_dict()
+    del d["input_range"]
+    assert BatchLayout.from_dict(d).input_range is None
+
+
 def test_layout_dict_with_a_missing_field_is_invalid_argument(mnist):
     d = mnist[2].layout.to_dict()
     del d["feature_indices"]
@@ -329,6 +335,19 @@ def test_samples_with_nan_are_invalid_argument(digits):
     bad[2, 30] = np.nan
     with pytest.raises(InvalidArgument, match="NaN"):
         encrypt_batch(secret, bad, model.layout)
+
+
+def test_samples_outside_the_input_range_are_invalid_argument(mnist):
+    X, _, model, secret = mnist
+    assert model.layout.input_range == (0.0, 1.0)
+    with pytest.raises(InvalidArgument, match="input range"):
+        encrypt_batch(secret, X[:4] * 255, model.layout)
+
+
+def test_explicit_parameters_that_can_overflow_for_the_input_range_are_invalid_argument(digits):
+    _, clf, _, _ = digits
+    with pytest.raises(InvalidArgument, match="overflow"):
+        BatchModel(clf.coef_, clf.intercept_, CkksParams(4096, (60,), 30, 56), input_range=(0.0, 16.0))
 
 
 def test_more_samples_than_slots_is_invalid_argument(digits):

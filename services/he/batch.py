@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 # choose_batch_params for why N=4096 and one 60-bit prime.
 DEFAULT_POLY_MODULUS_DEGREE = 4096
 MAX_PRIME_BITS = 60
+# What the parameters are sized for when a model states no input range: MNIST pixels.
+DEFAULT_INPUT_RANGE = (0.0, 1.0)
 # Bits more for inputs than for weights when splitting the product scale: balances
 # fresh-noise error against weight rounding (see choose_batch_params).
 _INPUT_EXTRA_BITS = 10
@@ -68,6 +70,9 @@ class BatchLayout:
     n_outputs: int
     feature_indices: tuple[int, ...]
     max_samples: int
+    # The inputs the parameters were sized for (scores cannot overflow the prime for
+    # inputs inside it); encrypt_batch refuses others. None: unknown, not checked.
+    input_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         idx = self.feature_indices
@@ -84,6 +89,8 @@ class BatchLayout:
             raise InvalidArgument("the batch layout uses no evaluation keys; its parameters must ask for none")
         if not 0 < self.params.input_scale_bits < self.params.output_scale_bits:
             raise InvalidArgument("the batch layout needs 0 < input_scale_bits < output_scale_bits")
+        if self.input_range is not None and not self.input_range[0] <= self.input_range[1]:
+            raise InvalidArgument(f"input_range {self.input_range} is empty")
 
     @property
     def weight_scale_bits(self) -> int:
@@ -96,6 +103,7 @@ class BatchLayout:
             "n_outputs": self.n_outputs,
             "feature_indices": list(self.feature_indices),
             "max_samples": self.max_samples,
+            "input_range": list(self.input_range) if self.input_range is not None else None,
         }
 
     @classmethod
@@ -108,6 +116,8 @@ class BatchLayout:
                 n_outputs=int(d["n_outputs"]),
                 feature_indices=tuple(int(i) for i in d["feature_indices"]),
                 max_samples=int(d["max_samples"]),
+                input_range=(tuple(float(v) for v in d["input_range"])
+                             if d.get("input_range") is not None else None),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidArgument(f"not a batch layout description ({e!r})") from None
@@ -180,6 +190,15 @@ def choose_batch_params(weights: np.ndarray, bias: np.ndarray, *,
     )
 
 
+def _check_headroom(W: np.ndarray, b: np.ndarray, params: CkksParams, input_range: tuple[float, float]) -> None:
+    """Refuses parameters whose answers could overflow for inputs in input_range."""
+    bound = score_bound(W, b, input_range) * (math.sqrt(2) if params.complex_packing else 1.0)
+    room = params.coeff_modulus_bits[0] - 1  # the answer ends in the first prime alone
+    if bound * 2.0 ** params.output_scale_bits >= 2.0 ** room:
+        raise InvalidArgument(f"scores up to {bound:.3g} at scale 2^{params.output_scale_bits} overflow the "
+                              f"{params.coeff_modulus_bits[0]}-bit prime the answer is read in")
+
+
 def _max_samples(params: CkksParams) -> int:
     return params.slots * (2 if params.complex_packing else 1)
 
@@ -208,10 +227,13 @@ NUMPY_CHUNK = 16
 class BatchModel:
     """A linear model (scores = X @ weights.T + bias) ready for batch-layout inference.
 
-    Built once per model and process. Weights are rounded once to integers at the weight
+    input_range is the range of every input feature the parameters must hold (default
+    [0, 1] when choosing them; with explicit params, checked if given); the layout
+    carries it so encrypt_batch refuses inputs outside it. Built once per model and
+    process. Weights are rounded once to integers at the weight
     scale (the "pre-encoding"). Two kernels compute the same sums, bit for bit:
     - "numpy": each feature ciphertext's coefficients, split in 16-bit limbs, go into
-      one float64 matrix product per 32 features (exact: every partial sum stays below
+      one float64 matrix product per NUMPY_CHUNK features (exact: every partial sum stays below
       2^53), reduced mod q once per batch. About 2x faster than "seal"; needs the
       zero-copy view of SEAL's buffers (checked once per process, see _CiphertextMemory).
     - "seal": multiply_plain by each weight's constant plaintext (filled in place when
@@ -221,7 +243,7 @@ class BatchModel:
     """
 
     def __init__(self, weights: np.ndarray, bias: np.ndarray, params: CkksParams | None = None, *,
-                 input_range: tuple[float, float] = (0.0, 1.0), kernel: str = "auto") -> None:
+                 input_range: tuple[float, float] | None = None, kernel: str = "auto") -> None:
         if kernel not in (*KERNELS, "auto"):
             raise InvalidArgument(f"unknown kernel {kernel!r}; use one of auto, {', '.join(KERNELS)}")
         W = np.asarray(weights, dtype=np.float64)
@@ -231,7 +253,10 @@ class BatchModel:
         if not (np.isfinite(W).all() and np.isfinite(b).all()):
             raise InvalidArgument("weights and bias must be finite")
         if params is None:
+            input_range = input_range or DEFAULT_INPUT_RANGE
             params = choose_batch_params(W, b, input_range=input_range)
+        elif input_range is not None:
+            _check_headroom(W, b, params, input_range)
         self.params = params
         weight_bits = params.output_scale_bits - params.input_scale_bits
         q = np.rint(W * 2.0 ** weight_bits)
@@ -242,7 +267,9 @@ class BatchModel:
             raise InvalidArgument("every weight rounds to 0 at this scale: nothing to compute")
         self.layout = BatchLayout(params=params, n_features=W.shape[1], n_outputs=W.shape[0],
                                   feature_indices=tuple(int(i) for i in used),
-                                  max_samples=_max_samples(params))
+                                  max_samples=_max_samples(params),
+                                  input_range=(None if input_range is None
+                                               else (float(input_range[0]), float(input_range[1]))))
         self.weights = W
         self.bias = b
         self.context = params.context()
@@ -602,6 +629,13 @@ def _check_samples(X: np.ndarray, layout: BatchLayout) -> np.ndarray:
     _check_n_samples(X.shape[0], layout)
     if not np.isfinite(X).all():
         raise InvalidArgument("samples contain NaN or infinite values")
+    if layout.input_range is not None:
+        lo, hi = layout.input_range
+        if X.min() < lo or X.max() > hi:
+            raise InvalidArgument(
+                f"sample values span [{X.min():.4g}, {X.max():.4g}], outside the model's input range "
+                f"[{lo:g}, {hi:g}] that the encryption parameters are sized for (scale the inputs "
+                "as the model was trained)")
     return X
 
 
