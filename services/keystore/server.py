@@ -167,11 +167,11 @@ class KeyStoreServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.serving = False
-        await set_health(self.health, [SERVICE_NAME], False)
-        for task in self._tasks:
+        for task in self._tasks:  # first, so no probe can flip health back to SERVING
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.serving = False
+        await set_health(self.health, [SERVICE_NAME], False)
         await self.server.stop(self.config.shutdown_grace if grace is None else grace)
         self.store.close()
         log.info("key store stopped", extra={"fields": {"address": self.address}})
@@ -202,7 +202,11 @@ class BackgroundKeyStore:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="keystore-loop", daemon=True)
         self._thread.start()
-        self.server: KeyStoreServer = self._run(self._start())
+        try:
+            self.server: KeyStoreServer = self._run(self._start())
+        except BaseException:
+            self._close_loop()
+            raise
 
     async def _start(self) -> KeyStoreServer:
         store = self._factory(self.config) if self._factory else None
@@ -233,9 +237,12 @@ class BackgroundKeyStore:
         try:
             self._run(self.server.stop(grace), timeout=grace + 30)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
+            self._close_loop()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
 
     def __enter__(self) -> "BackgroundKeyStore":
         return self

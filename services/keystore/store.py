@@ -247,7 +247,7 @@ class KeyStore:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         # Storage calls run here, so a hung backend cannot starve the loop's default executor.
         self._io_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="keystore-io")
-        # One validation at a time: parsing a key costs about twice its size in memory.
+        # One parse at a time: SEAL keeps its memory pool at its peak, so parallel parses would add up.
         self._inspect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keystore-inspect")
         self._locks = _KeyedLocks()
 
