@@ -183,6 +183,17 @@ def test_answer_is_one_ciphertext_at_the_last_prime(mnist_served):
     assert ct.scale == 2.0 ** served.layout.params.output_scale_bits
 
 
+def test_answer_holds_only_the_scores(mnist_served):
+    """Imaginary parts (other linear forms of the weights) and padding rows decrypt to ~0."""
+    clf, served, X_test = mnist_served
+    answer = served.model.evaluate(served.keys, served.encrypt(X_test[0]))
+    slots = np.array(served.secret.encoder.decode_complex(served.secret.decrypt(answer)))
+    grid = slots.reshape(-1, served.layout.row_period)
+    assert np.max(np.abs(grid.imag)) < 1e-3 and np.max(np.abs(grid[:, 10:])) < 1e-3
+    np.testing.assert_allclose(grid[:, :10].real, np.tile(clf.decision_function(X_test[:1]), (len(grid), 1)),
+                               atol=TOLERANCE)
+
+
 def test_mnist_wire_sizes_meet_the_targets(mnist_served):
     _, served, X_test = mnist_served
     up = served.encrypt(X_test[0])
