@@ -172,6 +172,14 @@ def test_parameters_below_128_bit_security_are_refused(tmp_path):
     assert "below 128-bit security" in refusal(tmp_path, weak)
 
 
+@pytest.mark.parametrize("modulus", [3, 8193, 2 ** 40 + 1])
+def test_parameters_seal_cannot_use_are_refused(tmp_path, modulus):
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(4096)
+    parms.set_coeff_modulus([seal.Modulus(modulus)])
+    assert "coefficient modulus" in refusal(tmp_path, build_key_bundle(serial.dump(parms)))
+
+
 def test_secret_key_section_is_refused(tmp_path, bundle, secret):
     parts = sections(bundle)
     parts.insert(1, (b"SECK", 0, b"\x00" * 64))

@@ -342,7 +342,12 @@ def _params_context(parms: seal.EncryptionParameters, n: int, bits: tuple[int, .
     except InvalidArgument as e:
         raise InvalidArgument(f"key bundle: {e}") from None
     standard = CkksParams(n, bits, 0, 0)
-    if [m.value() for m in parms.coeff_modulus()] != _primes(standard):
+    try:
+        primes = _primes(standard)
+    except (RuntimeError, ValueError) as e:  # SEAL finds no NTT-friendly primes of these sizes
+        raise InvalidArgument(f"key bundle's coefficient modulus {list(bits)} bits is not usable at N={n}: {e}; "
+                              f"{_KEYGEN_HINT}") from None
+    if [m.value() for m in parms.coeff_modulus()] != primes:
         raise InvalidArgument("key bundle's coefficient modulus primes are not SEAL's CoeffModulus.Create primes "
                               f"for these bit sizes; {_KEYGEN_HINT}")
     context = standard.context()
