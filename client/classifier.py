@@ -81,13 +81,16 @@ def layout_from_pb(info: pb.ModelInfo, lay: pb.LayoutInfo) -> LatencyLayout | Ba
         input_scale_bits=p.input_scale_bits, output_scale_bits=p.output_scale_bits,
         galois_steps=tuple(p.galois_steps), needs_conjugation_key=p.needs_conjugation_key,
         needs_relin_keys=p.needs_relin_keys, complex_packing=p.complex_packing)
+    # input_range: what the server chose the scales for (older servers: the [0, 1] default).
+    extra = {"input_range": (lay.input_min, lay.input_max)} if lay.input_max > lay.input_min else {}
     if lay.layout == pb.LAYOUT_LATENCY:
         # feature_indices: only when the server lists some (the model drops zero-weight pixels).
-        extra = {"feature_indices": tuple(lay.feature_indices)} if lay.feature_indices else {}
+        if lay.feature_indices:
+            extra["feature_indices"] = tuple(lay.feature_indices)
         return LatencyLayout(params=params, n_features=info.n_features, n_outputs=info.n_outputs,
                              block_size=lay.block_size, output_slots=tuple(lay.output_slots), **extra)
     return BatchLayout(params=params, n_features=info.n_features, n_outputs=info.n_outputs,
-                       feature_indices=tuple(lay.feature_indices), max_samples=lay.max_samples)
+                       feature_indices=tuple(lay.feature_indices), max_samples=lay.max_samples, **extra)
 
 
 class EncryptedClassifier:
@@ -161,7 +164,7 @@ class EncryptedClassifier:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         key_id = meta.get("key_id", "")
         record = self._keystore.stat(key_id) if key_id else None
-        if record is None or (record.expires.seconds and record.expires.seconds - time.time() < EXPIRY_MARGIN_SECONDS):
+        if record is None or record.expires_in() < EXPIRY_MARGIN_SECONDS:
             record = self._keystore.put(secret.public_bundle(), labels={"model": self.model, "layout": layout},
                                         progress=progress)
             key_id = record.key_id

@@ -41,7 +41,9 @@ def model_info_pb(info: dict, worker: str = "") -> pb.ModelInfo:
                 complex_packing=p.get("complex_packing", False)),
             block_size=lay.get("block_size", 0), output_slots=lay.get("output_slots", ()),
             feature_indices=lay.get("feature_indices", ()), max_samples=lay.get("max_samples", 0),
-            manifest_sha256=lay["manifest_sha256"]))
+            manifest_sha256=lay["manifest_sha256"],
+            input_min=(lay.get("input_range") or (0.0, 0.0))[0],
+            input_max=(lay.get("input_range") or (0.0, 0.0))[1]))
     return pb.ModelInfo(
         name=info["name"], version=info["version"], kind=info["kind"], n_features=info["n_features"],
         n_outputs=info["n_outputs"], class_labels=info["class_labels"], layouts=layouts, sha256=info["sha256"],
