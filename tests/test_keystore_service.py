@@ -364,6 +364,14 @@ def test_a_chunk_over_1_mib_is_invalid_argument(ks, stub):
     assert objects(ks, "") == []
 
 
+def test_a_message_over_grpcs_4_mib_limit_is_resource_exhausted(ks, stub):
+    code = rpc_code(lambda: stub.PutKeys(put_requests(pb.PutKeysHeader(), [fake_key(5 * MIB)]),
+                                         metadata=auth_metadata("alice-t")))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # gRPC itself refused the message, so the handler may still be unwinding: wait for it.
+    assert wait_until(lambda: spool_files(ks) == []) and objects(ks, "") == []
+
+
 def test_a_stream_shorter_than_expected_size_is_invalid_argument(ks, stub):
     data = fake_key(MIB)
     header = pb.PutKeysHeader(expected_size=2 * MIB)
