@@ -62,29 +62,38 @@ def make_secret(params: CkksParams):
 # ---------------------------------------------------------------- worker processes
 
 _worker_model: BatchModel | None = None
+_worker_jobs: list = []
 
 
-def _init_worker(weights: np.ndarray, bias: np.ndarray, params: dict, kernel: str) -> None:
-    global _worker_model
+def _init_worker(weights: np.ndarray, bias: np.ndarray, params: dict, kernel: str, jobs: list) -> None:
+    global _worker_model, _worker_jobs
     _worker_model = BatchModel(weights, bias, CkksParams.from_json(params), kernel=kernel)
+    _worker_jobs = jobs
 
 
-def _work(job: tuple[list[bytes], int]) -> tuple[list[bytes], float]:
-    parts, n = job
-    start = time.perf_counter()
+def _work(job: tuple[list[bytes], int] | int) -> tuple[list[bytes], float, float]:
+    parts, n = _worker_jobs[job] if isinstance(job, int) else job
+    start, cpu = time.perf_counter(), time.process_time()
     out = _worker_model.evaluate(parts, n)
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
-def pool_run(workers: int, weights, bias, params: CkksParams, kernel: str, jobs: list) -> tuple[float, float]:
-    """(wall seconds for all jobs, summed in-worker seconds) on a spawn pool of `workers`."""
+def pool_run(workers: int, weights, bias, params: CkksParams, kernel: str, jobs: list,
+             preload: bool) -> tuple[float, float, float]:
+    """(wall seconds for all jobs, summed in-worker wall and CPU seconds) on a spawn pool of `workers`.
+
+    preload: every worker holds the batches before the clock starts (compute only);
+    otherwise each batch's parts travel to its worker inside the timing, as in a server.
+    """
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(weights, bias, params.to_json(), kernel)) as pool:
-        pool.map(_work, jobs[:1] * workers, chunksize=1)  # warm every worker (imports, first call)
+    initargs = (weights, bias, params.to_json(), kernel, jobs if preload else [])
+    with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+        pool.map(_work, jobs[:1] * workers, chunksize=1)  # warm the workers (imports, first call)
+        tasks = list(range(len(jobs))) if preload else jobs
         start = time.perf_counter()
-        results = pool.map(_work, jobs, chunksize=1)
+        results = pool.map(_work, tasks, chunksize=1)
         wall = time.perf_counter() - start
-    return wall, sum(r[1] for r in results)
+    return wall, sum(r[1] for r in results), sum(r[2] for r in results)
 
 
 # ---------------------------------------------------------------- the measurement
@@ -137,18 +146,19 @@ def worker_runs(W, b, params: CkksParams, kernel: str, jobs: list) -> dict:
     """The same batches on 1 and on 2 spawned worker processes; each worker gets >= 2 batches."""
     jobs = (jobs * 4)[:max(4, len(jobs))]
     imgs = sum(j[1] for j in jobs)
-    load = os.getloadavg()[0]
-    one, busy1 = pool_run(1, W, b, params, kernel, jobs)
-    two, busy2 = pool_run(2, W, b, params, kernel, jobs)
-    return {
-        "worker_batches": len(jobs),
-        "load_average_before": load,
-        "one_worker_us_per_image": one / imgs * 1e6,
-        "two_workers_us_per_image": two / imgs * 1e6,
-        "two_worker_speedup": one / two,
-        # ~1.0 when two cores were really free; 2.0 when the two workers shared one core.
-        "two_worker_slowdown_per_batch": busy2 / busy1,
-    }
+    row = {"worker_batches": len(jobs), "load_average_before": os.getloadavg()[0]}
+    for preload, label in ((True, "compute"), (False, "with_transfer")):
+        one, busy1, cpu1 = pool_run(1, W, b, params, kernel, jobs, preload)
+        two, busy2, cpu2 = pool_run(2, W, b, params, kernel, jobs, preload)
+        row.update({
+            f"{label}_one_worker_us_per_image": one / imgs * 1e6,
+            f"{label}_two_workers_us_per_image": two / imgs * 1e6,
+            f"{label}_two_worker_speedup": one / two,
+            # In-worker time per batch, 2 workers over 1: ~1.0 when two cores were really
+            # free, ~2.0 when the two workers shared one core (other load on the machine).
+            f"{label}_two_worker_slowdown_per_batch": busy2 / busy1,
+        })
+    return row
 
 
 # ---------------------------------------------------------------- the options the issue lists
