@@ -307,15 +307,13 @@ class BatchModel:
             return "seal"
         # Exactness: a 16-bit limb times the integer weights, summed, must stay below 2^53.
         exact = float(np.abs(self._wq).sum(axis=1).max()) * 0xFFFF < 2.0 ** 53
-        available = exact and _CiphertextMemory.supported(self.params)
-        if not available:
-            if wanted == "numpy":
-                raise FailedPrecondition("the numpy kernel is not available here "
-                                         f"({'SEAL memory layout not recognized' if exact else 'weights too large'})")
-            log.warning("batch layout falls back to the seal kernel", extra={"fields": {
-                "reason": "SEAL memory layout not recognized" if exact else "weights too large for exact float64 sums"}})
-            return "seal"
-        return "numpy"
+        if exact and _CiphertextMemory.supported(self.params):
+            return "numpy"
+        reason = "SEAL memory layout not recognized" if exact else "weights too large for exact float64 sums"
+        if wanted == "numpy":
+            raise FailedPrecondition(f"the numpy kernel is not available here ({reason})")
+        log.warning("batch layout falls back to the seal kernel", extra={"fields": {"reason": reason}})
+        return "seal"
 
     @property
     def n_terms(self) -> int:
