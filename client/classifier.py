@@ -42,8 +42,11 @@ log = logging.getLogger(__name__)
 
 # Re-upload keys that would expire within this margin.
 EXPIRY_MARGIN_SECONDS = 3600
-# From this many samples on, the batch layout is faster per image than the latency one.
-AUTO_BATCH_FROM = 64
+# From this many samples on, the batch layout wins: a batch costs about the same
+# (0.1 s of server time, 21 MB up for the default MNIST model) however few samples
+# it holds, against 2.6 ms and 96 KB per image in the latency layout; time breaks
+# even near 40 images, bytes near 220.
+AUTO_BATCH_FROM = 200
 
 LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch"}
 

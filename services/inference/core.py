@@ -23,6 +23,9 @@ from encinfer.inference.workers import WorkerPool, check_batch_count, check_posi
 
 log = logging.getLogger(__name__)
 
+# Batch parts handed to a worker per call: a call's round trip costs about one part's work.
+PARTS_PER_CALL = 16
+
 
 @dataclass
 class Answer:
@@ -89,7 +92,7 @@ class _Batch:
         self.total = total
         self.n_samples = n_samples
         self.next_position = 0
-        self.parts: asyncio.Queue = asyncio.Queue(maxsize=8)
+        self.parts: asyncio.Queue = asyncio.Queue(maxsize=2 * PARTS_PER_CALL)
         self.task: asyncio.Task | None = None
         self.worker = -1
         self.started = time.perf_counter()
@@ -175,10 +178,14 @@ class StreamSession:
             await pool.with_key(batch.worker, lambda: core.keys.data(self.key_id), workers.batch_start,
                                 (batch.id, self.model, self.key_id), (batch.n_samples,))
             started = True
-            for _ in range(batch.total):
-                position, ct = await batch.parts.get()
-                # The worker runs calls in order, so parts are pipelined, not awaited one by one.
-                pending.append(asyncio.ensure_future(pool.call(batch.worker, workers.batch_add, batch.id, position, ct)))
+            received = 0
+            while received < batch.total:
+                group = [await batch.parts.get()]
+                while len(group) < PARTS_PER_CALL and not batch.parts.empty():
+                    group.append(batch.parts.get_nowait())
+                received += len(group)
+                # The worker runs calls in order, so groups are pipelined, not awaited one by one.
+                pending.append(asyncio.ensure_future(pool.call(batch.worker, workers.batch_add, batch.id, group)))
                 if len(pending) >= 4:
                     await pending.pop(0)
             for fut in pending:

@@ -43,6 +43,10 @@ def init_worker(model_paths: list[str], key_cache_bytes: int, name: str) -> None
     from encinfer.inference.catalog import load_catalog
 
     logs.configure()
+    # One BLAS thread per worker: the workers already use every core, and nested
+    # BLAS threads on a busy 2-core machine made numpy work up to 100x slower.
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)
     _name = name
     _models = load_catalog(model_paths)
     _keys = ByteLRU(key_cache_bytes, size_of=lambda k: k.nbytes, name=f"worker-{name}")
@@ -84,14 +88,16 @@ def batch_start(batch_id: str, model_name: str, key_id: str, key_bytes: bytes | 
     _batches[batch_id] = (model.batch.start(n_samples), time.perf_counter(), [0.0])
 
 
-def batch_add(batch_id: str, position: int, ciphertext: bytes) -> None:
+def batch_add(batch_id: str, parts: list[tuple[int, bytes]]) -> None:
+    """Adds several parts per call: one executor round trip costs about as much as a part."""
     entry = _batches.get(batch_id)
     if entry is None:
         raise NotFound(f"batch {batch_id!r} is not open (failed or finished before)")
     acc, _, busy = entry
     start = time.perf_counter()
     try:
-        acc.add(position, ciphertext)
+        for position, ciphertext in parts:
+            acc.add(position, ciphertext)
     except Exception:
         _batches.pop(batch_id, None)
         raise
