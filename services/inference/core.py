@@ -175,9 +175,11 @@ class StreamSession:
         try:
             await core._checked_key(self.principal, self.model, self.key_id, "batch")
             batch.worker = pool.pick()
+            # From here on the worker may hold state for this batch, even if we are cancelled
+            # while it starts (abort is queued behind the start and is a no-op for unknown ids).
+            started = True
             await pool.with_key(batch.worker, lambda: core.keys.data(self.key_id), workers.batch_start,
                                 (batch.id, self.model, self.key_id), (batch.n_samples,))
-            started = True
             received = 0
             while received < batch.total:
                 group = [await batch.parts.get()]
