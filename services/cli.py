@@ -9,6 +9,7 @@ def build_parser() -> argparse.ArgumentParser:
     from encinfer import stack
     from encinfer.client import cli as client_cli
     from encinfer.client import demo, predict
+    from encinfer.client import ghzdata
     from encinfer.common import probe
     from encinfer.inference import cli as inference_cli
     from encinfer.keystore import cli as keystore_cli
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.register(sub)
     demo.register(sub)
     predict.register(sub)
+    ghzdata.register(sub)
     probe.register(sub)
     s3init.register(sub)
     stack.register(sub)

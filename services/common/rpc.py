@@ -7,6 +7,7 @@ its traceback and answered INTERNAL without details.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -31,6 +32,11 @@ RPC_SECONDS = Histogram(
     "encinfer_rpc_seconds", "RPC handling time", ["method"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+
+# Calls this process makes to other services (the inference service to the key store).
+CLIENT_RPCS = Counter("encinfer_client_rpcs_total", "Outgoing RPCs to other services, by method and status code",
+                      ["method", "code"])
 
 
 def status_code(exc: EncinferError) -> grpc.StatusCode:
@@ -186,8 +192,31 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[s
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     names = list(service_names)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server,
+                                        pool=MethodAwarePool())
     return servicer
+
+
+class MethodAwarePool:
+    """The default descriptor pool, but a method's full name finds its file too.
+
+    ghz asks reflection for the file containing `encinfer.v1.Inference.Predict`;
+    protobuf's upb pool finds services and messages by name but not methods
+    ("Symbol not found"), so fall back to the method's service.
+    """
+
+    def __init__(self, pool: Any = None) -> None:
+        from google.protobuf import descriptor_pool
+        self._pool = pool or descriptor_pool.Default()
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - the pool's API
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            return self._pool.FindMethodByName(symbol).containing_service.file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
 
 
 async def set_health(servicer: health.aio.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
@@ -209,9 +238,41 @@ def bind(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:
 
 def channel(target: str, tls: TlsFiles | None = None, *, aio: bool = False,
             options: Iterable[tuple[str, Any]] = ()) -> grpc.Channel | grpc.aio.Channel:
-    """A client channel with our message limits; TLS when tls is enabled."""
+    """A client channel with our message limits; TLS when tls is enabled.
+
+    aio channels are service-to-service: their calls are counted in CLIENT_RPCS."""
     opts = [*CHANNEL_OPTIONS, *options]
-    module = grpc.aio if aio else grpc
+    if aio:
+        extra = {"interceptors": [_UnaryMetrics(), _UnaryStreamMetrics()]}
+        if tls is not None and tls.enabled:
+            return grpc.aio.secure_channel(target, tls.channel_credentials(), options=opts, **extra)
+        return grpc.aio.insecure_channel(target, options=opts, **extra)
     if tls is not None and tls.enabled:
-        return module.secure_channel(target, tls.channel_credentials(), options=opts)
-    return module.insecure_channel(target, options=opts)
+        return grpc.secure_channel(target, tls.channel_credentials(), options=opts)
+    return grpc.insecure_channel(target, options=opts)
+
+
+# Two classes: an aio channel files each interceptor under the first kind it is an instance of.
+class _UnaryMetrics(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return _count_when_done(await continuation(details, request), details.method)
+
+
+class _UnaryStreamMetrics(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return _count_when_done(await continuation(details, request), details.method)
+
+
+def _count_when_done(call: Any, method: str | bytes) -> Any:
+    """Counts an outgoing call by method and final status code once it has ended."""
+    name = method.decode() if isinstance(method, bytes) else method
+
+    async def record() -> None:
+        try:
+            code = await call.code()
+        except BaseException:  # noqa: BLE001 - a counter must never break the call
+            code = grpc.StatusCode.UNKNOWN
+        CLIENT_RPCS.labels(name, code.name).inc()
+
+    call.add_done_callback(lambda _: asyncio.ensure_future(record()))
+    return call

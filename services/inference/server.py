@@ -8,6 +8,7 @@ import signal
 from typing import AsyncIterator
 
 import grpc
+from prometheus_client import Counter
 
 from encinfer.common import logs
 from encinfer.common.auth import TokenTable
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch"}
 LAYOUT_ENUM = {v: k for k, v in LAYOUT_NAMES.items()}
+# A stream's RPC status says nothing of its items: each answer carries its own.
+STREAM_ANSWERS = Counter("encinfer_stream_answers_total", "PredictStream answers (items and batches), by status code",
+                         ["code"])
 
 
 def model_info_pb(info: dict, worker: str = "") -> pb.ModelInfo:
@@ -50,7 +54,9 @@ def model_info_pb(info: dict, worker: str = "") -> pb.ModelInfo:
         limits=pb.Limits(max_message_bytes=4 * 1024 * 1024), worker=worker)
 
 
-def answer_pb(a: Answer) -> pb.PredictResponse:
+def answer_pb(a: Answer, counted: bool = False) -> pb.PredictResponse:
+    if counted:
+        STREAM_ANSWERS.labels(a.error.code if a.error is not None else "OK").inc()
     if a.error is not None:
         code = grpc.StatusCode[a.error.code].value[0]
         return pb.PredictResponse(request_id=a.request_id, status=pb.ItemStatus(code=code, message=str(a.error)))
@@ -107,13 +113,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     answer = getter.result()
                     if answer is None:
                         break
-                    yield answer_pb(answer)
+                    yield answer_pb(answer, counted=True)
                     continue
                 getter.cancel()
                 reader.result()  # raises a stream-level error (bad header, ...)
                 # reader ended normally: the None sentinel is queued; keep draining.
                 while (answer := await session.answers.get()) is not None:
-                    yield answer_pb(answer)
+                    yield answer_pb(answer, counted=True)
                 break
         finally:
             if not reader.done():
@@ -148,6 +154,9 @@ class InferenceServer:
         self.port = bind(self.server, config.address, config.tls)
         if config.metrics_port:
             from prometheus_client import start_http_server
+
+            from encinfer.inference.metrics import export_worker_caches
+            export_worker_caches(self.pool)
             start_http_server(config.metrics_port, addr=config.address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1")
         await self.server.start()
         await set_health(self.health, [SERVICE], True)

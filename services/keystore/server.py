@@ -16,6 +16,7 @@ from typing import AsyncIterator
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter
 
 from encinfer.common import logs
 from encinfer.common.auth import TokenTable
@@ -180,10 +181,35 @@ class KeyStoreServer:
         await self._stopped.wait()
 
 
+BACKEND_ERRORS = Counter("encinfer_keystore_backend_errors_total", "Storage backend calls that failed",
+                         ["operation", "code"])
+
+
+class CountedBackend:
+    """A storage backend whose failed calls are counted (by operation and error), then re-raised."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._backend, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:
+                code = getattr(e, "code", None)
+                BACKEND_ERRORS.labels(name, code if isinstance(code, str) else type(e).__name__).inc()
+                raise
+        return call
+
+
 async def start(config: KeyStoreConfig, store: KeyStore | None = None) -> KeyStoreServer:
     """Starts a key store on the running loop; `config.address` may use port 0."""
     if store is None:
-        store = KeyStore(open_backend(config), config)
+        store = KeyStore(CountedBackend(open_backend(config)), config)
     server = KeyStoreServer(config, store)
     await server.start()
     return server
@@ -256,8 +282,10 @@ async def serve(config: KeyStoreConfig) -> int:
     metrics_port = config.metrics_port
     if metrics_port:
         from prometheus_client import start_http_server
-        start_http_server(metrics_port, addr="127.0.0.1")
-        log.info("metrics listening", extra={"fields": {"address": f"127.0.0.1:{metrics_port}"}})
+        # The gRPC listener's host: 0.0.0.0 in a container, so the published port reaches it.
+        host = config.address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+        start_http_server(metrics_port, addr=host)
+        log.info("metrics listening", extra={"fields": {"address": f"{host}:{metrics_port}"}})
     server = await start(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
