@@ -114,7 +114,9 @@ def test_more_samples_than_one_batch_match_the_plaintext_model(stack, clf_factor
 
 
 def test_auto_layout_batches_many_samples_and_streams_few(stack, clf_factory, test_images):
-    X = test_images[0][:70]
+    from encinfer.client.classifier import AUTO_BATCH_FROM
+
+    X = np.resize(test_images[0], (AUTO_BATCH_FROM, test_images[0].shape[1]))
     clf = clf_factory("auto")
     assert_matches_plaintext(stack.model, X, clf.decision_function(X))
     assert len(clf.stats.server_ms) == 1  # one batch answer
