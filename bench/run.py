@@ -67,10 +67,10 @@ def table(rows: list[dict]) -> str:
         cells = []
         for key, _ in cols:
             v = r.get(key, "")
-            if isinstance(v, float):
+            if key.startswith(("bytes", "key")) and isinstance(v, (int, float)):
+                v = f"{v:,.0f}"
+            elif isinstance(v, float):
                 v = f"{v:.4g}" if key not in ("agreement", "accuracy") else f"{v:.4f}"
-            elif isinstance(v, int) and key.startswith(("bytes", "key")):
-                v = f"{v:,}"
             cells.append(str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
