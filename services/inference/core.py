@@ -73,12 +73,16 @@ class InferenceCore:
 
     # ------------------------------------------------------------ latency
     async def predict(self, principal: Principal, model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
+        """One latency-layout input; the time returned is the handler's (key checks, the hop
+        to a worker, deserialization, compute, serialization), not the kernel's alone."""
+        start = time.perf_counter()
         if not ciphertext:
             raise InvalidArgument("ciphertext is empty; send one encrypted input (latency layout)")
         await self._checked_key(principal, model, key_id, "latency")
         index = self.pool.pick()
-        return await self.pool.with_key(index, lambda: self.keys.data(key_id), workers.predict_latency,
-                                        (model, key_id), (ciphertext,))
+        result, _kernel_ms = await self.pool.with_key(index, lambda: self.keys.data(key_id), workers.predict_latency,
+                                                      (model, key_id), (ciphertext,))
+        return result, (time.perf_counter() - start) * 1000
 
     # ------------------------------------------------------------ streams
     def stream(self, principal: Principal) -> "StreamSession":
