@@ -65,5 +65,16 @@ secrets: setup
 bench-keystore: setup minio-bin
 	$(VENV)/bin/python -m bench.keystore
 
+# ghz against the stack (compose topology, no Docker) on loopback: reports in out/load/,
+# a table in BENCHMARKS.md's load section, bench/load.png. scripts/load.py --quick is the smoke run.
+load: setup minio-bin ghz-bin
+	$(PY) scripts/load.py
+
+# Predict at concurrency 4 for SOAK_SECONDS, the inference service's RSS every 30 s.
+SOAK_SECONDS ?= 600
+.PHONY: soak
+soak: setup minio-bin ghz-bin
+	$(PY) scripts/load.py --soak $(SOAK_SECONDS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info var out protos/encinfer/v1/*_pb2*.py*
