@@ -197,7 +197,7 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
         config = out / f"ghz-{name}.json"
         _write_private(config, json.dumps({
             "call": call, "host": inference, "binary-file": str(payload), "metadata-file": str(metadata),
-            **connection, "total": 200 if name == "predict" else 10, "concurrency": 1, "connections": 1,
+            **connection, "total": {"predict": 200, "stream": 10}.get(name, 4), "concurrency": 1, "connections": 1,
             "timeout": "60s", "format": "summary"}, indent=2) + "\n")
         data.scenarios[name] = Scenario(name, call, str(payload), str(config), per_call, images,
                                         payload.stat().st_size)
@@ -238,10 +238,10 @@ def commands(data: GhzData, ghz: str = "ghz") -> dict[str, str]:
                     data.inference]
         elif name == "predict":
             argv = [ghz, *conn, "--call", s.call, "-B", s.payload, *meta, "-c", "2", "--connections", "2",
-                    "-n", "200", "-x", "60s", data.inference]
-        else:
+                    "-n", "200", data.inference]
+        else:  # streams: one call carries every image of the payload
             argv = [ghz, *conn, "--call", s.call, "-B", s.payload, *meta, "-c", "1", "--connections", "1",
-                    "-n", "10", "-x", "60s", data.inference]
+                    "-n", "10" if name == "stream" else "4", data.inference]
         lines[name] = shlex.join(argv)
     return lines
 
