@@ -14,7 +14,6 @@ import sys
 import threading
 from typing import AsyncIterator
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter
 
