@@ -23,11 +23,11 @@ from encinfer.v1 import keystore_pb2, keystore_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-KEY_ID = re.compile(r"^[0-9a-f]{64}$")
+KEY_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def check_key_id(key_id: str) -> None:
-    if not KEY_ID.match(key_id or ""):
+    if not KEY_ID.fullmatch(key_id or ""):  # fullmatch: "$" alone accepts a trailing newline
         raise InvalidArgument("key_id must be the 64 hex characters the key store returned on upload")
 
 
@@ -64,7 +64,7 @@ class KeySource:
         self._metadata = auth_metadata(token)
         self.timeout = timeout
         self.recheck_seconds = recheck_seconds
-        self._records: dict[str, _Entry] = {}
+        self._records: dict[tuple[str, str], _Entry] = {}
         self._bytes: ByteLRU[str, bytes] = ByteLRU(cache_bytes, size_of=len, name="server-bytes")
         self._inflight: dict[str, asyncio.Task] = {}
 
@@ -72,30 +72,43 @@ class KeySource:
         await self._channel.close()
 
     async def record(self, key_id: str, principal: Principal, auth_enabled: bool) -> keystore_pb2.KeyRecord:
-        """The key's record, checked for ownership: a tenant predicts only with its own keys."""
+        """The caller's own record of the key: a tenant predicts only with keys it uploaded.
+
+        Asked per (key, owner): identical bytes (a batch-layout key is the parameters
+        only) may be held by several tenants, each with its own record and expiry."""
         check_key_id(key_id)
-        entry = self._records.get(key_id)
+        owner = principal.owner if auth_enabled and not principal.is_service else ""
+        slot = (key_id, owner)
+        entry = self._records.get(slot)
         now = time.monotonic()
         if entry is None or now - entry.checked > self.recheck_seconds:
             try:
-                rec = await self._call(self._stub.StatKeys(keystore_pb2.StatKeysRequest(key_id=key_id),
-                                                           metadata=self._metadata, timeout=self.timeout), key_id)
+                rec = await self._call(self._stub.StatKeys(
+                    keystore_pb2.StatKeysRequest(key_id=key_id, owner=owner),
+                    metadata=self._metadata, timeout=self.timeout), key_id)
             except Unavailable:
                 if entry is None:
                     raise
                 log.warning("key store unreachable; using the cached key record", extra={"fields": {"key_id": key_id}})
                 rec = entry.record
             except NotFound:
-                self._records.pop(key_id, None)
-                self._bytes.pop(key_id)
+                self._records.pop(slot, None)
+                if owner and await self._exists(key_id):
+                    raise PermissionDenied(f"key {key_id} belongs to another tenant; use a key id you uploaded") from None
                 raise
-            self._records[key_id] = _Entry(rec, now)
-            entry = self._records[key_id]
+            entry = self._records[slot] = _Entry(rec, now)
         if entry.record.expires.seconds and entry.record.expires.seconds < time.time():
             raise NotFound(f"key {key_id} has expired; upload it again")
-        if auth_enabled and not principal.is_service and entry.record.owner != principal.owner:
-            raise PermissionDenied(f"key {key_id} belongs to another tenant; use a key id you uploaded")
         return entry.record
+
+    async def _exists(self, key_id: str) -> bool:
+        try:
+            await self._call(self._stub.StatKeys(keystore_pb2.StatKeysRequest(key_id=key_id),
+                                                 metadata=self._metadata, timeout=self.timeout), key_id)
+            return True
+        except NotFound:
+            self._bytes.pop(key_id)
+            return False
 
     async def data(self, key_id: str) -> bytes:
         """The key bytes; concurrent callers for one key id share one fetch."""

@@ -87,7 +87,7 @@ class KeyStoreServicer(pb_grpc.KeyStoreServicer):
 
     async def StatKeys(self, request, context):
         principal = self.tokens.authenticate(context.invocation_metadata())
-        return record_to_pb(await self.store.stat(principal, request.key_id))
+        return record_to_pb(await self.store.stat(principal, request.key_id, request.owner))
 
     async def DeleteKeys(self, request, context):
         principal = self.tokens.authenticate(context.invocation_metadata())

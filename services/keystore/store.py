@@ -466,9 +466,18 @@ class KeyStore:
                 return record
         return None
 
-    async def stat(self, principal: Principal, key_id: str) -> KeyRecord:
-        """The record of a live key the caller may see; NOT_FOUND otherwise."""
+    async def stat(self, principal: Principal, key_id: str, owner: str = "") -> KeyRecord:
+        """The record of a live key the caller may see; NOT_FOUND otherwise.
+
+        `owner` (service role): that owner's record only -- identical bytes can be held
+        by several tenants, and the inference service checks the caller's own."""
         kid = check_key_id(key_id)
+        if owner and owner != principal.owner:
+            principal.require_service()
+            record = await self._read_record(self._record_name(owner, kid))
+            if record is None or not record.live(self.clock()):
+                raise NotFound(f"key {kid} not found for owner {owner!r}")
+            return record
         record = await self._find(principal, kid)
         if record is None:
             raise NotFound(f"key {kid} not found (unknown, expired, deleted, or not yours)")
