@@ -8,6 +8,7 @@ its traceback and answered INTERNAL without details.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
@@ -126,6 +127,11 @@ def _wrap_unary(behavior: Callable, method: str) -> Callable:
 
 
 def _wrap_stream(behavior: Callable, method: str) -> Callable:
+    if not inspect.isasyncgenfunction(behavior):
+        # A handler that writes with context.write() (grpc's HealthServicer.Watch) is a
+        # coroutine, not an async generator: wrap it like a unary one.
+        return _wrap_unary(behavior, method)
+
     async def wrapper(request: Any, context: grpc.aio.ServicerContext):
         call = _Call(method, context)
         try:

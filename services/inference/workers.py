@@ -43,6 +43,12 @@ def init_worker(model_paths: list[str], key_cache_bytes: int, name: str) -> None
     from encinfer.inference.catalog import load_catalog
 
     logs.configure()
+    if name != "inline":
+        # The server stops its workers itself, after draining: a Ctrl-C or SIGTERM sent to
+        # the whole process group must not kill the work in flight.
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # One BLAS thread per worker: the workers already use every core, and nested
     # BLAS threads on a busy 2-core machine made numpy work up to 100x slower.
     from threadpoolctl import threadpool_limits
