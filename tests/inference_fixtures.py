@@ -130,9 +130,10 @@ def start_stack(model_stem: Path, model: Any, workdir: Path, backend: str = "fs"
         if keystore_target is None:
             stack.start_keystore()
             keystore_target = stack.keystore_target
+        settings: dict[str, Any] = dict(keystore_timeout=3.0, grace_seconds=1.0)
+        settings.update(inference_overrides)
         config = InferenceConfig(address="127.0.0.1:0", models=(str(model_stem),), workers=workers,
-                                 keystore_target=keystore_target, keystore_token=SERVICE,
-                                 keystore_timeout=3.0, grace_seconds=1.0, **inference_overrides)
+                                 keystore_target=keystore_target, keystore_token=SERVICE, **settings)
         stack.inference_config = config
         with token_env(TOKEN_SPEC):
             stack.inference = BackgroundServer(lambda: InferenceServer(config), name="test-inference")

@@ -168,8 +168,13 @@ class StreamSession:
     def _fail(self, request_id: str, error: EncinferError) -> None:
         self._failed.add(request_id)
         batch = self._batches.pop(request_id, None)
-        if batch is not None and batch.task is not None and batch.task is not asyncio.current_task():
-            batch.task.cancel()
+        if batch is not None:
+            # The reader may be blocked putting a part into this batch's full queue: nobody
+            # reads it any more, so empty it (that wakes the reader; later parts are dropped).
+            while not batch.parts.empty():
+                batch.parts.get_nowait()
+            if batch.task is not None and batch.task is not asyncio.current_task():
+                batch.task.cancel()
         self.answers.put_nowait(Answer(request_id, error=error))
 
     async def _run_batch(self, batch: _Batch) -> None:
