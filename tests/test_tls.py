@@ -310,3 +310,26 @@ def test_logs_of_a_run_hold_no_token_and_no_key_material(tls, test_images):
     for name, text in logs.items():
         assert not [t for t in secrets_seen if t in text], f"a bearer token is in the {name} log"
         assert not [f for f in material if f in text], f"key or ciphertext bytes are in the {name} log"
+
+
+# ---------------------------------------------------------------------------- ghz over TLS
+
+def test_ghz_data_commands_run_over_tls(tls):
+    import json
+    import shlex
+    import subprocess
+
+    from encinfer.client import ghzdata
+
+    ghz = ghzdata.ghz_binary()
+    if not ghz.is_file():
+        pytest.skip(f"no ghz binary at {ghz}")
+    data = ghzdata.write_ghz_data(tls.inference.address, tls.keystore.address, ALICE, tls.workdir / "ghz",
+                                  n_predict=2, n_stream=2, tls=tls.client_tls, keystore_tls=tls.keystore_tls,
+                                  with_batch=False)
+    argv = shlex.split(ghzdata.commands(data, str(ghz))["predict"])
+    assert "--cacert" in argv and "--insecure" not in argv
+    result = subprocess.run([argv[0], "-O", "json", *argv[1:]], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["statusCodeDistribution"] == {"OK": report["count"]}
