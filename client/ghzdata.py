@@ -286,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {data.out} (latency key {data.latency_key_id[:16]}..."
           + (f", batch key {data.batch_key_id[:16]}...)" if data.batch_key_id else ")"))
     for name, s in data.scenarios.items():
-        what = f"{s.messages} message(s) per call, {s.images} image(s), {s.bytes} bytes" if s.payload else "no payload"
+        what = (f"{s.messages} message(s) and {s.images} image(s) per call; {Path(s.payload).name}: {s.bytes} bytes"
+                if s.payload else "no payload")
         print(f"\n# {name}: {s.call} ({what})")
         print(commands(data, exe)[name])
         print(f"# or: {shlex.join(s.command(exe))}")

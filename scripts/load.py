@@ -287,19 +287,17 @@ def write_section(path: Path, load_part: str | None, soak_part: str | None) -> N
     """Rewrites only the load section of BENCHMARKS.md; a part not given is kept as it was."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     old = _between(text, BEGIN, END) or ""
-    old_soak = _between(old, SOAK_BEGIN, SOAK_END)
-    old_load = old.split(SOAK_BEGIN)[0].strip("\n")
-    if old_load.startswith("## Load"):
-        old_load = old_load.split("\n", 1)[1].strip("\n") if "\n" in old_load else ""
+    old_soak = _between(old, SOAK_BEGIN, SOAK_END) or ""
+    old_load = old.split(SOAK_BEGIN)[0] if SOAK_BEGIN in old else ""
     load_body = (load_part if load_part is not None else old_load).strip("\n")
-    soak_body = (soak_part if soak_part is not None else (old_soak or "")).strip("\n")
+    soak_body = (soak_part if soak_part is not None else old_soak).strip("\n")
     section = "\n".join([
-        BEGIN, "## Load (ghz)", "", load_body or "_No `make load` results yet._", "",
+        BEGIN, load_body or "_No `make load` results yet._", "",
         SOAK_BEGIN, soak_body or "_No `make soak` results yet._", SOAK_END, END])
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
     else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+        text = text.rstrip("\n") + "\n\n## Load (ghz)\n\n" + section + "\n"
     path.write_text(text, encoding="utf-8")
 
 
