@@ -260,8 +260,9 @@ class EncryptedClassifier:
         stats = self.stats
         chunks = [(str(i), X[s:s + layout.max_samples])
                   for i, s in enumerate(range(0, len(X), layout.max_samples))]
-        # Interleave the parts of up to `window` batches so every server worker has one.
-        window = 4
+        # Interleave the parts of up to `window` batches so every server worker has one,
+        # within the server's open-batch limit (0: not stated).
+        window = min(4, self.info.limits.max_open_batches or 4)
         n_parts = len(layout.feature_indices)
 
         def requests() -> Iterator[pb.PredictStreamRequest]:

@@ -229,6 +229,7 @@ def test_model_info_describes_the_served_model(stack):
     assert list(info.class_labels) == [str(c) for c in model.classes]
     assert info.sha256 == model.sha256
     assert info.limits.max_message_bytes == 4 * 1024 * 1024
+    assert info.limits.max_open_batches == stack.inference_config.max_open_batches
     assert {lay.layout for lay in info.layouts} == {pb.LAYOUT_LATENCY, pb.LAYOUT_BATCH}
 
 

@@ -31,7 +31,7 @@ STREAM_ANSWERS = Counter("encinfer_stream_answers_total", "PredictStream answers
                          ["code"])
 
 
-def model_info_pb(info: dict, worker: str = "") -> pb.ModelInfo:
+def model_info_pb(info: dict, worker: str = "", max_open_batches: int = 0) -> pb.ModelInfo:
     layouts = []
     for name, lay in info["layouts"].items():
         p = lay["params"]
@@ -51,7 +51,7 @@ def model_info_pb(info: dict, worker: str = "") -> pb.ModelInfo:
     return pb.ModelInfo(
         name=info["name"], version=info["version"], kind=info["kind"], n_features=info["n_features"],
         n_outputs=info["n_outputs"], class_labels=info["class_labels"], layouts=layouts, sha256=info["sha256"],
-        limits=pb.Limits(max_message_bytes=4 * 1024 * 1024), worker=worker)
+        limits=pb.Limits(max_message_bytes=4 * 1024 * 1024, max_open_batches=max_open_batches), worker=worker)
 
 
 def answer_pb(a: Answer, counted: bool = False) -> pb.PredictResponse:
@@ -70,11 +70,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         self.tokens.authenticate(context.invocation_metadata())
-        return pb.ListModelsResponse(models=[model_info_pb(m, self.worker_name) for m in self.core.models()])
+        return pb.ListModelsResponse(models=[model_info_pb(m, self.worker_name, self.core.max_open_batches)
+                                                  for m in self.core.models()])
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         self.tokens.authenticate(context.invocation_metadata())
-        return model_info_pb(self.core.model_info(request.model), self.worker_name)
+        return model_info_pb(self.core.model_info(request.model), self.worker_name, self.core.max_open_batches)
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
         principal = self.tokens.authenticate(context.invocation_metadata())
