@@ -100,7 +100,8 @@ def run_ghz(ghz: Path, config: str, report: Path, *, concurrency: int, connectio
     return data
 
 
-def summarize(run_name: str, report: dict, images_per_call: int, stream_errors: int | None = None) -> dict:
+def summarize(run_name: str, report: dict, images_per_call: int, stream_errors: int | None = None,
+              cpu: dict | None = None) -> dict:
     codes = report.get("statusCodeDistribution") or {}
     ok = int(codes.get("OK", 0))
     pct = {p["percentage"]: p["latency"] / 1e6 for p in report.get("latencyDistribution") or []}
@@ -114,6 +115,7 @@ def summarize(run_name: str, report: dict, images_per_call: int, stream_errors: 
         "avg_ms": round(report.get("average", 0) / 1e6, 3), "p50_ms": round(pct.get(50, 0.0), 3),
         "p95_ms": round(pct.get(95, 0.0), 3), "p99_ms": round(pct.get(99, 0.0), 3),
         "seconds": round(report.get("total", 0) / 1e9, 2), "end_reason": report.get("endReason", ""),
+        **(cpu or {}),
     }
 
 
@@ -185,6 +187,52 @@ class MemorySampler(threading.Thread):
         return self.samples
 
 
+# ---------------------------------------------------------------------------- CPU: ours and everyone else's
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_seconds() -> float:
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / TICK  # all but idle and iowait
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(stat[11]) + int(stat[12])) / TICK
+    return total
+
+
+class CpuShare:
+    """Cores used during a run by the stack and ghz, and by everything else on the machine.
+
+    The machine is shared: 'others' says how much of it other work took meanwhile."""
+
+    def __init__(self, roots: list[int]) -> None:
+        import resource
+        self._resource = resource
+        self.roots = roots
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float, float]:
+        pids = sorted({p for root in self.roots for p in process_tree(root)} | {os.getpid()})
+        children = self._resource.getrusage(self._resource.RUSAGE_CHILDREN)  # ghz, once it has exited
+        return (time.monotonic(), _machine_busy_seconds(), _cpu_seconds(pids),
+                children.ru_utime + children.ru_stime)
+
+    def stop(self) -> dict:
+        t1, busy1, ours1, ghz1 = self._read()
+        t0, busy0, ours0, ghz0 = self._start
+        wall = max(t1 - t0, 1e-9)
+        ours = (ours1 - ours0) + (ghz1 - ghz0)
+        return {"ours_cores": round(ours / wall, 2), "others_cores": round(max(busy1 - busy0 - ours, 0.0) / wall, 2)}
+
+
 # ---------------------------------------------------------------------------- metrics
 
 def scrape(address: str) -> dict[str, float]:
@@ -231,16 +279,20 @@ def load_table(summary: dict) -> str:
         f"{m['cpus']} cores shared with ghz and other work (1-minute load average {m['load_avg_1m_at_start']} "
         f"at the start), inference with {summary['workers']} worker processes, the full compose topology "
         "(MinIO, key store, inference) on loopback. Each run: at most `count` calls and at most the stated "
-        "seconds. Latencies are per call as ghz sees them; a stream call carries every image of its payload.",
+        "seconds. Latencies are per call as ghz sees them; a stream call carries every image of its payload. "
+        "'cores: ours' = CPU used by the stack and ghz during the run, 'cores: others' = by everything else "
+        "on the machine meanwhile (it is shared: read rows with 'others' well above 0 with care).",
         "",
-        "| run | call | c | conns | calls | errors | item errors | calls/s | images/s | p50 ms | p95 ms | p99 ms |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| run | call | c | conns | calls | errors | item errors | calls/s | images/s | p50 ms | p95 ms | p99 ms "
+        "| cores: ours | cores: others |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in summary["rows"]:
         item = "-" if r["item_errors"] is None else r["item_errors"]
         lines.append(f"| {r['run']} | {r['call'].rsplit('.', 1)[-1]} | {r['concurrency']} | {r['connections']} | "
                      f"{r['count']} | {r['errors']} | {item} | {r['rps']:.1f} | {r['images_per_s']:.0f} | "
-                     f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} |")
+                     f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r.get('ours_cores', '-')} | {r.get('others_cores', '-')} |")
     verdict = lambda ok: "met" if ok else "missed"  # noqa: E731
     lines += ["", "Targets (measured, not asserted):", ""]
     lines.append(f"- errors at every concurrency (RPC status and per-item stream status): {t['errors_total']} "
@@ -264,7 +316,8 @@ def soak_table(soak: dict) -> str:
         "",
         f"Predict at concurrency {r['concurrency']} ({r['connections']} connections) for {r['seconds']:.0f} s: "
         f"{r['count']} calls, {r['errors']} errors, {r['rps']:.1f} calls/s, p50 {r['p50_ms']:.2f} ms, "
-        f"p95 {r['p95_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms.",
+        f"p95 {r['p95_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms; CPU: {r.get('ours_cores', '-')} cores for the "
+        f"stack and ghz, {r.get('others_cores', '-')} for other work on the machine.",
         "",
         f"Inference service memory (server + {first['processes'] - 1} child processes, from /proc): RSS "
         f"{first['rss_mb']:.1f} MB at the start, {last['rss_mb']:.1f} MB at the end ({growth:+.1f} MB, "
@@ -367,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         data = write_ghz_data(inference, stack.address("keystore", 50051), stack.token("demo"), out / "data",
                               with_batch=not args.soak)
         server_pid = stack.pid("inference")
+        roots = [pid for pid in stack.pids.values() if Path(f"/proc/{pid}").exists()]
         # Warm-up: every worker fetches and deserializes each key once, outside the measurements.
         for name in [s for s in ("predict", "stream", "batch") if s in data.scenarios]:
             run_ghz(ghz, data.scenarios[name].config, out / "warmup.json", concurrency=2, connections=2,
@@ -377,11 +431,13 @@ def main(argv: list[str] | None = None) -> int:
             sampler = MemorySampler(server_pid, args.rss_interval)
             sampler.start()
             print(f"soak: Predict c=4 for {args.soak:g} s", flush=True)
+            cpu = CpuShare(roots)
             report = run_ghz(ghz, data.scenarios["predict"].config, out / "soak-predict-c4.json", concurrency=4,
                              connections=4, duration=args.soak)
+            share = cpu.stop()
             samples = sampler.stop()
             stack.check_alive()
-            soak = {"machine": info, "seconds": args.soak, "row": summarize("soak-c4", report, 1),
+            soak = {"machine": info, "seconds": args.soak, "row": summarize("soak-c4", report, 1, None, share),
                     "memory": samples}
             (out / "soak.json").write_text(json.dumps(soak, indent=1) + "\n")
             print(soak_table(soak))
@@ -394,14 +450,17 @@ def main(argv: list[str] | None = None) -> int:
         for run in plan(args.quick):
             scenario = data.scenarios[run.scenario]
             before = scrape(metrics)
+            cpu = CpuShare(roots)
             report = run_ghz(ghz, scenario.config, out / f"{run.name}.json", concurrency=run.concurrency,
                              connections=run.connections, total=run.total, seconds=run.seconds)
+            share = cpu.stop()
             item_errors = stream_answer_errors(before, scrape(metrics)) if run.scenario in ("stream", "batch") \
                 else None
-            row = summarize(run.name, report, scenario.images, item_errors)
+            row = summarize(run.name, report, scenario.images, item_errors, share)
             rows.append(row)
             print(f"{row['run']:<11} {row['count']:>6} calls {row['errors']} errors  {row['rps']:8.1f}/s  "
-                  f"p50 {row['p50_ms']:7.2f}  p95 {row['p95_ms']:7.2f}  p99 {row['p99_ms']:7.2f} ms", flush=True)
+                  f"p50 {row['p50_ms']:7.2f}  p95 {row['p95_ms']:7.2f}  p99 {row['p99_ms']:7.2f} ms  "
+                  f"cores ours {share['ours_cores']} others {share['others_cores']}", flush=True)
         stack.check_alive()
         summary = {"machine": info, "quick": args.quick, "workers": workers, "rows": rows, "targets": targets(rows),
                    "memory": {"start": mem_start, "end": memory(server_pid)}}
