@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 import stat
 import subprocess
@@ -188,7 +189,6 @@ def test_service_memory_covers_the_whole_process_tree():
     load = load_script()
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        import os
         assert child.pid in load.process_tree(os.getpid())
         assert load.memory(os.getpid())["processes"] >= 2
     finally:

@@ -280,5 +280,11 @@ def _count_when_done(call: Any, method: str | bytes) -> Any:
             code = grpc.StatusCode.UNKNOWN
         CLIENT_RPCS.labels(name, code.name).inc()
 
-    call.add_done_callback(lambda _: asyncio.ensure_future(record()))
+    def done(_: Any) -> None:
+        try:
+            asyncio.ensure_future(record())
+        except RuntimeError:  # the loop is going away: nobody will scrape this count
+            pass
+
+    call.add_done_callback(done)
     return call
