@@ -209,12 +209,13 @@ class EncryptedClassifier:
         sent: dict[str, float] = {}
         stats = self.stats
         slots = threading.Semaphore(window)
+        stopped = threading.Event()
 
         def requests() -> Iterator[pb.PredictStreamRequest]:
             yield pb.PredictStreamRequest(header=pb.StreamHeader(model=self.model, key_id=key_id,
                                                                  layout=pb.LAYOUT_LATENCY))
             for i, x in enumerate(samples):
-                if not slots.acquire(timeout=self.timeout):
+                if not slots.acquire(timeout=self.timeout) or stopped.is_set():
                     return
                 t = time.perf_counter()
                 ct = encrypt_latency(secret, np.asarray(x, dtype=np.float64), layout)
@@ -223,18 +224,26 @@ class EncryptedClassifier:
                 sent[str(i)] = time.perf_counter()
                 yield pb.PredictStreamRequest(item=pb.PredictRequest(request_id=str(i), ciphertext=ct))
 
-        for answer in self._stub.PredictStream(requests(), metadata=self._metadata, timeout=self.timeout):
+        call = self._stub.PredictStream(requests(), metadata=self._metadata, timeout=self.timeout)
+        try:
+            for answer in call:
+                slots.release()
+                if answer.status.code:
+                    raise PredictionError(answer.request_id, grpc.StatusCode(_code(answer.status.code)),
+                                          answer.status.message)
+                stats.latencies_ms.append((time.perf_counter() - sent[answer.request_id]) * 1000)
+                stats.server_ms.append(answer.server_ms)
+                stats.bytes_down += sum(len(c) for c in answer.ciphertexts)
+                t = time.perf_counter()
+                scores = decrypt_latency(secret, answer.ciphertexts[0], layout)
+                stats.decrypt_s += time.perf_counter() - t
+                yield int(answer.request_id), scores
+        finally:
+            # On an error, or a caller that stops reading: end the call (the server frees its
+            # work) and wake the request thread waiting for a slot, which then returns.
+            stopped.set()
+            call.cancel()
             slots.release()
-            if answer.status.code:
-                raise PredictionError(answer.request_id, grpc.StatusCode(_code(answer.status.code)),
-                                      answer.status.message)
-            stats.latencies_ms.append((time.perf_counter() - sent[answer.request_id]) * 1000)
-            stats.server_ms.append(answer.server_ms)
-            stats.bytes_down += sum(len(c) for c in answer.ciphertexts)
-            t = time.perf_counter()
-            scores = decrypt_latency(secret, answer.ciphertexts[0], layout)
-            stats.decrypt_s += time.perf_counter() - t
-            yield int(answer.request_id), scores
 
     def _latency(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
         out = np.zeros((len(X), self.info.n_outputs))
@@ -283,7 +292,8 @@ class EncryptedClassifier:
                         stats.bytes_up += len(ct)
                         yield pb.PredictStreamRequest(batch_part=pb.BatchPart(
                             request_id=rid, position=position, n_samples=n, ciphertext=ct))
-                done_groups.get()  # wait until this group is answered: bounded memory both ways
+                if done_groups.get() is None:  # wait until this group is answered: bounded memory
+                    return
 
         done_groups: queue.Queue = queue.Queue()
         results: dict[str, np.ndarray] = {}
@@ -291,23 +301,27 @@ class EncryptedClassifier:
         group_of = {rid: i // window for i, (rid, _) in enumerate(chunks)}
         pending = {g: sum(1 for r in group_of if group_of[r] == g) for g in set(group_of.values())}
         call = self._stub.PredictStream(requests(), metadata=self._metadata, timeout=self.timeout)
-        for answer in call:
-            if answer.status.code:
-                call.cancel()
-                raise PredictionError(answer.request_id, grpc.StatusCode(_code(answer.status.code)),
-                                      answer.status.message)
-            stats.server_ms.append(answer.server_ms)
-            stats.bytes_down += sum(len(c) for c in answer.ciphertexts)
-            t = time.perf_counter()
-            results[answer.request_id] = decrypt_batch(secret, list(answer.ciphertexts),
-                                                       sizes[answer.request_id], layout)
-            stats.decrypt_s += time.perf_counter() - t
-            if progress:
-                progress(sizes[answer.request_id])
-            g = group_of[answer.request_id]
-            pending[g] -= 1
-            if pending[g] == 0:
-                done_groups.put(g)
+        try:
+            for answer in call:
+                if answer.status.code:
+                    raise PredictionError(answer.request_id, grpc.StatusCode(_code(answer.status.code)),
+                                          answer.status.message)
+                stats.server_ms.append(answer.server_ms)
+                stats.bytes_down += sum(len(c) for c in answer.ciphertexts)
+                t = time.perf_counter()
+                results[answer.request_id] = decrypt_batch(secret, list(answer.ciphertexts),
+                                                           sizes[answer.request_id], layout)
+                stats.decrypt_s += time.perf_counter() - t
+                if progress:
+                    progress(sizes[answer.request_id])
+                g = group_of[answer.request_id]
+                pending[g] -= 1
+                if pending[g] == 0:
+                    done_groups.put(g)
+        finally:
+            # On any error: end the call, and release the request thread if it waits for a group.
+            call.cancel()
+            done_groups.put(None)
         return np.concatenate([results[rid] for rid, _ in chunks]) if chunks else np.zeros((0, self.info.n_outputs))
 
 

@@ -2,12 +2,14 @@
 GetModelInfo, errors it surfaces, channels it closes, arguments it refuses."""
 from __future__ import annotations
 
+import threading
+
 import grpc
 import numpy as np
 import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
-from inference_fixtures import ALICE, assert_matches_plaintext, start_stack
+from inference_fixtures import ALICE, assert_matches_plaintext, start_stack, wait_for
 from encinfer.client.classifier import EncryptedClassifier, PredictionError
 from encinfer.client.keystore import KeyStoreClient
 
@@ -65,3 +67,50 @@ def test_samples_with_the_wrong_number_of_features_are_refused_before_encrypting
         with pytest.raises(ValueError, match="784 features"):
             clf.predict(np.zeros((2, 28)))
     assert not (tmp_path / "k").exists()  # no keys were made for a call that could not be sent
+
+
+# ---------------------------------------------------------------- no threads left behind
+
+def deleted_key_classifier(stack, key_dir, layout: str):
+    """A classifier whose key the key store no longer has: every item of its next call fails."""
+    clf = stack.classifier(key_dir, layout=layout)
+    _, key_id = clf.keys(layout)
+    with KeyStoreClient(stack.keystore_target, token=ALICE) as ks:
+        ks.delete(key_id)
+    return clf
+
+
+def threads_settle_to(baseline: int) -> bool:
+    return wait_for(lambda: threading.active_count() <= baseline, timeout=10)
+
+
+def test_failed_batch_call_leaves_no_request_thread_behind(strict_stack, tmp_path, test_images):
+    clf = deleted_key_classifier(strict_stack, tmp_path / "k", "batch")
+    try:
+        baseline = threading.active_count()
+        with pytest.raises(PredictionError):
+            clf.decision_function(test_images[0][:5])
+        assert threads_settle_to(baseline), threading.enumerate()
+    finally:
+        clf.close()
+
+
+def test_failed_stream_call_leaves_no_request_thread_behind(strict_stack, tmp_path, test_images):
+    clf = deleted_key_classifier(strict_stack, tmp_path / "k", "latency")
+    try:
+        baseline = threading.active_count()
+        with pytest.raises(PredictionError):
+            list(clf.predict_stream(iter(test_images[0][:20]), window=2))
+        assert threads_settle_to(baseline), threading.enumerate()
+    finally:
+        clf.close()
+
+
+def test_abandoned_prediction_stream_is_cancelled(fs_stack, tmp_path, test_images):
+    with fs_stack.classifier(tmp_path / "k", layout="latency") as clf:
+        clf.keys("latency")
+        baseline = threading.active_count()
+        answers = clf.predict_stream(iter(test_images[0][:20]), window=2)
+        next(answers)
+        answers.close()  # the caller stops reading
+        assert threads_settle_to(baseline), threading.enumerate()

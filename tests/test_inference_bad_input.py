@@ -5,6 +5,7 @@ every call has a deadline, so a hang fails the test instead of stalling the suit
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -576,3 +577,16 @@ def test_client_deadline_is_honoured_while_the_key_store_hangs(hung_keystore_sta
 def test_hung_key_store_is_unavailable_after_the_services_own_timeout(hung_keystore_stack):
     err = hung_predict(hung_keystore_stack, timeout=CALL_TIMEOUT)
     assert_status(err, Code.UNAVAILABLE, "key store is unreachable")
+
+
+def test_cancelled_stream_leaves_no_task_behind_on_the_server(alice, images, stack, still_serving):
+    async def tasks() -> list[str]:
+        return sorted(t.get_coro().__qualname__ for t in asyncio.all_tasks() if t is not asyncio.current_task())
+    baseline = stack.on_server_loop(tasks())
+    gate = threading.Event()
+    call = alice.stub.PredictStream(held_open([alice.header(), item("0", alice.encrypt(images[0]), key_id="cd" * 32)],
+                                              gate), metadata=auth(ALICE), timeout=CALL_TIMEOUT)
+    assert next(call).status.code == Code.NOT_FOUND.value[0]
+    call.cancel()
+    gate.set()
+    assert wait_for(lambda: stack.on_server_loop(tasks()) == baseline), stack.on_server_loop(tasks())

@@ -106,6 +106,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await session.finish()
 
         reader = asyncio.create_task(read())
+        getter: asyncio.Future | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(session.answers.get())
@@ -125,6 +126,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             if not reader.done():
                 reader.cancel()
+            if getter is not None and not getter.done():
+                getter.cancel()  # a cancelled call leaves it waiting on the queue forever otherwise
             await session.cancel()
 
 
