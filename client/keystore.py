@@ -30,6 +30,7 @@ import grpc
 from encinfer.common import errors
 from encinfer.common.auth import auth_metadata
 from encinfer.common.rpc import TlsFiles, channel
+from encinfer.he.keyinfo import KeyInfo
 from encinfer.v1 import keystore_pb2 as pb
 from encinfer.v1 import keystore_pb2_grpc as pb_grpc
 
@@ -39,25 +40,11 @@ Progress = Callable[[int], object]  # called with the number of bytes just sent 
 
 
 @dataclass(frozen=True)
-class KeyParameters:
-    """What the key store learned when it parsed the upload (checked against a model's needs)."""
-
-    scheme: str
-    poly_modulus_degree: int
-    coeff_modulus_bits: tuple[int, ...]
-    has_public_key: bool
-    has_relin_keys: bool
-    galois_steps: tuple[int, ...]
-    has_conjugation_key: bool
-    format: str
-
-
-@dataclass(frozen=True)
 class KeyRecord:
     key_id: str
     size_bytes: int
     sha256: str
-    parameters: KeyParameters
+    parameters: KeyInfo
     owner: str
     created: datetime
     expires: datetime
@@ -70,7 +57,7 @@ class KeyRecord:
             key_id=r.key_id, size_bytes=r.size_bytes, sha256=r.sha256, owner=r.owner,
             created=r.created.ToDatetime(tzinfo=timezone.utc), expires=r.expires.ToDatetime(tzinfo=timezone.utc),
             labels=dict(r.labels),
-            parameters=KeyParameters(
+            parameters=KeyInfo(
                 scheme=p.scheme, poly_modulus_degree=p.poly_modulus_degree,
                 coeff_modulus_bits=tuple(p.coeff_modulus_bits), has_public_key=p.has_public_key,
                 has_relin_keys=p.has_relin_keys, galois_steps=tuple(p.galois_steps),

@@ -30,9 +30,8 @@ import tenseal.sealapi as seal
 
 from encinfer.common.errors import FailedPrecondition, InvalidArgument
 from encinfer.he import serial
+from encinfer.he.keyinfo import FORMAT, KeyInfo
 from encinfer.he.params import CkksParams, check_security
-
-FORMAT = "encinfer-keys-v1"
 MAGIC = FORMAT.encode()  # exactly 16 bytes
 _HEADER = struct.Struct("<4sIQ")
 PARM, PUBK, RELK, GALK, END = b"PARM", b"PUBK", b"RELK", b"GALK", b"END_"
@@ -48,17 +47,6 @@ _KEYGEN_HINT = "create keys with encinfer's keygen (SecretKeys.public_bundle())"
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class KeyInfo:
-    """What inspecting a bundle tells: recorded by the key store in KeyParameters."""
-
-    poly_modulus_degree: int
-    coeff_modulus_bits: tuple[int, ...]
-    has_public_key: bool
-    has_relin_keys: bool
-    galois_steps: tuple[int, ...]
-    has_conjugation_key: bool
-    format: str = FORMAT
 
 
 @dataclass(eq=False)

@@ -50,6 +50,7 @@ from prometheus_client import Counter, Gauge
 
 from encinfer.common.auth import Principal
 from encinfer.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from encinfer.he.keyinfo import KeyInfo
 from encinfer.keystore.config import KeyStoreConfig
 from encinfer.keystore.storage import READ_SIZE, ObjectStore
 
@@ -71,39 +72,11 @@ BACKEND_UP = Gauge("encinfer_keystore_backend_up", "1 while the storage backend 
 
 
 @dataclass(frozen=True)
-class KeyParameters:
-    """What parsing the upload told: enough to check a key against a model without fetching it."""
-
-    scheme: str
-    poly_modulus_degree: int
-    coeff_modulus_bits: tuple[int, ...]
-    has_public_key: bool
-    has_relin_keys: bool
-    galois_steps: tuple[int, ...]
-    has_conjugation_key: bool
-    format: str
-
-    @classmethod
-    def from_info(cls, info) -> "KeyParameters":
-        """From encinfer.he.keys.KeyInfo."""
-        return cls(scheme="ckks", poly_modulus_degree=int(info.poly_modulus_degree),
-                   coeff_modulus_bits=tuple(int(b) for b in info.coeff_modulus_bits),
-                   has_public_key=bool(info.has_public_key), has_relin_keys=bool(info.has_relin_keys),
-                   galois_steps=tuple(sorted(int(s) for s in info.galois_steps)),
-                   has_conjugation_key=bool(info.has_conjugation_key), format=str(info.format))
-
-    @classmethod
-    def from_json(cls, d: dict) -> "KeyParameters":
-        return cls(**{**d, "coeff_modulus_bits": tuple(d["coeff_modulus_bits"]),
-                      "galois_steps": tuple(d["galois_steps"])})
-
-
-@dataclass(frozen=True)
 class KeyRecord:
     key_id: str
     size_bytes: int
     sha256: str
-    parameters: KeyParameters
+    parameters: KeyInfo  # what parsing the upload told (encinfer.he.keys)
     owner: str
     created: float  # epoch seconds
     expires: float
@@ -119,7 +92,7 @@ class KeyRecord:
     def from_bytes(cls, data: bytes) -> "KeyRecord":
         d = json.loads(data)
         d.pop("version", None)
-        d["parameters"] = KeyParameters.from_json(d["parameters"])
+        d["parameters"] = KeyInfo.from_json(d["parameters"])
         return cls(**d)
 
 
@@ -292,13 +265,13 @@ class KeyStore:
             log.error("unreadable key record", extra={"fields": {"object": name, "error": str(e)}})
             raise DataLoss(f"the record of key {name.rsplit('/', 1)[-1]} is corrupted in storage") from None
 
-    async def _inspect(self, path: Path) -> KeyParameters:
+    async def _inspect(self, path: Path) -> KeyInfo:
         inspect = self._inspect_fn
         if inspect is None:
             from encinfer.he import keys as he_keys
             inspect = he_keys.inspect_key_bundle
         info = await asyncio.get_running_loop().run_in_executor(self._inspect_pool, inspect, path)
-        return KeyParameters.from_info(info)
+        return info
 
     async def warm_up(self) -> None:
         """Imports the key parser ahead of the first upload (TenSEAL takes a moment to load)."""
