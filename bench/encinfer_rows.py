@@ -13,7 +13,9 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -32,13 +34,20 @@ def _agreement(artifact, scores: np.ndarray, X: np.ndarray, y: np.ndarray) -> tu
     return agree, acc, float(np.max(np.abs(scores - plain)))
 
 
-def bench_latency(stem: str, X: np.ndarray, y: np.ndarray, workers: int = 2) -> dict:
-    artifact = load_model(stem)
+@contextmanager
+def _session(stem: str, workers: int, layout: str) -> Iterator[EncryptedClassifier]:
+    """Both services on loopback and a client for them, torn down afterwards."""
     with tempfile.TemporaryDirectory(prefix="encinfer-bench-") as tmp, \
             LocalStack([stem], Path(tmp), workers) as stack, \
             EncryptedClassifier(inference=stack.inference.target, keystore=stack.keystore.target,
-                                model=artifact.name, token=stack.tenant_token, layout="latency",
+                                model=load_model(stem).name, token=stack.tenant_token, layout=layout,
                                 key_dir=Path(tmp) / "keys") as clf:
+        yield clf
+
+
+def bench_latency(stem: str, X: np.ndarray, y: np.ndarray, workers: int = 2) -> dict:
+    artifact = load_model(stem)
+    with _session(stem, workers, "latency") as clf:
         t = time.perf_counter()
         secret, key_id = clf.keys("latency")
         keygen_upload_ms = (time.perf_counter() - t) * 1000
@@ -87,11 +96,7 @@ def bench_latency(stem: str, X: np.ndarray, y: np.ndarray, workers: int = 2) -> 
 
 def bench_batch(stem: str, X: np.ndarray, y: np.ndarray, workers: int = 2) -> dict:
     artifact = load_model(stem)
-    with tempfile.TemporaryDirectory(prefix="encinfer-bench-") as tmp, \
-            LocalStack([stem], Path(tmp), workers) as stack, \
-            EncryptedClassifier(inference=stack.inference.target, keystore=stack.keystore.target,
-                                model=artifact.name, token=stack.tenant_token, layout="batch",
-                                key_dir=Path(tmp) / "keys") as clf:
+    with _session(stem, workers, "batch") as clf:
         secret, key_id = clf.keys("batch")
         key_bytes = clf._keystore.stat(key_id).size_bytes
         layout = clf.layout_info("batch")
