@@ -590,3 +590,55 @@ def test_cancelled_stream_leaves_no_task_behind_on_the_server(alice, images, sta
     call.cancel()
     gate.set()
     assert wait_for(lambda: stack.on_server_loop(tasks()) == baseline), stack.on_server_loop(tasks())
+
+
+# ---------------------------------------------------------------- storage and worker failures
+
+def test_key_corrupted_in_storage_is_data_loss(alice, images, stack, still_serving):
+    secret = SecretKeys.generate(alice.layout.params)
+    key_id = upload(alice, secret)  # never used: the inference service must fetch it
+    stored = stack.keystore.store.backend.objects / "keys" / key_id  # the bytes (records live elsewhere)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    err = rpc_error(lambda: alice.predict(encrypt_latency(secret, images[0], alice.layout), key_id=key_id))
+    assert_status(err, Code.DATA_LOSS, "corrupted; upload it again")
+
+
+def test_killed_worker_process_is_replaced(alice, images, stack, still_serving):
+    import signal
+    pool = stack.inference.server.pool
+    victim = next(iter(pool._executors[0]._processes))  # the worker that serves idle-time requests first
+    os.kill(victim, signal.SIGKILL)
+    codes = []
+    for x in images[:4]:
+        try:
+            reply = alice.predict(alice.encrypt(x))
+            codes.append(Code.OK)
+            assert decrypt_latency(alice.secret, reply.ciphertexts[0], alice.layout).shape == (10,)
+        except grpc.RpcError as e:
+            assert_status(e, Code.UNAVAILABLE, "worker stopped")
+            codes.append(e.code())
+    assert codes.count(Code.UNAVAILABLE) <= 1 and codes[-1] == Code.OK
+    assert victim not in pool._executors[0]._processes
+
+
+def test_worker_killed_during_a_batch_fails_that_batch_with_unavailable(alice, batch_parts, stack, still_serving):
+    import signal
+    messages = [alice.header(pb.LAYOUT_BATCH), *batch_messages(alice, batch_parts)]
+    gate = threading.Event()
+
+    def requests():
+        yield from messages[:7]
+        gate.wait(CALL_TIMEOUT)  # the batch is open in a worker: kill that worker, then send the rest
+        yield from messages[7:]
+    call = alice.stub.PredictStream(requests(), metadata=auth(ALICE), timeout=CALL_TIMEOUT)
+    try:
+        assert wait_for(lambda: sum(stack.open_batches()) == 1)
+        worker = stack.open_batches().index(1)
+        os.kill(next(iter(stack.inference.server.pool._executors[worker]._processes)), signal.SIGKILL)
+    finally:
+        gate.set()
+    [answer] = list(call)
+    assert item_code(answer) == Code.UNAVAILABLE
+    assert "worker stopped" in answer.status.message

@@ -98,6 +98,13 @@ def test_stream_answers_every_sample_once(stack, clf_factory, test_images):
     assert_matches_plaintext(stack.model, X, np.array([answers[i] for i in range(len(X))]))
 
 
+def test_stream_with_more_items_than_the_server_runs_at_once_answers_them_all(stack, clf_factory, test_images):
+    X = test_images[0][:3 * stack.inference_config.max_inflight_per_stream]
+    clf = clf_factory("latency")
+    answers = dict(clf.predict_stream(iter(X), window=len(X)))  # every item sent without waiting
+    assert_matches_plaintext(stack.model, X, np.array([answers[i] for i in range(len(X))]))
+
+
 def test_partial_batch_scores_match_the_plaintext_model(stack, clf_factory, test_images):
     X = test_images[0][:25]
     clf = clf_factory("batch")
