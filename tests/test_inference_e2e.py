@@ -307,3 +307,34 @@ def test_reflection_lists_the_inference_and_health_services(stack):
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=CALL_TIMEOUT)
     names = {s.name for r in replies for s in r.list_services_response.service}
     assert {INFERENCE_SERVICE, "grpc.health.v1.Health"} <= names
+
+
+# ---------------------------------------------------------------- key fetching
+
+def keystore_bytes_sent() -> float:
+    from prometheus_client import REGISTRY
+    return REGISTRY.get_sample_value("encinfer_keystore_bytes_total", {"direction": "out"}) or 0.0
+
+
+def test_concurrent_first_requests_for_a_key_share_one_fetch(stack, clf_factory, test_images):
+    from concurrent.futures import ThreadPoolExecutor
+    clf = clf_factory("latency")
+    secret, key_id = clf.keys("latency")  # uploaded, not yet used: the service has no copy
+    with KeyStoreClient(stack.keystore_target, token=ALICE) as ks:
+        size = ks.stat(key_id).size_bytes
+    X = test_images[0][:6]
+    before = keystore_bytes_sent()
+    with ThreadPoolExecutor(len(X)) as pool:
+        scores = np.array(list(pool.map(clf.predict_one, X)))
+    assert_matches_plaintext(stack.model, X, scores)
+    assert keystore_bytes_sent() - before == size  # one GetKeys for six requests on two workers
+
+
+def test_unary_predict_echoes_the_request_id(stack, clf_factory, test_images):
+    from encinfer.he.latency import encrypt_latency
+    clf = clf_factory("latency")
+    secret, key_id = clf.keys("latency")
+    ct = encrypt_latency(secret, test_images[0][0], clf.layout_info("latency"))
+    reply = stack.stub().Predict(pb.PredictRequest(model=MODEL, key_id=key_id, request_id="img-7", ciphertext=ct),
+                                 metadata=(("authorization", f"Bearer {ALICE}"),), timeout=CALL_TIMEOUT)
+    assert reply.request_id == "img-7" and reply.status.code == 0 and len(reply.ciphertexts) == 1
