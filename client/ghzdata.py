@@ -100,6 +100,8 @@ class Scenario:
 
 @dataclass
 class GhzData:
+    """What write_ghz_data wrote: where, against which service, with which uploaded keys."""
+
     out: str
     inference: str
     model: str
@@ -114,7 +116,8 @@ class GhzData:
         return asdict(self)
 
 
-def _images(n: int, idx_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+def images(n: int, idx_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first n MNIST test images and labels, repeated when n exceeds the test set."""
     from encinfer import datasets
 
     X, y = datasets.load_mnist(idx_dir, split="test")
@@ -157,7 +160,7 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
                              key_dir=key_dir, tls=tls, keystore_tls=keystore_tls) as clf:
         layout = clf.layout_info("latency")
         secret, key_id = clf.keys("latency")
-        X, _ = _images(max(n_predict, n_stream), idx_dir)
+        X, _ = images(max(n_predict, n_stream), idx_dir)
         cts = [encrypt_latency(secret, x, layout) for x in X]
         batch_key = ""
         batch_msgs: list = []
@@ -165,7 +168,7 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
             blayout = clf.layout_info("batch")
             bsecret, batch_key = clf.keys("batch")
             n = batch_samples or blayout.max_samples
-            XB, _ = _images(n, idx_dir)
+            XB, _ = images(n, idx_dir)
             batch_msgs = [pb.PredictStreamRequest(header=pb.StreamHeader(model=model, key_id=batch_key,
                                                                          layout=pb.LAYOUT_BATCH))]
             for position, ct in enumerate(encrypt_batch(bsecret, XB, blayout)):
@@ -188,7 +191,7 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
              "stream": (PREDICT_STREAM, stream, len(stream), len(stream) - 1)}
     if with_batch:
         files["batch"] = (PREDICT_STREAM, batch_msgs, len(batch_msgs), batch_msgs[1].batch_part.n_samples)
-    for name, (call, messages, per_call, images) in files.items():
+    for name, (call, messages, per_call, n_images) in files.items():
         biggest = max(m.ByteSize() for m in messages)
         if biggest > MAX_MESSAGE:
             raise SystemExit(f"a {name} message is {biggest} bytes, over gRPC's 4 MiB limit")
@@ -199,7 +202,7 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
             "call": call, "host": inference, "binary-file": str(payload), "metadata-file": str(metadata),
             **connection, "total": {"predict": 200, "stream": 10}.get(name, 4), "concurrency": 1, "connections": 1,
             "timeout": "60s", "format": "summary"}, indent=2) + "\n")
-        data.scenarios[name] = Scenario(name, call, str(payload), str(config), per_call, images,
+        data.scenarios[name] = Scenario(name, call, str(payload), str(config), per_call, n_images,
                                         payload.stat().st_size)
     health_config = out / "ghz-health.json"
     health_config.write_text(json.dumps({

@@ -183,7 +183,8 @@ class MemorySampler(threading.Thread):
     def stop(self) -> list[dict]:
         self._done.set()
         self.join(timeout=10)
-        self.sample()
+        if not self.samples or time.monotonic() - self._t0 - self.samples[-1]["t_s"] > 1.0:
+            self.sample()
         return self.samples
 
 

@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import free_port, wait_until
+from conftest import wait_until
 
 START_TIMEOUT = 90.0
 
@@ -140,4 +140,4 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
     return out
 
 
-__all__ = ["ServiceProcess", "ServiceProcs", "free_port", "metric_value", "metric_samples"]
+__all__ = ["ServiceProcess", "ServiceProcs", "metric_value", "metric_samples"]

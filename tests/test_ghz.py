@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
@@ -20,7 +19,6 @@ from conftest import MINIO_BIN, REPO  # noqa: E402
 from encinfer.client import ghzdata  # noqa: E402
 from encinfer.common.auth import auth_metadata  # noqa: E402
 from encinfer.v1 import inference_pb2 as pb  # noqa: E402
-from encinfer.v1 import inference_pb2_grpc  # noqa: E402
 from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, start_stack  # noqa: E402
 
 pytest_plugins = ["inference_fixtures"]
@@ -110,7 +108,7 @@ def test_predict_payloads_decrypt_to_the_plaintext_models_argmax(served):
                                                                 timeout=CALL_TIMEOUT).ciphertexts[0], layout)
                            for m in messages])
     assert key_id == data.latency_key_id
-    X, _ = ghzdata._images(N_IMAGES, None)
+    X, _ = ghzdata.images(N_IMAGES)
     np.testing.assert_array_equal(scores.argmax(axis=1), stack.model.scores(X).argmax(axis=1))
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import grpc
-import numpy as np
 import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
