@@ -605,21 +605,16 @@ def test_key_corrupted_in_storage_is_data_loss(alice, images, stack, still_servi
     assert_status(err, Code.DATA_LOSS, "corrupted; upload it again")
 
 
-def test_killed_worker_process_is_replaced(alice, images, stack, still_serving):
+def test_worker_killed_while_idle_is_replaced_without_failing_a_request(alice, images, stack, still_serving):
     import signal
+    import time
     pool = stack.inference.server.pool
     victim = next(iter(pool._executors[0]._processes))  # the worker that serves idle-time requests first
     os.kill(victim, signal.SIGKILL)
-    codes = []
+    time.sleep(0.2)  # let it die: the next call finds a broken worker, replaces it and runs again there
     for x in images[:4]:
-        try:
-            reply = alice.predict(alice.encrypt(x))
-            codes.append(Code.OK)
-            assert decrypt_latency(alice.secret, reply.ciphertexts[0], alice.layout).shape == (10,)
-        except grpc.RpcError as e:
-            assert_status(e, Code.UNAVAILABLE, "worker stopped")
-            codes.append(e.code())
-    assert codes.count(Code.UNAVAILABLE) <= 1 and codes[-1] == Code.OK
+        reply = alice.predict(alice.encrypt(x))
+        assert decrypt_latency(alice.secret, reply.ciphertexts[0], alice.layout).shape == (10,)
     assert victim not in pool._executors[0]._processes
 
 

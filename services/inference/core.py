@@ -138,6 +138,8 @@ class StreamSession:
             await self.answers.put(Answer(request_id, [ct], 1, ms))
         except EncinferError as e:
             await self.answers.put(Answer(request_id, error=e))
+        except Exception as e:  # noqa: BLE001 - a bug must still answer this item, not hang the stream
+            await self.answers.put(Answer(request_id, error=_internal(e, request_id)))
         finally:
             self._slots.release()
 
@@ -211,6 +213,8 @@ class StreamSession:
             self._fail(batch.request_id, e)
         except asyncio.CancelledError:
             raise
+        except Exception as e:  # noqa: BLE001 - as in _run_item
+            self._fail(batch.request_id, _internal(e, batch.request_id))
         finally:
             for fut in pending:
                 fut.cancel()
@@ -237,6 +241,11 @@ class StreamSession:
                 batch.task.cancel()
         await asyncio.gather(*self._tasks, *(b.task for b in self._batches.values() if b.task),
                              return_exceptions=True)
+
+
+def _internal(exc: Exception, request_id: str) -> EncinferError:
+    log.error("unhandled error in a stream item", exc_info=exc, extra={"fields": {"request_id": request_id}})
+    return EncinferError(f"internal error on item {request_id!r}; the server log has the details")
 
 
 async def _quietly(coro) -> None:

@@ -160,29 +160,37 @@ class WorkerPool:
     def pick(self) -> int:
         return min(range(len(self.load)), key=self.load.__getitem__)
 
-    async def call(self, index: int, fn: Callable[..., Any], *args: Any) -> Any:
+    async def call(self, index: int, fn: Callable[..., Any], *args: Any, retry: bool = False) -> Any:
+        """Runs fn(*args) on worker `index`. A dead worker is replaced; with `retry` (for
+        stateless calls) the call runs once more on the new one, so a worker that died
+        while idle costs no request."""
         self.load[index] += 1
         try:
             if self.n == 0:
                 return fn(*args)
             loop = asyncio.get_running_loop()
-            try:
-                return await loop.run_in_executor(self._executors[index], fn, *args)
-            except BrokenProcessPool:
-                log.error("worker process died; starting a new one", extra={"fields": {"worker": index}})
-                old, self._executors[index] = self._executors[index], self._new_executor(index)
-                old.shutdown(wait=False, cancel_futures=True)
-                raise Unavailable("an inference worker stopped while computing; retry the request") from None
+            for attempt in (1, 2):
+                executor = self._executors[index]
+                try:
+                    return await loop.run_in_executor(executor, fn, *args)
+                except BrokenProcessPool:
+                    if self._executors[index] is executor:
+                        log.error("worker process died; starting a new one", extra={"fields": {"worker": index}})
+                        self._executors[index] = self._new_executor(index)
+                        executor.shutdown(wait=False, cancel_futures=True)
+                    if not retry or attempt == 2:
+                        raise Unavailable("an inference worker stopped while computing; retry the request") from None
         finally:
             self.load[index] -= 1
 
     async def with_key(self, index: int, fetch: Callable[[], Awaitable[bytes]], fn: Callable[..., Any],
                        head: tuple, tail: tuple = ()) -> Any:
         """Calls fn(*head, key_bytes, *tail), sending the key bytes only if the worker lacks them."""
+        retry = fn is predict_latency  # stateless: safe to run again on a replaced worker
         try:
-            return await self.call(index, fn, *head, None, *tail)
+            return await self.call(index, fn, *head, None, *tail, retry=retry)
         except KeyMissing:
-            return await self.call(index, fn, *head, await fetch(), *tail)
+            return await self.call(index, fn, *head, await fetch(), *tail, retry=retry)
 
     async def close(self) -> None:
         for ex in self._executors:
