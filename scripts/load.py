@@ -290,8 +290,9 @@ def load_table(summary: dict) -> str:
     ]
     for r in summary["rows"]:
         item = "-" if r["item_errors"] is None else r["item_errors"]
+        images = f"{r['images_per_s']:.0f}" if r["images_per_s"] else "-"
         lines.append(f"| {r['run']} | {r['call'].rsplit('.', 1)[-1]} | {r['concurrency']} | {r['connections']} | "
-                     f"{r['count']} | {r['errors']} | {item} | {r['rps']:.1f} | {r['images_per_s']:.0f} | "
+                     f"{r['count']} | {r['errors']} | {item} | {r['rps']:.1f} | {images} | "
                      f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{r.get('ours_cores', '-')} | {r.get('others_cores', '-')} |")
     verdict = lambda ok: "met" if ok else "missed"  # noqa: E731
@@ -304,6 +305,12 @@ def load_table(summary: dict) -> str:
     if "p99_over_p50_c2" in t:
         lines.append(f"- Predict p99 over p50 at c=2: {t['p99_over_p50_c2']}x "
                      f"({verdict(t['p99_over_p50_c2'] < 3)}: < 3x)")
+    c4 = next((r for r in summary["rows"] if r["run"] == "predict-c4"), None)
+    if c4 and c4.get("ours_cores") and c4["rps"]:
+        cpu_ms = 1000 * c4["ours_cores"] / c4["rps"]
+        lines.append(f"- at c=4 the stack and ghz used {c4['ours_cores']} of {m['cpus']} cores: {cpu_ms:.1f} ms of CPU "
+                     f"per call (ghz, the server process, a worker), so {m['cpus']} cores allow about "
+                     f"{1000 * m['cpus'] / cpu_ms:.0f} calls/s on this machine")
     lines += ["", "![Predict latency and throughput against concurrency](bench/load.png)", ""]
     return "\n".join(lines)
 
