@@ -609,13 +609,13 @@ def test_worker_killed_while_idle_is_replaced_without_failing_a_request(alice, i
     import signal
     import time
     pool = stack.inference.server.pool
-    victim = next(iter(pool._executors[0]._processes))  # the worker that serves idle-time requests first
+    victim = pool.worker_pids()[0]  # the worker that serves idle-time requests first
     os.kill(victim, signal.SIGKILL)
     time.sleep(0.2)  # let it die: the next call finds a broken worker, replaces it and runs again there
     for x in images[:4]:
         reply = alice.predict(alice.encrypt(x))
         assert decrypt_latency(alice.secret, reply.ciphertexts[0], alice.layout).shape == (10,)
-    assert victim not in pool._executors[0]._processes
+    assert victim not in pool.worker_pids()
 
 
 def test_worker_killed_during_a_batch_fails_that_batch_with_unavailable(alice, batch_parts, stack, still_serving):
@@ -631,7 +631,7 @@ def test_worker_killed_during_a_batch_fails_that_batch_with_unavailable(alice, b
     try:
         assert wait_for(lambda: sum(stack.open_batches()) == 1)
         worker = stack.open_batches().index(1)
-        os.kill(next(iter(stack.inference.server.pool._executors[worker]._processes)), signal.SIGKILL)
+        os.kill(stack.inference.server.pool.worker_pids()[worker], signal.SIGKILL)
     finally:
         gate.set()
     [answer] = list(call)

@@ -2,7 +2,7 @@
 
 TenSEAL's bindings hold the GIL, so threads give no parallel HE work. The server
 process does all gRPC I/O on asyncio and hands each computation to one of N
-single-process executors (spawned, never forked: grpc issue 16001). Each worker
+worker processes (spawned, never forked: grpc issue 16001) over a socket each. Each worker
 loads the models itself and keeps its own byte-bounded cache of deserialized
 keys; when it lacks a key it says so (KeyMissing) and the server resends it with
 the bytes. A batch is pinned to one worker, since its running sums live there;
@@ -11,12 +11,14 @@ single items go to the least-loaded worker, so one connection uses every core.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import multiprocessing
 import os
+import pickle
+import socket
+import struct
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Awaitable, Callable
 
 from encinfer.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
@@ -129,15 +131,108 @@ def open_batches() -> int:
     return len(_batches)
 
 
+def worker_main(conn: Any, model_paths: list[str], key_cache_bytes: int, name: str) -> None:
+    """A worker process: calls arrive in order on one socket, answers go back on it."""
+    init_worker(model_paths, key_cache_bytes, name)
+    while True:
+        try:
+            call_id, fn, args = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # the server closed its end: exit
+        try:
+            answer = (call_id, True, fn(*args))
+        except BaseException as e:  # noqa: BLE001 - every outcome goes back to the caller
+            answer = (call_id, False, e)
+        try:
+            payload = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:  # noqa: BLE001 - an unpicklable result or error
+            payload = pickle.dumps((call_id, False, RuntimeError(f"worker result not picklable: {e!r}")))
+        conn.send_bytes(payload)
+
+
 # ---------------------------------------------------------------- server side
+class WorkerDied(Exception):
+    """The worker process exited (killed, crashed) with calls in flight."""
+
+
+class _Worker:
+    """One spawned process and a socket to it, driven by the server's event loop.
+
+    Calls are framed like multiprocessing's Connection (4-byte length, pickle), so the
+    worker side stays a plain blocking loop, while this side never blocks the loop and
+    needs no helper threads: about 0.1 ms per round trip, against about 0.9 ms through
+    a ProcessPoolExecutor (feeder and result threads, two queue hops).
+    """
+
+    def __init__(self, index: int, model_paths: list[str], key_cache_bytes: int) -> None:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
+        parent, child = ctx.Pipe(duplex=True)      # a socket pair on POSIX
+        self.process = ctx.Process(target=worker_main, name=f"encinfer-worker-{index}", daemon=True,
+                                   args=(child, model_paths, key_cache_bytes, f"{os.getpid()}-{index}"))
+        self.process.start()
+        child.close()
+        self._sock = socket.socket(fileno=os.dup(parent.fileno()))
+        parent.close()
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future] = {}
+        self.dead = False
+
+    async def open(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(sock=self._sock, limit=1 << 20)
+        self._read_task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                (size,) = struct.unpack("!i", await self._reader.readexactly(4))
+                if size == -1:
+                    (size,) = struct.unpack("!Q", await self._reader.readexactly(8))
+                call_id, ok, value = pickle.loads(await self._reader.readexactly(size))
+                fut = self._pending.pop(call_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(value) if ok else fut.set_exception(value)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            self.dead = True
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(WorkerDied())
+            self._pending.clear()
+
+    async def call(self, fn: Callable[..., Any], args: tuple) -> Any:
+        if self.dead:
+            raise WorkerDied()
+        call_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = fut
+        payload = pickle.dumps((call_id, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+        header = struct.pack("!i", len(payload)) if len(payload) < 0x7FFFFFFF else struct.pack("!iQ", -1, len(payload))
+        try:
+            self._writer.write(header + payload)
+            await self._writer.drain()  # back-pressure when the worker falls behind
+        except (ConnectionError, OSError):
+            self._pending.pop(call_id, None)
+            raise WorkerDied() from None
+        return await fut
+
+    async def close(self, timeout: float = 10.0) -> None:
+        self._writer.close()  # the worker sees EOF and exits
+        await asyncio.to_thread(self.process.join, timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            await asyncio.to_thread(self.process.join, 5)
+        self._read_task.cancel()
+
+
 class WorkerPool:
-    """N single-process executors; 0 means compute in the calling process."""
+    """N worker processes; 0 means compute in the calling process."""
 
     def __init__(self, model_paths: list[str] | tuple[str, ...], workers: int, key_cache_bytes: int) -> None:
         self.model_paths = list(model_paths)
         self.n = workers
         self.key_cache_bytes = key_cache_bytes
-        self._executors: list[Executor | None] = []
+        self._workers: list[_Worker] = []
         self.load: list[int] = []
         self.models: list[dict] = []
 
@@ -146,16 +241,19 @@ class WorkerPool:
             init_worker(self.model_paths, self.key_cache_bytes, "inline")
             self.load = [0]
         else:
-            self._executors = [self._new_executor(i) for i in range(self.n)]
+            self._workers = [await self._new_worker(i) for i in range(self.n)]
             self.load = [0] * self.n
         # Every worker loads and pre-encodes the models now, not on the first request.
         infos = await asyncio.gather(*(self.call(i, describe) for i in range(len(self.load))))
         self.models = infos[0]
 
-    def _new_executor(self, index: int) -> Executor:
-        return ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker, initargs=(self.model_paths, self.key_cache_bytes, f"{os.getpid()}-{index}"))
+    async def _new_worker(self, index: int) -> _Worker:
+        worker = _Worker(index, self.model_paths, self.key_cache_bytes)
+        await worker.open()
+        return worker
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
 
     def pick(self) -> int:
         return min(range(len(self.load)), key=self.load.__getitem__)
@@ -168,16 +266,16 @@ class WorkerPool:
         try:
             if self.n == 0:
                 return fn(*args)
-            loop = asyncio.get_running_loop()
             for attempt in (1, 2):
-                executor = self._executors[index]
+                worker = self._workers[index]
                 try:
-                    return await loop.run_in_executor(executor, fn, *args)
-                except BrokenProcessPool:
-                    if self._executors[index] is executor:
-                        log.error("worker process died; starting a new one", extra={"fields": {"worker": index}})
-                        self._executors[index] = self._new_executor(index)
-                        executor.shutdown(wait=False, cancel_futures=True)
+                    return await worker.call(fn, args)
+                except WorkerDied:
+                    if self._workers[index] is worker:
+                        log.error("worker process died; starting a new one", extra={"fields": {
+                            "worker": index, "exitcode": worker.process.exitcode}})
+                        self._workers[index] = await self._new_worker(index)
+                        asyncio.ensure_future(worker.close(timeout=1))
                     if not retry or attempt == 2:
                         raise Unavailable("an inference worker stopped while computing; retry the request") from None
         finally:
@@ -193,10 +291,8 @@ class WorkerPool:
             return await self.call(index, fn, *head, await fetch(), *tail, retry=retry)
 
     async def close(self) -> None:
-        for ex in self._executors:
-            if ex is not None:
-                ex.shutdown(wait=True, cancel_futures=True)
-        self._executors = []
+        await asyncio.gather(*(w.close() for w in self._workers), return_exceptions=True)
+        self._workers = []
 
 
 def check_batch_count(open_batches: int, limit: int) -> None:
