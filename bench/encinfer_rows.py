@@ -10,14 +10,20 @@ Each layout is measured with 1 and with 2 worker processes.
 """
 from __future__ import annotations
 
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from encinfer.client.classifier import EncryptedClassifier
 from encinfer.client.demo import LocalStack
@@ -35,12 +41,42 @@ def _agreement(artifact, scores: np.ndarray, X: np.ndarray, y: np.ndarray) -> tu
 
 
 @contextmanager
+def _inference_process(stem: str, workers: int, keystore: str, tokens: str, service_token: str) -> Iterator[str]:
+    """The inference service as its own process, as deployed: the measuring client must
+    not share a GIL with the server it measures."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "ENCINFER_INFERENCE_ADDRESS": f"127.0.0.1:{port}", "ENCINFER_MODELS": stem,
+           "ENCINFER_WORKERS": str(workers), "ENCINFER_KEYSTORE_TARGET": keystore, "ENCINFER_TOKENS": tokens,
+           "ENCINFER_KEYSTORE_TOKEN": service_token, "ENCINFER_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "encinfer.inference.server"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(target) as ch:
+            grpc.channel_ready_future(ch).result(timeout=120)
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True)
+        yield target
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextmanager
 def _session(stem: str, workers: int, layout: str) -> Iterator[EncryptedClassifier]:
-    """Both services on loopback and a client for them, torn down afterwards."""
+    """A key store (in this process: it is not on the hot path), the inference service
+    as a separate process, and a client, torn down afterwards."""
     with tempfile.TemporaryDirectory(prefix="encinfer-bench-") as tmp, \
-            LocalStack([stem], Path(tmp), workers) as stack, \
-            EncryptedClassifier(inference=stack.inference.target, keystore=stack.keystore.target,
-                                model=load_model(stem).name, token=stack.tenant_token, layout=layout,
+            LocalStack([stem], Path(tmp), workers=0) as local, \
+            _inference_process(stem, workers, local.keystore.target, os.environ["ENCINFER_TOKENS"],
+                               local.service_token) as target, \
+            EncryptedClassifier(inference=target, keystore=local.keystore.target,
+                                model=load_model(stem).name, token=local.tenant_token, layout=layout,
                                 key_dir=Path(tmp) / "keys") as clf:
         yield clf
 

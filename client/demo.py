@@ -48,7 +48,8 @@ class LocalStack:
         from encinfer.keystore.config import KeyStoreConfig
         from encinfer.keystore.server import BackgroundKeyStore
 
-        self.tenant_token, service_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        self.tenant_token, self.service_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        service_token = self.service_token
         tokens = {self.tenant_token: Principal("demo", "tenant"), service_token: Principal("inference", "service")}
         # Both servers read their token table; the inference service reads it from the environment.
         os.environ["ENCINFER_TOKENS"] = ",".join(f"{t}={p.owner}:{p.role}" for t, p in tokens.items())
