@@ -45,22 +45,24 @@ def ks(start):
     return start()
 
 
+def _client(ks, token: str):
+    with KeyStoreClient(ks.target, token=token) as c:
+        yield c
+
+
 @pytest.fixture
 def alice(ks):
-    with KeyStoreClient(ks.target, token="alice-t") as c:
-        yield c
+    yield from _client(ks, "alice-t")
 
 
 @pytest.fixture
 def bob(ks):
-    with KeyStoreClient(ks.target, token="bob-t") as c:
-        yield c
+    yield from _client(ks, "bob-t")
 
 
 @pytest.fixture
 def service(ks):
-    with KeyStoreClient(ks.target, token="svc-t") as c:
-        yield c
+    yield from _client(ks, "svc-t")
 
 
 @pytest.fixture

@@ -148,12 +148,12 @@ def init_storage(config: S3InitConfig) -> S3InitResult:
 
     exists = _wait_for_endpoint(root, config)
     if not exists:
-        _s3_call(lambda: root.make_bucket(bucket_name=config.bucket, location=config.region or None), config)
+        _call(lambda: root.make_bucket(bucket_name=config.bucket, location=config.region or None), config)
         log.info("bucket created", extra={"fields": {"bucket": config.bucket}})
 
     user_created = not _user_exists(admin, config)
-    _admin_call(lambda: admin.user_add(access_key=config.access_key, secret_key=config.secret_key), config)
-    _admin_call(lambda: admin.policy_add(policy_name=config.policy_name, policy=keystore_policy(config.bucket)),
+    _call(lambda: admin.user_add(access_key=config.access_key, secret_key=config.secret_key), config)
+    _call(lambda: admin.policy_add(policy_name=config.policy_name, policy=keystore_policy(config.bucket)),
                 config)
     try:
         admin.attach_policy(policies=[config.policy_name], user=config.access_key)
@@ -196,7 +196,7 @@ def _user_exists(admin: MinioAdmin, config: S3InitConfig) -> bool:
 
 
 def _warn_on_extra_policies(admin: MinioAdmin, config: S3InitConfig) -> None:
-    info = json.loads(_admin_call(lambda: admin.user_info(access_key=config.access_key), config) or "{}")
+    info = json.loads(_call(lambda: admin.user_info(access_key=config.access_key), config) or "{}")
     attached = [p for p in str(info.get("policyName", "")).split(",") if p]
     extra = sorted(set(attached) - {config.policy_name})
     if extra:
@@ -205,18 +205,12 @@ def _warn_on_extra_policies(admin: MinioAdmin, config: S3InitConfig) -> None:
             "user": config.access_key, "extra_policies": extra}})
 
 
-def _s3_call(fn, config: S3InitConfig):
+def _call(fn, config: S3InitConfig):
+    """Runs one S3 or admin call; its failure becomes an error that says what to fix."""
     try:
         return fn()
     except S3Error as exc:
         raise _s3_error(exc, config) from None
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise Unavailable(f"S3 endpoint {config.endpoint}: {exc}") from None
-
-
-def _admin_call(fn, config: S3InitConfig):
-    try:
-        return fn()
     except MinioAdminException as exc:
         raise _admin_error(exc, config) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
