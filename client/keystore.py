@@ -127,10 +127,13 @@ class KeyStoreClient:
             return self._put(size, iter(lambda: f.read(CHUNK), b""), labels, ttl_seconds, progress)
 
     def _put(self, size: int, chunks: Iterator[bytes], labels, ttl_seconds: int, progress) -> KeyRecord:
+        digest = hashlib.sha256()
+
         def requests() -> Iterator[pb.PutKeysRequest]:
             yield pb.PutKeysRequest(header=pb.PutKeysHeader(labels=labels or {}, expected_size=size,
                                                             ttl_seconds=ttl_seconds))
             for chunk in chunks:
+                digest.update(chunk)
                 yield pb.PutKeysRequest(chunk=chunk)
                 if progress:
                     progress(len(chunk))
@@ -138,6 +141,11 @@ class KeyStoreClient:
             reply = self._stub.PutKeys(requests(), metadata=self._metadata, timeout=self.transfer_timeout)
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
+        # The key id is the hash of what the server stored: it must be the hash of what we sent.
+        # (A flipped bit inside key material can parse as a valid key; only this catches it.)
+        if reply.key_id != digest.hexdigest():
+            raise errors.DataLoss(f"the key store stored other bytes than were sent (key id {reply.key_id}, "
+                                  f"sent {digest.hexdigest()}); upload again")
         return KeyRecord.from_pb(reply)
 
     def get(self, key_id: str, dest: str | os.PathLike | None = None,
