@@ -93,7 +93,7 @@ def ratios(rows: list[dict]) -> str:
         out.append(f"- encinfer batch is {batch['server_ms_per_image'] / plain['server_ms_per_image']:,.0f}x "
                    "plaintext scikit-learn per image.")
     for layout in ("latency", "batch"):
-        one, two = by.get((f"encinfer (1 worker)", layout)), by.get(("encinfer", layout))
+        one, two = by.get(("encinfer (1 worker)", layout)), by.get(("encinfer", layout))
         if one and two:
             key = "stream_images_per_s" if layout == "latency" else "images_per_s"
             out.append(f"- {layout}: 2 worker processes give {two[key] / one[key]:.2f}x the throughput of 1.")

@@ -269,22 +269,9 @@ def keystore_process(tmp_path):
 # ------------------------------------------------------------------ key bundles
 
 
-def he_available() -> bool:
-    """True once encinfer.he can build and inspect real key bundles."""
-    try:
-        from encinfer.he.keys import inspect_key_bundle  # noqa: F401
-        from encinfer.he.params import CkksParams  # noqa: F401
-        from encinfer.he.secret import SecretKeys  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="session")
 def small_bundle() -> bytes:
     """A real public key bundle (N=4096, two Galois steps): valid upload bytes."""
-    if not he_available():
-        pytest.skip("encinfer.he.secret is not there yet")
     from encinfer.he.params import CkksParams
     from encinfer.he.secret import SecretKeys
     params = CkksParams(poly_modulus_degree=4096, coeff_modulus_bits=(40, 29, 40), input_scale_bits=29,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import stat
 
-import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -9,11 +9,9 @@ import struct
 
 import pytest
 
-from conftest import he_available
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common import errors
 
-pytestmark = pytest.mark.skipif(not he_available(), reason="encinfer.he key bundles are not there yet")
 
 TOKENS = "alice-t=alice:tenant,svc-t=inference:service"
 

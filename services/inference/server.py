@@ -12,7 +12,7 @@ from prometheus_client import Counter
 
 from encinfer.common import logs
 from encinfer.common.auth import TokenTable
-from encinfer.common.errors import EncinferError, InvalidArgument
+from encinfer.common.errors import InvalidArgument
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
 from encinfer.inference.config import InferenceConfig
 from encinfer.inference.core import Answer, InferenceCore
