@@ -175,7 +175,7 @@ encinfer demo: {r['n']} MNIST test images, {r['layout']} layout, encrypted end t
   accuracy (decrypted vs true labels)   {r['accuracy']:.3f}
   agreement with the plaintext model    {r['plaintext_agreement']:.3f}  (max score error {r['max_score_error']:.1e})
   latency per image                     p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms
-  server compute per image              {r['server_ms_per_image']:.2f} ms
+  server time per image (at the RPC)    {r['server_ms_per_image']:.2f} ms
   public keys uploaded                  {_size(r['public_key_bytes'])} (the secret key stayed here)
   bytes per image                       {_size(r['ciphertext_bytes'])} up, {_size(r['result_bytes'])} down
   picture                               {r.get('png', '-')}
