@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.data import shared_mnist_dir
 from encinfer.he.batch import BatchModel, choose_batch_params, decrypt_batch, encrypt_batch, split_batches
 from encinfer.he.params import CkksParams
 
@@ -46,7 +47,7 @@ def load_model(path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
 
 def load_images(idx_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
     from encinfer import datasets
-    directory = Path(idx_dir) if idx_dir else datasets.shared_mnist_dir()
+    directory = Path(idx_dir) if idx_dir else shared_mnist_dir()
     if directory is not None:
         X, y = datasets.load_mnist(directory, "test")
         return np.asarray(X, dtype=np.float64), np.asarray(y), f"t10k from {directory}"

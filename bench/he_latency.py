@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.data import shared_mnist_dir
 from encinfer.he.keys import inspect_key_bundle, load_key_bundle
 from encinfer.he.latency import LatencyModel, decrypt_latency, encrypt_latency
 from encinfer.he.secret import SecretKeys
@@ -45,7 +46,7 @@ def load_model(path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
 
 def load_images(idx_dir: str | None) -> tuple[np.ndarray, str]:
     from encinfer import datasets
-    directory = Path(idx_dir) if idx_dir else datasets.shared_mnist_dir()
+    directory = Path(idx_dir) if idx_dir else shared_mnist_dir()
     if directory is not None:
         X, _ = datasets.load_mnist(directory, "test")
         return np.asarray(X, dtype=np.float64), f"t10k from {directory}"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.data import shared_mnist_dir
 from bench import encinfer_rows, peers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def ensure_peer_installed() -> None:
 def load_images(idx_dir: str | None, n: int | None) -> tuple[np.ndarray, np.ndarray, str]:
     from encinfer import datasets
 
-    idx = idx_dir or datasets.shared_mnist_dir()
+    idx = idx_dir or shared_mnist_dir()
     if idx:
         X, y = datasets.load_mnist(idx, split="test")
         source = f"MNIST t10k from {idx}"

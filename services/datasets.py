@@ -216,13 +216,7 @@ def default_test_images(n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     return X_test[:n], y_test[:n]
 
 
-def shared_mnist_dir() -> Path | None:
-    """The team's copy of the MNIST test set (../shared/data/mnist next to the repo), if present.
-
-    For benchmarks and optional tests only: nothing in the project may require it.
-    """
-    repo = Path(__file__).resolve().parents[1]
-    for candidate in (repo.parent / "shared" / "data" / "mnist", Path("/work/shared/data/mnist")):
-        if _find(candidate, "t10k", "images") and _find(candidate, "t10k", "labels"):
-            return candidate
-    return None
+def has_idx(directory: str | Path, prefix: str = "t10k") -> bool:
+    """True when `directory` holds an images and a labels IDX file for `prefix`."""
+    d = Path(directory)
+    return _find(d, prefix, "images") is not None and _find(d, prefix, "labels") is not None

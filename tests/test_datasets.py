@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from bench.data import shared_mnist_dir
 from encinfer import datasets
 from encinfer.common.errors import InvalidArgument, NotFound
 
@@ -96,7 +97,16 @@ def test_only_t10k_files_are_split_for_training(images, tmp_path):
     assert (len(X_train), len(X_test)) == (40, 10)
 
 
-@pytest.mark.skipif(datasets.shared_mnist_dir() is None, reason="no shared MNIST copy on this machine")
+@pytest.mark.skipif(shared_mnist_dir() is None, reason="no shared MNIST copy on this machine")
 def test_shared_t10k_has_ten_thousand_labelled_images():
-    X, y = datasets.load_mnist(datasets.shared_mnist_dir(), split="test")
+    X, y = datasets.load_mnist(shared_mnist_dir(), split="test")
     assert X.shape == (10000, 784) and np.bincount(y)[0] == 980
+
+
+def test_has_idx_needs_both_images_and_labels(images, tmp_path):
+    X, y = images
+    assert not datasets.has_idx(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", X, datasets.IMAGES_MAGIC, compress=True)
+    assert not datasets.has_idx(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", y, datasets.LABELS_MAGIC, compress=True)
+    assert datasets.has_idx(tmp_path) and not datasets.has_idx(tmp_path, "train")

@@ -8,6 +8,7 @@ import pytest
 import tenseal.sealapi as seal
 from threadpoolctl import threadpool_limits
 
+from bench.data import shared_mnist_dir
 from encinfer.common.errors import FailedPrecondition, InvalidArgument
 from encinfer.he import serial
 from encinfer.he.batch import (KERNELS, NUMPY_CHUNK, BatchLayout, BatchModel, choose_batch_params, decrypt_batch,
@@ -55,7 +56,7 @@ def mnist():
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore")
         clf = LogisticRegression(C=0.1, max_iter=60).fit(X_all[::2], y_all[::2])
-    shared = datasets.shared_mnist_dir()
+    shared = shared_mnist_dir()
     X = datasets.load_mnist(shared, "test")[0] if shared else X_all
     model = BatchModel(clf.coef_, clf.intercept_)
     return np.asarray(X, dtype=np.float64), clf, model, make_secret(model.layout.params)

