@@ -72,7 +72,7 @@ def _session(stem: str, workers: int, layout: str) -> Iterator[EncryptedClassifi
     """A key store (in this process: it is not on the hot path), the inference service
     as a separate process, and a client, torn down afterwards."""
     with tempfile.TemporaryDirectory(prefix="encinfer-bench-") as tmp, \
-            LocalStack([stem], Path(tmp), workers=0) as local, \
+            LocalStack([stem], Path(tmp), inference=False) as local, \
             _inference_process(stem, workers, local.keystore.target, os.environ["ENCINFER_TOKENS"],
                                local.service_token) as target, \
             EncryptedClassifier(inference=target, keystore=local.keystore.target,

@@ -40,7 +40,8 @@ class LocalStack:
     """Key store (filesystem backend) and inference service in this process, on free
     loopback ports, with a tenant token for the client and a service token for inference."""
 
-    def __init__(self, model_paths: list[str], workdir: Path, workers: int | None = None) -> None:
+    def __init__(self, model_paths: list[str], workdir: Path, workers: int | None = None,
+                 inference: bool = True) -> None:
         from encinfer.common.auth import Principal, TokenTable
         from encinfer.common.background import BackgroundServer
         from encinfer.inference.config import InferenceConfig
@@ -58,14 +59,17 @@ class LocalStack:
         config = InferenceConfig(address="127.0.0.1:0", models=tuple(model_paths),
                                  workers=workers if workers is not None else (os.cpu_count() or 1),
                                  keystore_target=self.keystore.target, keystore_token=service_token)
+        self.inference = None  # inference=False: the caller runs it elsewhere (benchmarks: its own process)
         try:
-            self.inference = BackgroundServer(lambda: InferenceServer(config), name="inference-loop")
+            if inference:
+                self.inference = BackgroundServer(lambda: InferenceServer(config), name="inference-loop")
         except BaseException:
             self.keystore.stop()
             raise
 
     def close(self) -> None:
-        self.inference.stop()
+        if self.inference is not None:
+            self.inference.stop()
         self.keystore.stop()
 
     def __enter__(self) -> "LocalStack":

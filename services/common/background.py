@@ -29,9 +29,12 @@ class BackgroundServer:
 
     def __init__(self, make: Callable[[], Any], name: str = "server-loop", timeout: float = 120.0) -> None:
         self._thread = LoopThread(name)
-        self.server = make()
+
+        async def build_and_start() -> Any:  # on the server's own loop: gRPC aio objects bind to it
+            server = make()
+            return server, await server.start()
         try:
-            self.port: int = self._thread.run(self.server.start(), timeout)
+            self.server, self.port = self._thread.run(build_and_start(), timeout)
         except BaseException:
             self._thread.close()
             raise
@@ -40,11 +43,16 @@ class BackgroundServer:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def stop(self) -> None:
+    def call(self, coro: Awaitable[Any], timeout: float = 60.0) -> Any:
+        """Runs a coroutine on the server's loop (e.g. a clean-up the test wants now)."""
+        return self._thread.run(coro, timeout)
+
+    def stop(self, *args: Any) -> None:
+        """Stops the server (args go to its stop(), e.g. a grace period), then the loop."""
         if self._thread.loop.is_closed():
             return
         try:
-            self._thread.run(self.server.stop(), timeout=60)
+            self._thread.run(self.server.stop(*args), timeout=90)
         finally:
             self._thread.close()
 

@@ -5,6 +5,7 @@ loads the artifacts itself and pre-encodes the weights for both layouts.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,11 @@ class ServedModel:
     def params(self, layout: str) -> CkksParams:
         return self.kernel(layout).layout.params
 
+    @functools.cached_property
+    def manifests(self) -> dict[str, str]:
+        """Each layout's parameter hash, computed once: every request's key lookup uses it."""
+        return {layout: self.params(layout).manifest_sha256() for layout in LAYOUTS}
+
     def kernel(self, layout: str) -> LatencyModel | BatchModel:
         if layout == "latency":
             return self.latency
@@ -55,8 +61,8 @@ class ServedModel:
             "n_features": int(a.weights.shape[1]), "n_outputs": int(a.weights.shape[0]),
             "class_labels": [str(c) for c in a.classes],
             "layouts": {
-                "latency": {**self.latency.layout.to_dict(), "manifest_sha256": self.params("latency").manifest_sha256()},
-                "batch": {**self.batch.layout.to_dict(), "manifest_sha256": self.params("batch").manifest_sha256()},
+                "latency": {**self.latency.layout.to_dict(), "manifest_sha256": self.manifests["latency"]},
+                "batch": {**self.batch.layout.to_dict(), "manifest_sha256": self.manifests["batch"]},
             },
         }
 

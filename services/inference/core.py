@@ -46,6 +46,9 @@ class InferenceCore:
         self.auth_enabled = auth_enabled
         self.max_inflight = max_inflight_per_stream
         self.max_open_batches = max_open_batches
+        # Parsed once: every request checks its key against these.
+        self._params = {(m["name"], layout): CkksParams.from_json(lay["params"])
+                        for m in pool.models for layout, lay in m["layouts"].items()}
 
     # ------------------------------------------------------------ models
     def models(self) -> list[dict[str, Any]]:
@@ -61,10 +64,11 @@ class InferenceCore:
                        f"{', '.join(m['name'] for m in self.pool.models) or 'none'}")
 
     def params(self, model: str, layout: str) -> CkksParams:
-        info = self.model_info(model)
-        if layout not in info["layouts"]:
+        params = self._params.get((model, layout))
+        if params is None:
+            self.model_info(model)  # NOT_FOUND for an unknown model
             raise InvalidArgument(f"model {model!r} has no {layout!r} layout")
-        return CkksParams.from_json(info["layouts"][layout]["params"])
+        return params
 
     async def _checked_key(self, principal: Principal, model: str, key_id: str, layout: str) -> None:
         params = self.params(model, layout)  # NOT_FOUND for an unknown model first

@@ -67,13 +67,12 @@ def describe() -> list[dict]:
 def _server_keys(model: Any, layout: str, key_id: str, key_bytes: bytes | None) -> Any:
     from encinfer.he.keys import load_key_bundle
 
-    params = model.params(layout)
-    slot = (key_id, params.manifest_sha256())
+    slot = (key_id, model.manifests[layout])
     keys = _keys.get(slot)
     if keys is None:
         if key_bytes is None:
             raise KeyMissing(key_id)
-        keys = load_key_bundle(key_bytes, params)
+        keys = load_key_bundle(key_bytes, model.params(layout))
         _keys.put(slot, keys)
     return keys
 

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import signal
 import sys
-import threading
 from typing import AsyncIterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -19,6 +18,7 @@ from prometheus_client import Counter
 
 from encinfer.common import logs
 from encinfer.common.auth import TokenTable
+from encinfer.common.background import BackgroundServer
 from encinfer.common.errors import InvalidArgument
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
 from encinfer.keystore.config import KeyStoreConfig
@@ -117,7 +117,7 @@ class KeyStoreServer:
         host = self.config.address.rsplit(":", 1)[0] or "127.0.0.1"
         return f"{host}:{self.port}"
 
-    async def start(self) -> None:
+    async def start(self) -> int:
         self.port = bind(self.server, self.config.address, self.config.tls)
         await self.server.start()
         await self._probe_once()  # SERVING before start returns when the backend is there
@@ -130,6 +130,7 @@ class KeyStoreServer:
         log.info("key store listening", extra={"fields": {
             "address": self.address, "port": self.port, "backend": self.store.backend.kind,
             "tls": bool(self.config.tls), "serving": self.serving}})
+        return self.port
 
     async def _probe_once(self) -> None:
         ok = await self.store.probe()
@@ -205,16 +206,21 @@ class CountedBackend:
         return call
 
 
-async def start(config: KeyStoreConfig, store: KeyStore | None = None) -> KeyStoreServer:
-    """Starts a key store on the running loop; `config.address` may use port 0."""
+def build(config: KeyStoreConfig, store: KeyStore | None = None) -> KeyStoreServer:
+    """A key store server (not started) over `store`, or over the configured backend."""
     if store is None:
         store = KeyStore(CountedBackend(open_backend(config)), config)
-    server = KeyStoreServer(config, store)
+    return KeyStoreServer(config, store)
+
+
+async def start(config: KeyStoreConfig, store: KeyStore | None = None) -> KeyStoreServer:
+    """Starts a key store on the running loop; `config.address` may use port 0."""
+    server = build(config, store)
     await server.start()
     return server
 
 
-class BackgroundKeyStore:
+class BackgroundKeyStore(BackgroundServer):
     """A key store on its own event loop in a daemon thread, for sync code and tests.
 
         with BackgroundKeyStore(config) as ks:
@@ -222,27 +228,8 @@ class BackgroundKeyStore:
     """
 
     def __init__(self, config: KeyStoreConfig, store_factory=None) -> None:
-        self.config = config
-        self._factory = store_factory
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="keystore-loop", daemon=True)
-        self._thread.start()
-        try:
-            self.server: KeyStoreServer = self._run(self._start())
-        except BaseException:
-            self._close_loop()
-            raise
-
-    async def _start(self) -> KeyStoreServer:
-        store = self._factory(self.config) if self._factory else None
-        return await start(self.config, store)
-
-    def _run(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    @property
-    def port(self) -> int:
-        return self.server.port
+        super().__init__(lambda: build(config, store_factory(config) if store_factory else None),
+                         name="keystore-loop", timeout=30.0)
 
     @property
     def target(self) -> str:
@@ -252,28 +239,8 @@ class BackgroundKeyStore:
     def store(self) -> KeyStore:
         return self.server.store
 
-    def call(self, coro, timeout: float = 30.0):
-        """Runs a coroutine (e.g. `ks.store.cleanup()`) on the key store's loop."""
-        return self._run(coro, timeout)
-
     def stop(self, grace: float = 0.5) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            self._run(self.server.stop(grace), timeout=grace + 30)
-        finally:
-            self._close_loop()
-
-    def _close_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-    def __enter__(self) -> "BackgroundKeyStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().stop(grace)
 
 
 async def serve(config: KeyStoreConfig) -> int:
