@@ -11,7 +11,6 @@ Each layout is measured with 1 and with 2 worker processes.
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from encinfer.client.demo import LocalStack
 from encinfer.he.batch import decrypt_batch, encrypt_batch
 from encinfer.he.latency import decrypt_latency, encrypt_latency
 from encinfer.inference.model import load_model
+from encinfer.stack import free_port
 from encinfer.v1 import inference_pb2 as pb
 
 
@@ -44,9 +44,7 @@ def _agreement(artifact, scores: np.ndarray, X: np.ndarray, y: np.ndarray) -> tu
 def _inference_process(stem: str, workers: int, keystore: str, tokens: str, service_token: str) -> Iterator[str]:
     """The inference service as its own process, as deployed: the measuring client must
     not share a GIL with the server it measures."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "ENCINFER_INFERENCE_ADDRESS": f"127.0.0.1:{port}", "ENCINFER_MODELS": stem,
            "ENCINFER_WORKERS": str(workers), "ENCINFER_KEYSTORE_TARGET": keystore, "ENCINFER_TOKENS": tokens,
            "ENCINFER_KEYSTORE_TOKEN": service_token, "ENCINFER_LOG_LEVEL": "WARNING"}

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,14 +25,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from encinfer.stack import free_port
+
 MINIO_BIN = os.environ.get("ENCINFER_MINIO_BIN", os.path.expanduser("~/.cache/encinfer/bin/minio"))
 TOKEN = "bench-" + secrets.token_hex(8)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait(predicate, timeout: float, what: str) -> None:

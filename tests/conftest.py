@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,7 @@ import pytest
 MINIO_BIN = os.environ.get("ENCINFER_MINIO_BIN", "/root/.cache/encinfer/bin/minio")
 REPO = Path(__file__).resolve().parent.parent
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from encinfer.stack import free_port  # noqa: E402 - shared with the tests that import it from here
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> bool:
