@@ -157,8 +157,10 @@ class Topology:
         os.killpg(self.keystore.pid, signal.SIGCONT)
 
     def worker_pids(self) -> list[int]:
-        """The inference service's worker processes (its live, non-zombie children)."""
-        return [pid for pid, state, cmd in children_of(self.inference.pid) if state != "Z"]
+        """The inference service's live worker processes (spawned children; not multiprocessing's
+        resource tracker, not zombies)."""
+        return [pid for pid, state, cmd in children_of(self.inference.pid)
+                if state != "Z" and "spawn_main" in cmd]
 
     # -------------------------------------------------------- clients
     def classifier(self, key_dir: Path, token: str = ALICE, **kw: Any):
