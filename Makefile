@@ -1,7 +1,8 @@
 # encinfer: every set-up step lives here, so a fresh clone needs only `make demo` or `make test`.
 SHELL := /bin/bash
 PYTHON ?= python3
-VENV := .venv
+# Another interpreter gets its own venv: `make test PYTHON=python3.13 VENV=.venv-3.13`.
+VENV ?= .venv
 PY := $(VENV)/bin/python
 # Binaries built with `go install` are cached outside the repo and reused.
 ENCINFER_CACHE ?= $(HOME)/.cache/encinfer
@@ -15,11 +16,21 @@ export ENCINFER_GHZ_BIN ?= $(BIN)/ghz
 
 .PHONY: setup stubs test demo minio minio-bin ghz-bin bench bench-quick bench-keystore stack secrets clean
 
-$(VENV)/.installed: pyproject.toml setup.py
+# Exact versions from the committed lock, then the project itself without dependencies.
+$(VENV)/.installed: pyproject.toml setup.py requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# Re-resolves the locks from pyproject.toml (the only place dependencies are listed).
+# requirements/runtime.txt is what the image installs; dev.txt adds the demo and dev extras.
+LOCK := $(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 --quiet
+.PHONY: lock
+lock: $(VENV)/.installed
+	$(LOCK) -o requirements/runtime.txt
+	$(LOCK) --extra dev -o requirements/dev.txt
 
 setup: $(VENV)/.installed stubs
 
