@@ -21,7 +21,19 @@ $(VENV)/.installed: pyproject.toml setup.py requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/dev.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	rm -f $(VENV)/.linked-*
+	touch $@
+
+# The project as a strict editable install: a tree of links to the sources
+# (build/__editable__.*/encinfer) that IDEs and type checkers follow, where the default
+# mode's import hook is opaque to them. The tree is made again when a module is added or
+# removed (the stamp names a hash of the file list); edits to existing files need nothing.
+SOURCE_LIST := $(shell find services client protos \( -name '*.py' -o -name '*.proto' -o -name py.typed \) \
+                 -not -name '*_pb2*' 2>/dev/null | sort | md5sum | cut -c1-12)
+LINKED := $(VENV)/.linked-$(SOURCE_LIST)
+$(LINKED): $(VENV)/.installed
+	rm -f $(VENV)/.linked-*
+	$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=strict
 	touch $@
 
 # Re-resolves the locks from pyproject.toml (the only place dependencies are listed).
@@ -32,10 +44,10 @@ lock: $(VENV)/.installed
 	$(LOCK) -o requirements/runtime.txt
 	$(LOCK) --extra dev -o requirements/dev.txt
 
-setup: $(VENV)/.installed stubs
+setup: $(LINKED) stubs
 
 # Stubs are build output: regenerated from protos/ whenever a .proto changes.
-stubs: $(VENV)/.installed
+stubs: $(LINKED)
 	$(PY) -c 'from setup import generate_stubs; generate_stubs()'
 
 minio-bin: $(ENCINFER_MINIO_BIN)
