@@ -13,6 +13,8 @@ MINIO_VERSION := v0.0.0-20250907161309-07c3a429bfed
 GHZ_VERSION := v0.121.0
 export ENCINFER_MINIO_BIN ?= $(BIN)/minio
 export ENCINFER_GHZ_BIN ?= $(BIN)/ghz
+BUF_VERSION := v1.75.0
+BUF := $(BIN)/buf
 
 .PHONY: setup stubs test demo minio minio-bin ghz-bin bench bench-quick bench-keystore stack secrets clean
 
@@ -49,6 +51,19 @@ setup: $(LINKED) stubs
 # Stubs are build output: regenerated from protos/ whenever a .proto changes.
 stubs: $(LINKED)
 	$(PY) -c 'from setup import generate_stubs; generate_stubs()'
+
+buf-bin: $(BUF)
+$(BUF):
+	mkdir -p $(BIN)
+	GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+
+# ruff and mypy on the code, buf's STANDARD rules on the protos (exceptions in buf.yaml).
+# mypy reads the strict editable tree, where `encinfer` is laid out as it is imported.
+.PHONY: lint buf-bin
+lint: setup buf-bin
+	$(VENV)/bin/ruff check services client tests bench scripts setup.py
+	cd build/__editable__.encinfer-*/ && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p encinfer
+	$(BUF) lint
 
 minio-bin: $(ENCINFER_MINIO_BIN)
 $(ENCINFER_MINIO_BIN):
