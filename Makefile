@@ -87,8 +87,19 @@ test: setup minio-bin ghz-bin
 demo: setup
 	$(VENV)/bin/encinfer demo
 
-bench: setup minio-bin
+bench: setup minio-bin concrete-peer
 	$(VENV)/bin/python -m bench.run
+
+# Concrete ML 1.9, the peer a user would pick instead, in an environment of its own (torch
+# and its CUDA wheels: a few GB, several minutes, once); only `make bench` needs it.
+CONCRETE_VENV := bench/concrete-venv
+.PHONY: concrete-peer
+concrete-peer: $(CONCRETE_VENV)/.installed
+$(CONCRETE_VENV)/.installed:
+	$(PYTHON) -m venv $(CONCRETE_VENV)
+	$(CONCRETE_VENV)/bin/pip install --quiet --upgrade pip
+	$(CONCRETE_VENV)/bin/pip install --quiet concrete-ml==1.9.0
+	touch $@
 
 bench-quick: setup minio-bin
 	$(VENV)/bin/python -m bench.run --quick

@@ -11,6 +11,9 @@
   Galois keys from `generate_galois_keys()`, public-key encryption; the ten scores by
   `ckks_vector(x).mm(W.T) + b`, or by ten `enc.dot(w_c) + b_c` calls.
 - plaintext scikit-learn: `decision_function` on a batch, the limit.
+- Concrete ML 1.9, what a user would pick instead today: its own quantized
+  LogisticRegression through FHEModelDev/FHEModelClient/FHEModelServer, in its own
+  environment (bench/concrete_peer.py, `make concrete-peer`).
 
 Every row is a dict with the fields of bench/results.json. Per image: client encrypt
 (encode + encrypt + serialize), server (deserialize the input, compute, serialize the
@@ -28,8 +31,11 @@ import argparse
 import base64
 import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -342,10 +348,40 @@ def bench_tenseal_dot(W: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray
     return _bench_tenseal("ten dot", W, b, X, y, lambda enc: [enc.dot(w) + c for w, c in zip(rows, bias)])
 
 
+# ------------------------------------------------------------------ Concrete ML
+
+CONCRETE_PYTHON = Path(__file__).resolve().parent / "concrete-venv" / "bin" / "python"
+CONCRETE_N_BITS = 8
+
+
+def bench_concrete_ml(X: np.ndarray, y: np.ndarray, n_images: int | None = 100,
+                      train: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Concrete ML's row, measured in its own environment on the same test images; it trains
+    its own quantized model on `train` (default: the images encinfer's model was trained on)."""
+    if not CONCRETE_PYTHON.exists():
+        raise ImportError(f"Concrete ML is not installed: `make concrete-peer` makes {CONCRETE_PYTHON.parent.parent}")
+    if train is None:
+        from encinfer import datasets
+        X_train, y_train, _, _ = datasets.train_test()
+    else:
+        X_train, y_train = train
+    X, y = _images(X, y, n_images)
+    with tempfile.TemporaryDirectory(prefix="concrete-data-") as tmp:
+        data = Path(tmp) / "data.npz"
+        np.savez(data, X_train=X_train, y_train=y_train, X_test=X, y_test=y)
+        out = subprocess.run([str(CONCRETE_PYTHON), str(Path(__file__).with_name("concrete_peer.py")), str(data),
+                              "--images", str(len(X)), "--n-bits", str(CONCRETE_N_BITS)],
+                             capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"the Concrete ML peer failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # ------------------------------------------------------------------ all peers
 
-DEFAULT_COUNTS = {"ei_shipped": 3, "ei_best": 10, "tenseal_mm": 3, "tenseal_dot": 10, "plaintext": None}
-QUICK_COUNTS = {"ei_shipped": 1, "ei_best": 2, "tenseal_mm": 1, "tenseal_dot": 2, "plaintext": None}
+DEFAULT_COUNTS = {"ei_shipped": 3, "ei_best": 10, "tenseal_mm": 3, "tenseal_dot": 10, "concrete_ml": 100,
+                  "plaintext": None}
+QUICK_COUNTS = {"ei_shipped": 1, "ei_best": 2, "tenseal_mm": 1, "tenseal_dot": 2, "concrete_ml": 2, "plaintext": None}
 
 
 def run_peers(W: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray, counts: dict | None = None,
@@ -359,6 +395,7 @@ def run_peers(W: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray, counts
         "ei_best": lambda n: bench_encrypted_inference(W, b, X, y, n, mode="best"),
         "tenseal_mm": lambda n: bench_tenseal_mm(W, b, X, y, n),
         "tenseal_dot": lambda n: bench_tenseal_dot(W, b, X, y, n),
+        "concrete_ml": lambda n: bench_concrete_ml(X, y, n),
     }
     rows = []
     for name, run in runs.items():
