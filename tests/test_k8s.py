@@ -579,11 +579,27 @@ def test_operator_secrets_are_documented():
         assert name in text and all(k in text for k in keys), name
 
 
+_DEF_REF = re.compile(r'"(?:/api/_definitions\.json)?#/\$defs/([^"]+)"')
+
+
+def reachable_definitions(text: str, definitions: dict) -> dict:
+    """The definitions a schema refers to, directly or through others (all 800-odd would be compiled)."""
+    found: dict = {}
+    pending = _DEF_REF.findall(text)
+    while pending:
+        name = pending.pop()
+        if name not in found:
+            found[name] = definitions[name]
+            pending += _DEF_REF.findall(json.dumps(found[name]))
+    return json.loads(json.dumps(found).replace('"/api/_definitions.json#/$defs/', '"#/$defs/'))
+
+
 def inlined_schemas(version: str, kinds: Iterable[tuple[str, str]]) -> Path:
     """kubernetes-validate's strict schemas for these kinds, each made self-contained (kubeconform
     resolves no `/api/_definitions.json` references), under ~/.cache/encinfer."""
     source = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{version}.0-local-strict"
-    out = CACHE / "k8s-schemas" / f"kubernetes-validate-{kubernetes_validate.version.__version__}" / f"v{version}-strict"
+    out = (CACHE / "k8s-schemas" / f"kubernetes-validate-{kubernetes_validate.version.__version__}"
+           / f"v{version}-strict-pruned")
     out.mkdir(parents=True, exist_ok=True)
     definitions = json.loads((source / "_definitions.json").read_text(encoding="utf-8"))["$defs"]
     for kind, api_version in kinds:
@@ -596,7 +612,7 @@ def inlined_schemas(version: str, kinds: Iterable[tuple[str, str]]) -> Path:
         schema.pop("$id", None)
         text = json.dumps(schema).replace('"/api/_definitions.json#/$defs/', '"#/$defs/')
         schema = json.loads(text)
-        schema["$defs"] = definitions
+        schema["$defs"] = reachable_definitions(text, definitions)
         tmp = target.with_suffix(".tmp")
         tmp.write_text(json.dumps(schema), encoding="utf-8")
         tmp.replace(target)
@@ -622,7 +638,7 @@ def test_kubeconform_accepts_the_overlay_with_local_schemas_only(overlay, tmp_pa
     schemas = inlined_schemas(KUBERNETES_VERSIONS[-1], {(r["kind"], r["apiVersion"]) for r in resources})
     manifest = tmp_path / f"{overlay}.yaml"
     manifest.write_text(yaml.safe_dump_all(resources), encoding="utf-8")
-    result = subprocess.run(offline([str(kubeconform), "-strict", "-summary", "-output", "json",
+    result = subprocess.run(offline([str(kubeconform), "-strict", "-summary", "-output", "json", "-n", "1",
                                      "-schema-location", str(schemas) + "/{{ .ResourceKind }}{{ .KindSuffix }}.json",
                                      str(manifest)]), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -639,7 +655,7 @@ def test_kubeconform_rejects_an_unknown_field(tmp_path):
     schemas = inlined_schemas(KUBERNETES_VERSIONS[-1], {(r["kind"], r["apiVersion"]) for r in resources})
     manifest = tmp_path / "broken.yaml"
     manifest.write_text(yaml.safe_dump_all(resources), encoding="utf-8")
-    result = subprocess.run(offline([str(kubeconform), "-strict", "-schema-location",
+    result = subprocess.run(offline([str(kubeconform), "-strict", "-n", "1", "-schema-location",
                                      str(schemas) + "/{{ .ResourceKind }}{{ .KindSuffix }}.json", str(manifest)]),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "livenesProbe" in result.stdout
