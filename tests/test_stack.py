@@ -109,12 +109,12 @@ def test_port_a_service_does_not_publish_is_refused(tmp_path):
 
 def test_dependencies_start_first():
     compose = stack_mod.load_compose()
-    assert start_order(compose["services"], ["inference"]) == ["minio", "s3-init", "keystore", "inference"]
+    assert start_order(compose["services"], ["inference"]) == ["init", "minio", "s3-init", "keystore", "inference"]
 
 
 def test_a_subset_starts_only_what_it_needs():
     compose = stack_mod.load_compose()
-    assert start_order(compose["services"], ["s3-init"]) == ["minio", "s3-init"]
+    assert start_order(compose["services"], ["s3-init"]) == ["init", "minio", "s3-init"]
 
 
 def test_dependency_cycle_is_refused():
