@@ -16,7 +16,7 @@ KUBECONFORM_VERSION := v0.8.0
 export ENCINFER_MINIO_BIN ?= $(BIN)/minio
 export ENCINFER_GHZ_BIN ?= $(BIN)/ghz
 
-.PHONY: setup stubs test demo minio minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins bench bench-quick bench-keystore stack secrets clean
+.PHONY: setup stubs test demo minio minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins test-tools bench bench-quick bench-keystore stack secrets clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -59,13 +59,21 @@ proxy-bins:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx haproxy; \
 	else echo "proxy-bins: nginx/haproxy missing and not root with apt-get: the proxy syntax tests will skip" >&2; fi
 
+# The small Go checkers the deployment tests use (compose-go's loader, BuildKit's
+# Dockerfile lint, Envoy's API) and the compose schema, fetched and built once into
+# ~/.cache/encinfer, so the tests themselves need no network.
+test-tools: setup
+	$(PY) -c 'import sys; sys.path.insert(0, "tests"); import test_deploy as d, test_k8s as k; \
+	  d.compose_schema(); d.compose_check_binary(); k.envoy_check_binary(); \
+	  d.go_tool("dockerfilecheck", d.DOCKERFILE_CHECK_GO, d.BUILDKIT, d.BUILDKIT_VERSION)'
+
 # A local MinIO on loopback for development (tests start their own).
 minio: minio-bin
 	mkdir -p var/minio
 	MINIO_ROOT_USER=$${MINIO_ROOT_USER:-encinfer} MINIO_ROOT_PASSWORD=$${MINIO_ROOT_PASSWORD:-encinfer-dev-secret} \
 	  $(ENCINFER_MINIO_BIN) server --address 127.0.0.1:9000 --console-address 127.0.0.1:9001 var/minio
 
-test: setup minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins
+test: setup minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins test-tools
 	bash scripts/run-tests.sh
 
 demo: setup

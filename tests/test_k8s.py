@@ -8,8 +8,9 @@ and the newest Kubernetes the manifests support, and again by kubeconform fed wi
 same schemas (their `$defs` references inlined), run without a network. Schemas cannot
 see cross-references, so each check below is a function returning problems: selectors,
 ports, probes, environment, secrets, security context, drain timing, network reach,
-MinIO's endpoints and Envoy's clusters. The mutation tests break a copy of the render
-to show that each check can fail.
+MinIO's endpoints and Envoy's clusters; Envoy's configuration is also parsed and
+validated by Envoy's own API types (go-control-plane). The mutation tests break a copy
+of the render to show that each check can fail.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from test_deploy import CACHE, entrypoint_file_variables, load_compose, variables_read_by_code
+from test_deploy import CACHE, entrypoint_file_variables, go_tool, load_compose, variables_read_by_code
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"
@@ -533,10 +534,112 @@ def envoy_problems(resources: Resources) -> list[str]:
     return problems
 
 
+# Envoy's configuration, checked against Envoy's own API: go-control-plane's generated
+# types parse it (unknown fields and unknown typed_config types fail, every Any is
+# resolved) and their protoc-gen-validate rules run on every message, Any contents
+# included. A few lines of Go, built once and cached (tests/test_deploy.go_tool).
+ENVOY_API = "github.com/envoyproxy/go-control-plane/envoy"
+ENVOY_API_VERSION = "v1.35.0"
+ENVOY_CHECK_GO = """\
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/retry/host/previous_hosts/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+type validator interface{ ValidateAll() error }
+
+// check runs the message's validation rules, then those of every message inside it,
+// unpacking Any fields (PGV does not look inside them).
+func check(m protoreflect.Message) error {
+	if v, ok := m.Interface().(validator); ok {
+		if err := v.ValidateAll(); err != nil {
+			return err
+		}
+	}
+	if a, ok := m.Interface().(*anypb.Any); ok {
+		inner, err := a.UnmarshalNew()
+		if err != nil {
+			return fmt.Errorf("%s: %w", a.GetTypeUrl(), err)
+		}
+		return check(inner.ProtoReflect())
+	}
+	var err error
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		if fd.Kind() != protoreflect.MessageKind {
+			return true
+		}
+		switch {
+		case fd.IsList():
+			for i := 0; i < v.List().Len() && err == nil; i++ {
+				err = check(v.List().Get(i).Message())
+			}
+		case fd.IsMap():
+			v.Map().Range(func(_ protoreflect.MapKey, mv protoreflect.Value) bool {
+				if fd.MapValue().Kind() == protoreflect.MessageKind {
+					err = check(mv.Message())
+				}
+				return err == nil
+			})
+		default:
+			err = check(v.Message())
+		}
+		return err == nil
+	})
+	return err
+}
+
+// Usage: envoycheck < bootstrap.json
+func main() {
+	data, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	var b bootstrapv3.Bootstrap
+	if err := protojson.Unmarshal(data, &b); err != nil {
+		fmt.Fprintln(os.Stderr, "parse:", err)
+		os.Exit(1)
+	}
+	if err := check(proto.Message(&b).ProtoReflect()); err != nil {
+		fmt.Fprintln(os.Stderr, "invalid:", err)
+		os.Exit(1)
+	}
+}
+"""
+
+
+def envoy_check_binary() -> Path:
+    return go_tool("envoycheck", ENVOY_CHECK_GO, ENVOY_API, ENVOY_API_VERSION)
+
+
+def envoy_api_problems(resources: Resources) -> list[str]:
+    """Envoy's config as Envoy's API defines it (field names, types, validation rules)."""
+    try:
+        _, config = envoy_config(resources)
+    except (KeyError, StopIteration, ValueError) as e:
+        return [f"the proxy's Envoy config cannot be found: {e}"]
+    result = subprocess.run([str(envoy_check_binary())], input=json.dumps(config), capture_output=True, text=True, timeout=60)
+    return [result.stderr.strip()] if result.returncode != 0 else []
+
+
 CHECKS: dict[str, Callable[[Resources], list[str]]] = {
     "schema": schema_problems, "selectors": selector_problems, "ports": port_problems, "env": env_problems,
     "secrets": secret_problems, "security": security_problems, "probes": probe_problems, "drain": drain_problems,
     "network": network_problems, "minio": minio_problems, "scaling": scaling_problems, "envoy": envoy_problems,
+    "envoy_api": envoy_api_problems,
 }
 
 
@@ -753,6 +856,14 @@ MUTATIONS = {
         lambda c: c["static_resources"]["clusters"][0].update(lb_policy="ROUND_ROBIN"))),
     "upstream on HTTP/1.1": ("envoy", edit_envoy(lambda c: c["static_resources"]["clusters"][0].pop(
         "typed_extension_protocol_options"))),
+    "misspelt Envoy field": ("envoy_api", edit_envoy(lambda c: c["static_resources"]["clusters"][0].update(
+        lb_polcy="RING_HASH"))),
+    "unknown Envoy load-balancing policy": ("envoy_api", edit_envoy(
+        lambda c: c["static_resources"]["clusters"][0].update(lb_policy="CONSISTENT_HASH"))),
+    "Envoy filter config of an unknown type": ("envoy_api", edit_envoy(lambda c: c["static_resources"]["listeners"][0][
+        "filter_chains"][0]["filters"][0]["typed_config"].update({"@type": "type.googleapis.com/envoy.Nope"}))),
+    "Envoy rule inside a typed_config broken": ("envoy_api", edit_envoy(lambda c: _inference_route(c)["hash_policy"][0][
+        "header"].update(header_name=""))),
     "upstream on the wrong port": ("envoy", edit_envoy(lambda c: c["static_resources"]["clusters"][0]["load_assignment"][
         "endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"].update(port_value=50051))),
 }
