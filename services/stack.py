@@ -2,14 +2,15 @@
 
 The stack reads the compose file itself -- services, commands, environment, secrets,
 volumes, ports, health checks and depends_on -- and translates it for one machine:
-container addresses become 127.0.0.1 ports, /run/secrets/NAME becomes a local secret
-file, volumes become directories under the work dir, the MinIO image becomes the MinIO
+container addresses become 127.0.0.1 ports, volumes become directories under the work
+dir (the operator's deploy/secrets/ becomes the secrets dir; /run/secrets/NAME, for a
+compose file with `secrets:`, a local secret file), the MinIO image becomes the MinIO
 binary and the encinfer image becomes this Python's `encinfer` run through the image's
 own entrypoint (deploy/entrypoint.sh). So `docker compose up` and `encinfer stack up`
 cannot drift apart: there is one description of the deployment.
 
-    encinfer stack secrets          # deploy/secrets/, what compose needs too
-    encinfer stack up --for 60      # MinIO, s3-init, key store, inference
+    encinfer stack secrets          # deploy/secrets/, which compose's init uses too
+    encinfer stack up --for 60      # init, MinIO, s3-init, key store, inference
 
 Python (tests, `make load`)::
 

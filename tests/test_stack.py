@@ -133,6 +133,17 @@ def test_every_service_gets_exactly_the_variables_compose_sets(tmp_path):
 
 
 @needs_minio
+def test_init_writes_into_the_stack_volumes_and_reads_the_secrets_dir(tmp_path):
+    stack = Stack(tmp_path / "work", free_ports=True, secrets_dir=tmp_path / "mine")
+    stack.prepare()
+    env = stack.env("init")
+    assert env["ENCINFER_INIT_OPERATOR_DIR"] == str(tmp_path / "mine")
+    assert all(env[v].startswith(str(tmp_path / "work" / "volumes")) for v in env if v.endswith("_DIR") and "OPERATOR" not in v)
+    assert not [v for v in env.values() if "/run/encinfer" in v]
+    assert (tmp_path / "mine" / "tokens.json").is_file()  # written like `encinfer stack secrets`
+
+
+@needs_minio
 def test_inference_environment_has_no_storage_variable(tmp_path):
     stack = Stack(tmp_path, free_ports=True)
     stack.prepare()
