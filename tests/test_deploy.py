@@ -521,6 +521,22 @@ def test_compose_loads_with_the_library_docker_compose_uses():
     assert project["services"]["inference"]["environment"]["ENCINFER_KEYSTORE_TARGET"] == "keystore:50051"
 
 
+@pytest.mark.parametrize("path", [ROOT_COMPOSE_FILE, TLS_COMPOSE_FILE], ids=["compose.yml", "deploy/compose.tls.yml"])
+def test_root_and_tls_compose_files_pass_the_schema(path):
+    assert schema_problems(yaml.safe_load(path.read_text(encoding="utf-8"))) == []
+
+
+def test_schema_check_catches_a_broken_include():
+    root = yaml.safe_load(ROOT_COMPOSE_FILE.read_text(encoding="utf-8"))
+    root["include"][0]["paths"] = root["include"][0].pop("path")
+    assert schema_problems(root) != []
+
+
+def test_root_compose_load_fails_when_an_included_file_is_missing():
+    text = ROOT_COMPOSE_FILE.read_text(encoding="utf-8").replace("deploy/compose.tls.yml", "deploy/compose.nope.yml")
+    assert compose_go_load(text, ROOT_COMPOSE_FILE).returncode != 0
+
+
 def test_root_compose_file_is_the_deployment_with_tls_merged_in():
     project = root_project()
     assert project["name"] == "encinfer"
