@@ -11,12 +11,15 @@ BIN := $(ENCINFER_CACHE)/bin
 # The Go proxy serves the release commit only as a pseudo-version.
 MINIO_VERSION := v0.0.0-20250907161309-07c3a429bfed
 GHZ_VERSION := v0.121.0
+# tests/test_k8s.py renders deploy/k8s/ with this kustomize and validates it with kubeconform.
+KUSTOMIZE_VERSION := v5.5.0
+KUBECONFORM_VERSION := v0.8.0
 export ENCINFER_MINIO_BIN ?= $(BIN)/minio
 export ENCINFER_GHZ_BIN ?= $(BIN)/ghz
 BUF_VERSION := v1.75.0
 BUF := $(BIN)/buf
 
-.PHONY: setup stubs test demo minio minio-bin ghz-bin bench bench-quick bench-keystore stack secrets clean
+.PHONY: setup stubs test demo minio minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins test-tools bench bench-quick bench-keystore stack secrets clean
 
 # Exact versions from the committed lock, then the project itself without dependencies.
 $(VENV)/.installed: pyproject.toml setup.py requirements/dev.txt
@@ -75,13 +78,40 @@ $(ENCINFER_GHZ_BIN):
 	mkdir -p $(BIN)
 	GOBIN=$(BIN) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
 
+kustomize-bin: $(BIN)/kustomize
+$(BIN)/kustomize:
+	mkdir -p $(BIN)
+	GOBIN=$(BIN) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+
+kubeconform-bin: $(BIN)/kubeconform
+$(BIN)/kubeconform:
+	mkdir -p $(BIN)
+	GOBIN=$(BIN) go install github.com/yannh/kubeconform/cmd/kubeconform@$(KUBECONFORM_VERSION)
+
+# Debian's nginx and HAProxy, for the syntax checks of deploy/proxy/ (tests/test_proxy.py
+# skips them, saying why, where they cannot be installed). Installed once: nothing happens
+# when both are on PATH. The image's policy-rc.d keeps apt from starting either service.
+proxy-bins:
+	@if command -v nginx >/dev/null && command -v haproxy >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx haproxy; \
+	else echo "proxy-bins: nginx/haproxy missing and not root with apt-get: the proxy syntax tests will skip" >&2; fi
+
+# The small Go checkers the deployment tests use (compose-go's loader, BuildKit's
+# Dockerfile lint, Envoy's API) and the compose schema, fetched and built once into
+# ~/.cache/encinfer, so the tests themselves need no network.
+test-tools: setup
+	$(PY) -c 'import sys; sys.path.insert(0, "tests"); import test_deploy as d, test_k8s as k; \
+	  d.compose_schema(); d.compose_check_binary(); k.envoy_check_binary(); \
+	  d.go_tool("dockerfilecheck", d.DOCKERFILE_CHECK_GO, d.BUILDKIT, d.BUILDKIT_VERSION)'
+
 # A local MinIO on loopback for development (tests start their own).
 minio: minio-bin
 	mkdir -p var/minio
 	MINIO_ROOT_USER=$${MINIO_ROOT_USER:-encinfer} MINIO_ROOT_PASSWORD=$${MINIO_ROOT_PASSWORD:-encinfer-dev-secret} \
 	  $(ENCINFER_MINIO_BIN) server --address 127.0.0.1:9000 --console-address 127.0.0.1:9001 var/minio
 
-test: setup minio-bin ghz-bin
+test: setup minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins test-tools
 	bash scripts/run-tests.sh
 
 demo: setup

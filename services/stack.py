@@ -2,14 +2,15 @@
 
 The stack reads the compose file itself -- services, commands, environment, secrets,
 volumes, ports, health checks and depends_on -- and translates it for one machine:
-container addresses become 127.0.0.1 ports, /run/secrets/NAME becomes a local secret
-file, volumes become directories under the work dir, the MinIO image becomes the MinIO
+container addresses become 127.0.0.1 ports, volumes become directories under the work
+dir (the operator's deploy/secrets/ becomes the secrets dir; /run/secrets/NAME, for a
+compose file with `secrets:`, a local secret file), the MinIO image becomes the MinIO
 binary and the encinfer image becomes this Python's `encinfer` run through the image's
 own entrypoint (deploy/entrypoint.sh). So `docker compose up` and `encinfer stack up`
 cannot drift apart: there is one description of the deployment.
 
-    encinfer stack secrets          # deploy/secrets/, what compose needs too
-    encinfer stack up --for 60      # MinIO, s3-init, key store, inference
+    encinfer stack secrets          # deploy/secrets/, which compose's init uses too
+    encinfer stack up --for 60      # init, MinIO, s3-init, key store, inference
 
 Python (tests, `make load`)::
 
@@ -47,6 +48,8 @@ IMAGE_MODELS_DIR = "/app/models"
 # The command deploy/Dockerfile runs at build time for the default model; the stack runs
 # the same one when the artifact is missing (tests check the Dockerfile still says this).
 DEFAULT_MODEL_COMMAND = ("model", "train-mnist", "--out")
+# The bind mount of deploy/secrets/ in compose.yml: the stack's secrets_dir stands in for it.
+OPERATOR_SECRETS_SOURCE = "./secrets"
 LOOPBACK_HOSTS = ("", "0.0.0.0", "127.0.0.1", "localhost", "::")
 
 
@@ -361,7 +364,11 @@ class Stack:
             if "file" not in source:
                 raise StackError(f"secret {name!r} has no `file:` in the compose file")
             secret_files[name] = self.secrets_dir / Path(source["file"]).name
-        if any(not p.exists() for p in secret_files.values()):
+        # The operator's secrets directory (compose's `init` copies what it finds there) is
+        # secrets_dir here, filled like `encinfer stack secrets` so clients can read the tokens.
+        operator_dir = any(str(v).split(":")[0] == OPERATOR_SECRETS_SOURCE
+                           for name in self.order for v in spec[name].get("volumes", []) or [])
+        if operator_dir or any(not p.exists() for p in secret_files.values()):
             written = write_secrets(self.secrets_dir)
             log.info("wrote secrets", extra={"fields": {"dir": str(self.secrets_dir), "files": len(written)}})
 
@@ -374,7 +381,12 @@ class Stack:
             for volume in spec[name].get("volumes", []) or []:
                 source, _, target = str(volume).partition(":")
                 target = target.split(":")[0]
-                local = (compose_dir / source) if source.startswith((".", "/")) else self.workdir / "volumes" / source
+                if source == OPERATOR_SECRETS_SOURCE:
+                    local = self.secrets_dir
+                elif source.startswith((".", "/")):
+                    local = compose_dir / source
+                else:
+                    local = self.workdir / "volumes" / source
                 local.mkdir(parents=True, exist_ok=True)
                 paths.setdefault(name, {})[target] = local.resolve()
         translate = Translator(ports, secret_files, paths, {IMAGE_MODELS_DIR: self.models_dir})

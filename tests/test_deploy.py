@@ -1,4 +1,5 @@
-"""deploy/compose.yml and deploy/Dockerfile, checked without a Docker engine.
+"""compose.yml, deploy/compose.yml, deploy/compose.tls.yml and deploy/Dockerfile, checked
+without a Docker engine.
 
 The compose file is validated against the Compose Specification's JSON schema (the one
 `docker compose` itself embeds, from the Go module compose-spec/compose-go, fetched at
@@ -28,6 +29,9 @@ from encinfer import stack
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "compose.yml"
+# `docker compose up` from the root: deploy/compose.yml with deploy/compose.tls.yml merged in.
+ROOT_COMPOSE_FILE = REPO / "compose.yml"
+TLS_COMPOSE_FILE = DEPLOY / "compose.tls.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 ENTRYPOINT = DEPLOY / "entrypoint.sh"
 
@@ -39,7 +43,12 @@ SCHEMA_CACHE = CACHE / "compose-spec" / f"compose-go-{COMPOSE_GO_VERSION}.json"
 ENCINFER_IMAGE = "encinfer"
 # The services that may see MinIO's root credentials.
 ROOT_CREDENTIAL_SERVICES = {"minio", "s3-init"}
-STORAGE_SECRETS = {"minio_root_user", "minio_root_password", "keystore_s3_access_key", "keystore_s3_secret_key"}
+# The volumes `init` (encinfer deploy-init) fills, by the variable that names its directory.
+CREDENTIAL_VOLUMES = {"minio-credentials": "ENCINFER_INIT_MINIO_DIR", "keystore-credentials": "ENCINFER_INIT_KEYSTORE_S3_DIR",
+                      "tokens": "ENCINFER_INIT_TOKENS_DIR", "tls": "ENCINFER_INIT_TLS_DIR"}
+STORAGE_VOLUMES = {"minio-credentials", "keystore-credentials"}
+INIT_SERVICE = "init"
+OPERATOR_DIR = "./secrets"
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -191,9 +200,17 @@ def dockerfile_lint(text: str) -> list[str]:
     return problems
 
 
-def compose_go_load(text: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(compose_check_binary()), str(COMPOSE_FILE)], input=text,
+def compose_go_load(text: str, path: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
+    """compose-go's load of text as if it were the file at path (includes resolve from there)."""
+    return subprocess.run([str(compose_check_binary()), str(path)], input=text,
                           capture_output=True, text=True, timeout=60)
+
+
+def root_project() -> dict:
+    """What `docker compose up` from the repository root runs: the root file, includes merged."""
+    result = compose_go_load(ROOT_COMPOSE_FILE.read_text(encoding="utf-8"), ROOT_COMPOSE_FILE)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def load_compose() -> dict:
@@ -363,43 +380,101 @@ def variable_problems(compose: dict) -> list[str]:
     return problems
 
 
+def mounts(service: dict) -> dict[str, str]:
+    """target -> source of a service's volumes (short syntax, as this file writes them)."""
+    out = {}
+    for v in service.get("volumes", []) or []:
+        source, _, rest = str(v).partition(":")
+        out[rest.split(":")[0]] = source
+    return out
+
+
 def credential_problems(compose: dict) -> list[str]:
     """Storage credentials stay with storage: none for inference, no root outside minio/s3-init."""
     problems = []
     for name, service in compose["services"].items():
         env = env_of(service)
-        secrets = {s if isinstance(s, str) else s["source"] for s in service.get("secrets", []) or []}
+        volumes = set(mounts(service).values())
         if name == "inference":
             s3 = [v for v in env if v.startswith("ENCINFER_S3_") or v.startswith("MINIO_")]
-            if s3 or secrets & STORAGE_SECRETS:
-                problems.append(f"inference gets storage credentials: {sorted(s3) + sorted(secrets & STORAGE_SECRETS)}")
-        if name not in ROOT_CREDENTIAL_SERVICES:
-            root = [v for v in env if "ROOT" in v] + sorted(s for s in secrets if s.startswith("minio_root"))
+            if s3 or volumes & STORAGE_VOLUMES:
+                problems.append(f"inference gets storage credentials: {sorted(s3) + sorted(volumes & STORAGE_VOLUMES)}")
+        if name not in ROOT_CREDENTIAL_SERVICES | {INIT_SERVICE}:
+            root = [v for v in env if "ROOT" in v] + sorted(volumes & {"minio-credentials"})
             if root:
                 problems.append(f"{name} gets MinIO's root credentials: {root}")
+        if name != INIT_SERVICE and OPERATOR_DIR in volumes:
+            problems.append(f"{name} mounts the operator's secrets directory; only {INIT_SERVICE} reads it")
         for var, value in env.items():
             if re.search(r"(SECRET|SECRET_KEY|PASSWORD|ACCESS_KEY|TOKEN|TOKENS|ROOT_USER)$", var) and value:
-                problems.append(f"{name}: {var} given as a value; use a secret file (_FILE)")
+                problems.append(f"{name}: {var} given as a value; use a file (_FILE) in a credentials volume")
     return problems
 
 
+def init_files() -> dict[str, set[str]]:
+    """The files `encinfer deploy-init` writes, by the variable naming their directory."""
+    from encinfer import deploy_init
+
+    return {g.variable: set(g.files) for g in deploy_init.groups(["x"])}
+
+
+def depends_on_transitively(compose: dict, name: str, target: str) -> bool:
+    seen, pending = set(), [name]
+    while pending:  # bounded: each service is visited once
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        deps = compose["services"].get(current, {}).get("depends_on") or {}
+        if isinstance(deps, dict) and target in deps and (deps[target] or {}).get("condition") == "service_completed_successfully":
+            return True
+        pending += list(deps)
+    return False
+
+
 def secret_problems(compose: dict) -> list[str]:
-    """Every secret is a file in deploy/secrets/ that `encinfer stack secrets` writes."""
+    """Every credential file a service reads is one `init` writes into a volume that service
+    mounts read-only, and the service waits for init; no compose secret needs a file a fresh
+    clone lacks; only init reads the operator's directory, read-only."""
     problems = []
-    defined = compose.get("secrets") or {}
-    with tempfile.TemporaryDirectory() as tmp:
-        generated = {p.name for p in stack.write_secrets(Path(tmp) / "secrets")}
+    if compose.get("secrets"):
+        problems.append("compose secrets need files a fresh clone lacks; use init's volumes")
+    init = compose["services"].get(INIT_SERVICE)
+    if init is None:
+        return problems + [f"no {INIT_SERVICE} service"]
+    init_env, init_mounts, files = env_of(init), mounts(init), init_files()
+    volume_files: dict[str, set[str]] = {}
+    for volume, variable in CREDENTIAL_VOLUMES.items():
+        target = init_env.get(variable, "")
+        if init_mounts.get(target) != volume:
+            problems.append(f"{INIT_SERVICE}: {variable}={target or '(unset)'} is not where volume {volume} is mounted")
+        volume_files[volume] = files[variable]
+    operator = [t for t, s in init_mounts.items() if s == OPERATOR_DIR]
+    if not operator or init_env.get("ENCINFER_INIT_OPERATOR_DIR") != operator[0]:
+        problems.append(f"{INIT_SERVICE}: ENCINFER_INIT_OPERATOR_DIR is not the bind mount of {OPERATOR_DIR}")
+    if not (DEPLOY / OPERATOR_DIR).is_dir():
+        problems.append(f"deploy/{OPERATOR_DIR[2:]} does not exist in the repository (docker would create it as root)")
     for name, service in compose["services"].items():
-        for secret in service.get("secrets", []) or []:
-            secret = secret if isinstance(secret, str) else secret["source"]
-            if secret not in defined:
-                problems.append(f"{name}: secret {secret} is not defined at the top level")
-    for secret, spec in defined.items():
-        path = str((spec or {}).get("file", ""))
-        if not path.startswith("./secrets/"):
-            problems.append(f"secret {secret}: file {path!r} is not under deploy/secrets/")
-        elif Path(path).name not in generated:
-            problems.append(f"secret {secret}: `encinfer stack secrets` does not write {Path(path).name}")
+        if name == INIT_SERVICE:
+            continue
+        service_mounts = mounts(service)
+        for target, source in service_mounts.items():
+            if source in CREDENTIAL_VOLUMES and not any(str(v).endswith(":ro") for v in service.get("volumes", [])
+                                                        if str(v).startswith(f"{source}:")):
+                problems.append(f"{name}: credentials volume {source} is not mounted read-only")
+        if any(s in CREDENTIAL_VOLUMES for s in service_mounts.values()) and not depends_on_transitively(
+                compose, name, INIT_SERVICE):
+            problems.append(f"{name}: reads init's volumes but does not wait for {INIT_SERVICE} to complete")
+        for var, path in env_of(service).items():
+            if not var.endswith("_FILE") and var not in ("ENCINFER_TLS_CERT", "ENCINFER_TLS_KEY",
+                                                         "ENCINFER_PROBE_TLS_CA", "ENCINFER_KEYSTORE_TLS_CA"):
+                continue
+            directory, _, filename = path.rpartition("/")
+            volume = service_mounts.get(directory)
+            if volume not in CREDENTIAL_VOLUMES:
+                problems.append(f"{name}: {var}={path} is not in a credentials volume it mounts")
+            elif filename not in volume_files.get(volume, set()):
+                problems.append(f"{name}: {var}: `encinfer deploy-init` writes no {filename} into {volume}")
     return problems
 
 
@@ -442,8 +517,86 @@ def test_compose_loads_with_the_library_docker_compose_uses():
     result = compose_go_load(COMPOSE_FILE.read_text(encoding="utf-8"))
     assert result.returncode == 0, result.stderr
     project = json.loads(result.stdout)
-    assert set(project["services"]) == {"minio", "s3-init", "keystore", "inference"}
+    assert set(project["services"]) == {"init", "minio", "s3-init", "keystore", "inference"}
     assert project["services"]["inference"]["environment"]["ENCINFER_KEYSTORE_TARGET"] == "keystore:50051"
+
+
+@pytest.mark.parametrize("path", [ROOT_COMPOSE_FILE, TLS_COMPOSE_FILE], ids=["compose.yml", "deploy/compose.tls.yml"])
+def test_root_and_tls_compose_files_pass_the_schema(path):
+    assert schema_problems(yaml.safe_load(path.read_text(encoding="utf-8"))) == []
+
+
+def test_schema_check_catches_a_broken_include():
+    root = yaml.safe_load(ROOT_COMPOSE_FILE.read_text(encoding="utf-8"))
+    root["include"][0]["paths"] = root["include"][0].pop("path")
+    assert schema_problems(root) != []
+
+
+def test_root_compose_load_fails_when_an_included_file_is_missing():
+    text = ROOT_COMPOSE_FILE.read_text(encoding="utf-8").replace("deploy/compose.tls.yml", "deploy/compose.nope.yml")
+    assert compose_go_load(text, ROOT_COMPOSE_FILE).returncode != 0
+
+
+def test_root_compose_file_is_the_deployment_with_tls_merged_in():
+    project = root_project()
+    assert project["name"] == "encinfer"
+    assert set(project["services"]) == {"init", "minio", "s3-init", "keystore", "inference"}
+
+
+def tls_problems(project: dict) -> list[str]:
+    """Both gRPC listeners speak TLS with init's certificate; their probes and the inference
+    service's key-store client verify it, for names the certificate holds."""
+    problems = []
+    services = project["services"]
+    names = env_of(services[INIT_SERVICE]).get("ENCINFER_INIT_TLS_NAMES", "").split(",")
+    for name in ("keystore", "inference"):
+        env = env_of(services[name])
+        for var in ("ENCINFER_TLS_CERT", "ENCINFER_TLS_KEY", "ENCINFER_PROBE_TLS_CA"):
+            if not env.get(var):
+                problems.append(f"{name}: {var} unset: the listener or its health probe is plaintext")
+        test = (services[name].get("healthcheck") or {}).get("test") or []
+        host = str(test[-1]).rsplit(":", 1)[0] if test else ""
+        if host not in names:
+            problems.append(f"{name}: the probe's host {host!r} is not in the certificate ({names})")
+    inference = env_of(services["inference"])
+    target_host = inference.get("ENCINFER_KEYSTORE_TARGET", "").rsplit(":", 1)[0]
+    if not inference.get("ENCINFER_KEYSTORE_TLS_CA"):
+        problems.append("inference talks to the key store in plaintext")
+    if target_host not in names:
+        problems.append(f"the key store's name {target_host!r} is not in the certificate ({names})")
+    return problems
+
+
+def test_root_compose_turns_tls_on_for_every_grpc_listener():
+    assert tls_problems(root_project()) == []
+
+
+def test_root_compose_project_passes_the_credential_checks():
+    project = root_project()
+    # compose-go's normal form (long volume syntax) back to the short one the checks read.
+    for service in project["services"].values():
+        service["volumes"] = [f"{OPERATOR_DIR if v['type'] == 'bind' else v['source']}:{v['target']}"
+                              + (":ro" if v.get("read_only") else "") for v in service.get("volumes", [])]
+        service["depends_on"] = {k: {"condition": d["condition"]} for k, d in (service.get("depends_on") or {}).items()}
+    assert secret_problems(project) == [] and credential_problems(project) == []
+
+
+@pytest.mark.parametrize("mutation", ["plaintext key store", "probe without the CA", "key store name not in the certificate"])
+def test_tls_check_catches_a_broken_tls_setup(mutation):
+    project = root_project()
+    services = project["services"]
+    if mutation == "plaintext key store":
+        del services["keystore"]["environment"]["ENCINFER_TLS_CERT"]
+    elif mutation == "probe without the CA":
+        del services["inference"]["environment"]["ENCINFER_PROBE_TLS_CA"]
+    else:
+        services[INIT_SERVICE]["environment"]["ENCINFER_INIT_TLS_NAMES"] = "inference,127.0.0.1"
+    assert tls_problems(project) != []
+
+
+def test_stack_runs_deploy_compose_without_the_tls_file():
+    # `encinfer stack up` (loopback, plaintext clients) reads deploy/compose.yml alone.
+    assert stack.COMPOSE_FILE == COMPOSE_FILE and "ENCINFER_TLS_CERT" not in COMPOSE_FILE.read_text(encoding="utf-8")
 
 
 def undocumented(variables: set[str], text: str) -> list[str]:
@@ -606,6 +759,15 @@ def _set(path: str, value) -> Callable[[dict], None]:
     return mutate
 
 
+def _append(path: str, value) -> Callable[[dict], None]:
+    def mutate(c: dict) -> None:
+        node = c
+        for p in path.split("."):
+            node = node[p]
+        node.append(value)
+    return mutate
+
+
 def _delete(path: str) -> Callable[[dict], None]:
     def mutate(c: dict) -> None:
         *parents, last = path.split(".")
@@ -638,11 +800,23 @@ MUTATIONS = {
         "depends_on", _set("services.inference.depends_on", {"keystore": {"condition": "service_completed_successfully"}})),
     "variable no code reads": ("variables", _set("services.keystore.environment.ENCINFER_KEYSTORE_PORTT", "1")),
     "storage endpoint given to inference": ("credentials", _set("services.inference.environment.ENCINFER_S3_ENDPOINT", "minio:9000")),
-    "storage secret given to inference": ("credentials", _set("services.inference.secrets", ["tokens", "keystore_s3_secret_key"])),
-    "root credentials given to the key store": ("credentials", _set("services.keystore.secrets", ["tokens", "minio_root_password"])),
+    "storage credentials volume given to inference": ("credentials", _append("services.inference.volumes",
+                                                                              "keystore-credentials:/run/encinfer/keystore-s3:ro")),
+    "root credentials given to the key store": ("credentials", _append("services.keystore.volumes",
+                                                                       "minio-credentials:/run/encinfer/minio:ro")),
+    "operator's directory mounted by a service": ("credentials", _append("services.keystore.volumes",
+                                                                         "./secrets:/run/encinfer/operator:ro")),
     "credential as a plain value": ("credentials", _set("services.keystore.environment.ENCINFER_S3_SECRET_KEY", "hunter22")),
-    "secret nobody generates": ("secrets", _set("secrets.tokens", {"file": "./secrets/unknown.json"})),
-    "undefined secret": ("secrets", _set("services.keystore.secrets", ["tokens", "nope"])),
+    "file init never writes": ("secrets", _set("services.keystore.environment.ENCINFER_TOKENS_FILE",
+                                                "/run/encinfer/tokens/unknown.json")),
+    "file outside any credentials volume": ("secrets", _set("services.inference.environment.ENCINFER_KEYSTORE_TOKEN_FILE",
+                                                            "/run/secrets/inference_keystore_token")),
+    "compose secret a fresh clone lacks": ("secrets", _set("secrets", {"tokens": {"file": "./secrets/tokens.json"}})),
+    "credentials volume mounted writable": ("secrets", _set("services.inference.volumes",
+                                                            ["tokens:/run/encinfer/tokens", "tls:/run/encinfer/tls:ro"])),
+    "init writes where no volume is": ("secrets", _set("services.init.environment.ENCINFER_INIT_TOKENS_DIR", "/tmp/tokens")),
+    "minio does not wait for init": ("secrets", _delete("services.minio.depends_on")),
+    "no init": ("secrets", lambda c: c["services"].pop("init")),
     "inference on the storage network": ("networks", _set("services.inference.networks", ["grpc", "storage"])),
     "everything on the default network": ("networks", lambda c: [s.pop("networks", None) for s in c["services"].values()]),
     "undefined network": ("compose_go", _set("services.inference.networks", ["grpc", "backend"])),

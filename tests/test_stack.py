@@ -109,12 +109,12 @@ def test_port_a_service_does_not_publish_is_refused(tmp_path):
 
 def test_dependencies_start_first():
     compose = stack_mod.load_compose()
-    assert start_order(compose["services"], ["inference"]) == ["minio", "s3-init", "keystore", "inference"]
+    assert start_order(compose["services"], ["inference"]) == ["init", "minio", "s3-init", "keystore", "inference"]
 
 
 def test_a_subset_starts_only_what_it_needs():
     compose = stack_mod.load_compose()
-    assert start_order(compose["services"], ["s3-init"]) == ["minio", "s3-init"]
+    assert start_order(compose["services"], ["s3-init"]) == ["init", "minio", "s3-init"]
 
 
 def test_dependency_cycle_is_refused():
@@ -130,6 +130,17 @@ def test_every_service_gets_exactly_the_variables_compose_sets(tmp_path):
     compose = stack_mod.load_compose()["services"]
     for name in compose:
         assert set(stack.env(name)) == set(compose[name].get("environment") or {}), name
+
+
+@needs_minio
+def test_init_writes_into_the_stack_volumes_and_reads_the_secrets_dir(tmp_path):
+    stack = Stack(tmp_path / "work", free_ports=True, secrets_dir=tmp_path / "mine")
+    stack.prepare()
+    env = stack.env("init")
+    assert env["ENCINFER_INIT_OPERATOR_DIR"] == str(tmp_path / "mine")
+    assert all(env[v].startswith(str(tmp_path / "work" / "volumes")) for v in env if v.endswith("_DIR") and "OPERATOR" not in v)
+    assert not [v for v in env.values() if "/run/encinfer" in v]
+    assert (tmp_path / "mine" / "tokens.json").is_file()  # written like `encinfer stack secrets`
 
 
 @needs_minio
