@@ -52,7 +52,7 @@ RECONNECT_OPTIONS = [
 RETRY_SECONDS = 1.0
 # A failure that took at least SLOW_SECONDS (a hung key store) is handed for HOLD_SECONDS to
 # callers that arrive after it, instead of each starting a call and waiting its whole timeout.
-SLOW_SECONDS = 1.0
+SLOW_SECONDS = 0.5
 HOLD_SECONDS = 1.0
 
 
@@ -360,7 +360,10 @@ class KeySource:
         elif code == grpc.StatusCode.UNAVAILABLE and self._channel.get_state() != grpc.ChannelConnectivity.READY:
             # No connection: the failure is the transport's, not an answer of the key store.
             reason = details or "no connection"
-            message = f"the key store is unreachable ({reason})"
+            if "timed out" in reason:  # it accepted the connection but never spoke (hung, or packets dropped)
+                message = f"the key store is unreachable: it did not answer ({reason})"
+            else:
+                message = f"the key store is unreachable ({reason})"
         else:
             # The key store answered, e.g. UNAVAILABLE because its object storage is down:
             # its own words say what is wrong better than ours.
