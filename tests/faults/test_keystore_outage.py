@@ -198,7 +198,8 @@ def test_first_success_after_a_key_store_restart_comes_quickly(topology, tmp_pat
     lag = time.monotonic() - serving
     print(f"\nkey store killed for {outage:.0f} s: first success for an uncached key {lag:.2f} s after SERVING")
     assert answered
-    assert lag < 5.0
+    # Measured: 0.2 s (5 s outage) and 0.4 s (20 s); with gRPC's default backoff 2.7 s and 3.2 s.
+    assert lag < 2.5
 
 
 # ---------------------------------------------------------------- the key store's storage down
