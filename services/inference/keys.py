@@ -273,6 +273,9 @@ class KeySource:
         except KeyStoreUnavailable as e:
             self._outage(slot, e)
             raise
+        except DataLoss:
+            self._records.pop(slot)  # the key store says its record is corrupted: stop vouching for it
+            raise
         except NotFound:
             self._records.pop(slot)
             if owner and await self._exists(key_id):
