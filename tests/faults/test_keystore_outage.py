@@ -111,6 +111,8 @@ def test_cached_key_keeps_predicting_while_the_key_store_is_frozen(bare_topology
             outcomes.append(timed(alice.predict, 3.0, alice.encrypt(i)))
             time.sleep(0.4)
         failed = [r for r, _ in outcomes if isinstance(r, Exception)]
+        print(f"\nfrozen key store, cached key: {len(outcomes) - len(failed)} of {len(outcomes)} answered, "
+              f"slowest {max(s for _, s in outcomes):.2f} s")
         assert not failed, failed[:3]
         assert max(s for _, s in outcomes) < 3.0
         assert wait_until(lambda: warnings(topology, "key store unreachable"), timeout=KEYSTORE_TIMEOUT + SLACK)
