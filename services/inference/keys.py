@@ -295,7 +295,7 @@ class KeySource:
             return
         now = time.monotonic()
         entry.retry_at = now + RETRY_SECONDS
-        if not entry.outage:  # one warning per key per outage, not one per request
+        if not entry.outage and now - entry.checked <= self.max_stale_seconds:  # one warning per key per outage, not one per request
             log.warning(f"key store unreachable ({error.reason}); serving cached record of key {slot[0]} "
                         f"checked {now - entry.checked:.0f} s ago",
                         extra={"fields": {"key_id": slot[0], "owner": slot[1], "reason": error.reason}})
