@@ -17,6 +17,11 @@ class InferenceConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     key_cache_bytes: int = 512 * 1024 * 1024
     key_recheck_seconds: float = 60.0
+    # While the key store cannot re-check a cached record, the record keeps serving this long.
+    key_record_max_stale_seconds: float = 3600.0
+    # How long a request waits for a due re-check before it is served the cached record.
+    key_recheck_wait_seconds: float = 0.25
+    key_record_cache_entries: int = 10_000
     keystore_target: str = "127.0.0.1:50051"
     keystore_token: str = ""
     keystore_timeout: float = 10.0
@@ -44,6 +49,10 @@ class InferenceConfig:
             workers=env_int("ENCINFER_WORKERS", os.cpu_count() or 1),
             key_cache_bytes=env_size("ENCINFER_KEY_CACHE_BYTES", cls.key_cache_bytes),
             key_recheck_seconds=env_float("ENCINFER_KEY_RECHECK_SECONDS", cls.key_recheck_seconds),
+            key_record_max_stale_seconds=env_float("ENCINFER_KEY_RECORD_MAX_STALE_SECONDS",
+                                                   cls.key_record_max_stale_seconds),
+            key_recheck_wait_seconds=env_float("ENCINFER_KEY_RECHECK_WAIT_SECONDS", cls.key_recheck_wait_seconds),
+            key_record_cache_entries=env_int("ENCINFER_KEY_RECORD_CACHE_ENTRIES", cls.key_record_cache_entries),
             keystore_target=env_str("ENCINFER_KEYSTORE_TARGET", cls.keystore_target),
             keystore_token=token,
             keystore_timeout=env_float("ENCINFER_KEYSTORE_TIMEOUT", cls.keystore_timeout),

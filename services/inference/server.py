@@ -147,8 +147,7 @@ class InferenceServer:
             raise SystemExit("no model to serve: pass --model PATH or set ENCINFER_MODELS")
         self.pool = WorkerPool(config.models, config.workers, config.key_cache_bytes)
         await self.pool.start()
-        self.keys = KeySource(config.keystore_target, config.keystore_token, config.keystore_tls,
-                              config.keystore_timeout, config.key_cache_bytes, config.key_recheck_seconds)
+        self.keys = KeySource.from_config(config)
         core = InferenceCore(self.pool, self.keys, tokens.enabled, config.max_inflight_per_stream,
                              config.max_open_batches)
         self.server = make_server()
