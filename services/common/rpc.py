@@ -2,8 +2,11 @@
 reflection, TLS, and client channels.
 
 Errors are decided here and only here: handlers raise `EncinferError`s and the
-interceptor turns each into its status code; anything else is a bug, logged with
-its traceback and answered INTERNAL without details.
+interceptor turns each into its status code; bytes that are no valid request message
+are INVALID_ARGUMENT; a call that went away (client cancel, deadline, server stop) is
+CANCELLED; anything else is a bug, logged with its traceback and answered INTERNAL
+without details. One JSON access-log line per call; a failed call's line has its
+message as `details` (our words, never key or token bytes; capped).
 """
 from __future__ import annotations
 
@@ -108,8 +111,8 @@ class _Decoder:
             # upb says "Error parsing message with type 'x.Y': <why>": the type is in our own words already.
             if reason.startswith("Error parsing message") and "': " in reason:
                 reason = reason.split("': ", 1)[1]
-            failure = _Undecodable(
-                f"request is not a valid {self.type_name} message: it could not be decoded ({reason or type(exc).__name__})")
+            failure = _Undecodable(f"request is not a valid {self.type_name} message: "
+                                   f"it could not be decoded ({reason or type(exc).__name__})")
             if self.error is None:
                 self.error = failure.message
             return failure

@@ -148,7 +148,8 @@ def test_access_log_line_of_an_undecodable_request_carries_its_message(served, n
     raw_call(proc.address, method, kind, [GARBAGE])
 
     def logged() -> list[dict]:
-        return [e for e in access_lines(proc, method, "INVALID_ARGUMENT") if "could not be decoded" in e.get("details", "")]
+        return [e for e in access_lines(proc, method, "INVALID_ARGUMENT")
+                if "could not be decoded" in e.get("details", "")]
     assert wait_until(lambda: bool(logged()), timeout=10), proc.log_text()[-2000:]
     line = logged()[-1]
     assert line["severity"] == "INFO" and len(line["details"]) <= 300 and "request_id" in line
@@ -172,9 +173,12 @@ def _put_keys_header() -> bytes:
 ], ids=["PredictStream", "PutKeys"])
 def test_undecodable_message_mid_stream_fails_the_call_with_invalid_argument(served, name, method, kind, first):
     proc = service(served, name)
+    before = rpc_count(proc, method, "INVALID_ARGUMENT")
     error = raw_call(proc.address, method, kind, [first(), GARBAGE, first()])
     assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
     assert "could not be decoded" in error.details()
+    assert wait_until(lambda: rpc_count(proc, method, "INVALID_ARGUMENT") == before + 1, timeout=10), \
+        evidence(proc, method)
     assert_still_serving(served, name)
 
 
@@ -188,7 +192,8 @@ def test_error_details_in_access_log_are_capped(served):
     assert error is not None and error.code() == grpc.StatusCode.NOT_FOUND, error
 
     def lines() -> list[dict]:
-        return [e for e in access_lines(proc, INFERENCE + "GetModelInfo", "NOT_FOUND") if "mmmm" in e.get("details", "")]
+        return [e for e in access_lines(proc, INFERENCE + "GetModelInfo", "NOT_FOUND")
+                if "mmmm" in e.get("details", "")]
     assert wait_until(lambda: bool(lines()), timeout=10)
     assert all(len(e["details"]) <= 300 for e in lines())
 
@@ -267,3 +272,87 @@ def test_client_cancelling_while_answers_flow_is_cancelled_never_internal(served
             assert call.code() == grpc.StatusCode.CANCELLED
     assert_each_cancel_counted_once_never_as_a_bug(proc, method, before, rounds)
     assert_still_serving(served, "inference")
+
+
+# ---------------------------------------------------------------- the frame itself
+
+class _ServicerContext:
+    """The little of grpc.aio's servicer context the frame reads, for driving a handler
+    the way grpc does without a network in between."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple | None = None
+
+    def invocation_metadata(self):
+        return ()
+
+    def code(self):
+        return None
+
+    def details(self):
+        return ""
+
+    def done(self) -> bool:
+        return self.aborted is not None
+
+    def cancelled(self) -> bool:
+        return False
+
+    async def abort(self, code, details=""):
+        self.aborted = (code, details)
+        raise grpc.aio.AbortError()
+
+
+def test_stream_handler_closed_at_a_yield_is_cancelled_and_its_cleanup_runs():
+    """grpc.aio drops a streaming handler at a `yield` when a write fails because the client
+    left; closing it later raises GeneratorExit there. That is a cancellation, not a bug."""
+    import asyncio
+
+    from encinfer.common import rpc
+    cleaned = []
+
+    async def handler(request, context):
+        try:
+            for i in range(1000):
+                yield i
+        finally:
+            await asyncio.sleep(0)  # cleanup that awaits, like PredictStream's session.cancel()
+            cleaned.append(True)
+
+    method = "/test.Frame/ClosedAtYield"
+
+    def count(code: str) -> float:
+        return rpc.RPCS.labels(method, code)._value.get()
+
+    async def drive() -> None:
+        wrapper = rpc._wrap_stream(handler, method, rpc._Decoder(None))
+        responses = wrapper(None, _ServicerContext())
+        assert await responses.__anext__() == 0
+        await responses.aclose()  # what the finalizer does with a generator grpc dropped
+
+    asyncio.run(drive())
+    assert cleaned == [True]
+    assert count("CANCELLED") == 1 and count("INTERNAL") == 0
+
+
+def test_undecodable_request_reaches_no_handler():
+    """The decoder never raises (grpc.aio would answer UNKNOWN); the frame refuses the call."""
+    import asyncio
+
+    from encinfer.common import rpc
+    from encinfer.v1 import inference_pb2 as pb
+    reached = []
+
+    async def handler(request, context):
+        reached.append(request)
+        return pb.PredictResponse()
+
+    decoder = rpc._Decoder(pb.PredictRequest.FromString)
+    request = decoder(GARBAGE)
+    context = _ServicerContext()
+    with pytest.raises(grpc.aio.AbortError):
+        asyncio.run(rpc._wrap_unary(handler, "/test.Frame/Undecodable", decoder)(request, context))
+    assert not reached
+    code, details = context.aborted
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("request is not a valid encinfer.v1.PredictRequest message: it could not be decoded")
