@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -34,6 +35,22 @@ class Principal:
 
 
 ANONYMOUS = Principal(owner="public", role="tenant")
+
+# The caller of the RPC being handled: set once per call by the server interceptor
+# (encinfer.common.rpc) before any handler runs, so a new RPC cannot forget to authenticate.
+_PRINCIPAL: ContextVar[Principal] = ContextVar("encinfer_principal")
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of the current RPC (handlers only)."""
+    try:
+        return _PRINCIPAL.get()
+    except LookupError:
+        raise RuntimeError("no authenticated caller: is this running outside an RPC handler?") from None
+
+
+def set_principal(principal: Principal) -> None:
+    _PRINCIPAL.set(principal)
 
 
 class TokenTable:

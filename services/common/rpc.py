@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
+from encinfer.common.auth import TokenTable, set_principal
 from encinfer.common.errors import EncinferError, InvalidArgument
 
 log = logging.getLogger("encinfer.rpc")
@@ -54,20 +55,31 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex[:16]
 
 
+# Health checks and reflection answer anyone (probes, ghz, grpcurl); every other method needs a token.
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Maps errors to status codes, logs one JSON line per RPC, counts metrics.
+    """Authenticates, maps errors to status codes, logs one JSON line per RPC, counts metrics.
+
+    The caller is authenticated here, once per call, and handlers read it with
+    `encinfer.common.auth.current_principal()`.
 
     grpc.aio builds the handler anew for every call, so each call gets its own
     `_Decoder`: a request that is not a valid message becomes INVALID_ARGUMENT here,
     on every method, instead of grpc's UNKNOWN (unary) or a handler's INTERNAL (streams).
     """
 
+    def __init__(self, tokens: TokenTable | None = None) -> None:
+        self.tokens = tokens if tokens is not None else TokenTable(None)
+
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
-        decoder = _Decoder(handler.request_deserializer)
+        tokens = None if method.startswith(UNAUTHENTICATED_PREFIXES) else self.tokens
+        decoder = _Decoder(handler.request_deserializer, tokens)
         deserializer = decoder if handler.request_deserializer is not None else None
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
@@ -97,8 +109,9 @@ class _Undecodable:
 class _Decoder:
     """A call's request deserializer that never raises; the first failure is kept on it."""
 
-    def __init__(self, deserializer: Callable[[bytes], Any] | None) -> None:
+    def __init__(self, deserializer: Callable[[bytes], Any] | None, tokens: TokenTable | None = None) -> None:
         self.deserializer = deserializer
+        self.tokens = tokens
         self.error: str | None = None
         descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
         self.type_name = getattr(descriptor, "full_name", "") or "request"
@@ -121,6 +134,11 @@ class _Decoder:
         if isinstance(request, _Undecodable):
             raise InvalidArgument(request.message)
         return request
+
+    def authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        """Sets the call's principal (UNAUTHENTICATED without a known token)."""
+        if self.tokens is not None:
+            set_principal(self.tokens.authenticate(context.invocation_metadata()))
 
     async def messages(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """The request stream; a message that cannot be decoded ends it with InvalidArgument."""
@@ -234,6 +252,7 @@ def _wrap_unary(behavior: Callable, method: str, decoder: _Decoder, streaming: b
         call = _Call(method, context, decoder)
         try:
             request = decoder.messages(request) if streaming else decoder.check(request)
+            decoder.authenticate(context)
             response = await behavior(request, context)
             decoder.raise_if_failed()
         except BaseException as exc:  # noqa: BLE001 - decided in call.settle / call.fail
@@ -257,6 +276,7 @@ def _wrap_stream(behavior: Callable, method: str, decoder: _Decoder, streaming: 
         responses = None
         try:
             request = decoder.messages(request) if streaming else decoder.check(request)
+            decoder.authenticate(context)
             responses = behavior(request, context)
             async for response in responses:
                 yield response
@@ -317,20 +337,41 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def make_server(options: Iterable[tuple[str, Any]] = ()) -> grpc.aio.Server:
+def make_server(tokens: TokenTable | None = None, options: Iterable[tuple[str, Any]] = ()) -> grpc.aio.Server:
+    """A server whose calls are authenticated against `tokens` (None: auth off) and mapped by
+    ServiceInterceptor."""
     merged = dict(SERVER_OPTIONS)
     merged.update(dict(options))
-    return grpc.aio.server(interceptors=[ServiceInterceptor()], options=list(merged.items()))
+    return grpc.aio.server(interceptors=[ServiceInterceptor(tokens)], options=list(merged.items()))
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
     """Health starts NOT_SERVING for every service; the caller flips it when ready."""
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    names = list(service_names)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server,
-                                        pool=MethodAwarePool())
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
+    pool = MethodAwarePool()
+    reflection.enable_server_reflection(names, server, pool=pool)
+    _add_reflection_v1(server, names, pool)
     return servicer
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection_v1(server: grpc.aio.Server, names: list[str], pool: Any) -> None:
+    """Server reflection v1, which grpcurl and newer tools ask for first. grpcio-reflection
+    ships only v1alpha; v1 is the same protocol with the package renamed (identical messages
+    and field numbers), so v1alpha's servicer answers it with v1alpha's message classes."""
+    from grpc_reflection.v1alpha import _async as reflection_aio
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    servicer = reflection_aio.ReflectionServicer(names, pool=pool)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1, {"ServerReflectionInfo": handler}),))
 
 
 class MethodAwarePool:

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from encinfer.common.auth import TokenTable
 from encinfer.common.env import env_float, env_int, env_size, env_str
 from encinfer.common.rpc import TlsFiles
 
@@ -31,6 +32,8 @@ class InferenceConfig:
     max_inflight_per_stream: int = 8
     max_open_batches: int = 4
     grace_seconds: float = 10.0
+    # Bearer tokens of the callers (ENCINFER_TOKENS / ENCINFER_TOKENS_FILE); the default: auth off.
+    tokens: TokenTable = field(default_factory=lambda: TokenTable(None))
 
     @classmethod
     def from_env(cls, models: list[str] | None = None) -> "InferenceConfig":
@@ -62,4 +65,5 @@ class InferenceConfig:
             max_inflight_per_stream=env_int("ENCINFER_MAX_INFLIGHT_PER_STREAM", cls.max_inflight_per_stream),
             max_open_batches=env_int("ENCINFER_MAX_OPEN_BATCHES", cls.max_open_batches),
             grace_seconds=env_float("ENCINFER_GRACE_SECONDS", cls.grace_seconds),
+            tokens=TokenTable.from_env(),
         )

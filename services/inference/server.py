@@ -11,7 +11,7 @@ import grpc
 from prometheus_client import Counter
 
 from encinfer.common import logs
-from encinfer.common.auth import TokenTable
+from encinfer.common.auth import current_principal
 from encinfer.common.errors import InvalidArgument
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
 from encinfer.inference.config import InferenceConfig
@@ -65,25 +65,23 @@ def answer_pb(a: Answer, counted: bool = False) -> pb.PredictResponse:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, core: InferenceCore, tokens: TokenTable, worker_name: str) -> None:
-        self.core, self.tokens, self.worker_name = core, tokens, worker_name
+    def __init__(self, core: InferenceCore, worker_name: str) -> None:
+        self.core, self.worker_name = core, worker_name
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        self.tokens.authenticate(context.invocation_metadata())
         return pb.ListModelsResponse(models=[model_info_pb(m, self.worker_name, self.core.max_open_batches)
                                                   for m in self.core.models()])
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
-        self.tokens.authenticate(context.invocation_metadata())
         return model_info_pb(self.core.model_info(request.model), self.worker_name, self.core.max_open_batches)
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         ct, ms = await self.core.predict(principal, request.model, request.key_id, request.ciphertext)
         return answer_pb(Answer(request.request_id, [ct], 1, ms))
 
     async def PredictStream(self, requests: AsyncIterator[pb.PredictStreamRequest], context) -> AsyncIterator[pb.PredictResponse]:
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         session = self.core.stream(principal)
 
         async def read() -> None:
@@ -140,7 +138,7 @@ class InferenceServer:
 
     async def start(self) -> int:
         config = self.config
-        tokens = TokenTable.from_env()
+        tokens = config.tokens
         if not tokens.enabled:
             log.warning("authentication is OFF (no ENCINFER_TOKENS / ENCINFER_TOKENS_FILE): every caller is 'public'")
         if not config.models:
@@ -150,9 +148,8 @@ class InferenceServer:
         self.keys = KeySource.from_config(config)
         core = InferenceCore(self.pool, self.keys, tokens.enabled, config.max_inflight_per_stream,
                              config.max_open_batches)
-        self.server = make_server()
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(core, tokens, str(os.getpid())), self.server)
+        self.server = make_server(tokens)
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(core, str(os.getpid())), self.server)
         self.health = add_health_and_reflection(self.server, [SERVICE])
         self.port = bind(self.server, config.address, config.tls)
         if config.metrics_port:

@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter
 
 from encinfer.common import logs
-from encinfer.common.auth import TokenTable
+from encinfer.common.auth import current_principal
 from encinfer.common.background import BackgroundServer
 from encinfer.common.errors import InvalidArgument
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
@@ -68,33 +68,33 @@ async def split_put_stream(requests: AsyncIterator[pb.PutKeysRequest]) -> tuple[
 
 
 class KeyStoreServicer(pb_grpc.KeyStoreServicer):
-    """Authenticates, converts messages, calls the core; errors are mapped by the interceptor."""
+    """Converts messages and calls the core; the interceptor authenticates and maps errors."""
 
-    def __init__(self, store: KeyStore, tokens: TokenTable) -> None:
-        self.store, self.tokens = store, tokens
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
 
     async def PutKeys(self, request_iterator, context):
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         header, chunks = await split_put_stream(request_iterator)
         return record_to_pb(await self.store.put(principal, header, chunks))
 
     async def GetKeys(self, request, context):
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         async with await self.store.fetch(principal, request.key_id) as key:
             yield pb.GetKeysResponse(record=record_to_pb(key.record))
             async for chunk in key.chunks():
                 yield pb.GetKeysResponse(chunk=chunk)
 
     async def StatKeys(self, request, context):
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         return record_to_pb(await self.store.stat(principal, request.key_id, request.owner))
 
     async def DeleteKeys(self, request, context):
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         return pb.DeleteKeysResponse(deleted=await self.store.delete(principal, request.key_id))
 
     async def ListKeys(self, request, context):
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         records, token = await self.store.list(principal, request.page_size, request.page_token)
         return pb.ListKeysResponse(keys=[record_to_pb(r) for r in records], next_page_token=token)
 
@@ -104,8 +104,8 @@ class KeyStoreServer:
 
     def __init__(self, config: KeyStoreConfig, store: KeyStore) -> None:
         self.config, self.store = config, store
-        self.server = make_server()
-        pb_grpc.add_KeyStoreServicer_to_server(KeyStoreServicer(store, config.tokens), self.server)
+        self.server = make_server(config.tokens)
+        pb_grpc.add_KeyStoreServicer_to_server(KeyStoreServicer(store), self.server)
         self.health = add_health_and_reflection(self.server, [SERVICE_NAME])
         self.port = 0
         self.serving: bool | None = None  # unknown until the first probe
