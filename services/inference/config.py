@@ -26,6 +26,9 @@ class InferenceConfig:
     max_inflight_per_stream: int = 8
     max_open_batches: int = 4
     grace_seconds: float = 10.0
+    # After SIGTERM, health answers NOT_SERVING on the open port this long before it closes,
+    # so pollers and load balancers see the shutdown instead of a refused connection.
+    shutdown_delay: float = 1.0
 
     @classmethod
     def from_env(cls, models: list[str] | None = None) -> "InferenceConfig":
@@ -53,4 +56,5 @@ class InferenceConfig:
             max_inflight_per_stream=env_int("ENCINFER_MAX_INFLIGHT_PER_STREAM", cls.max_inflight_per_stream),
             max_open_batches=env_int("ENCINFER_MAX_OPEN_BATCHES", cls.max_open_batches),
             grace_seconds=env_float("ENCINFER_GRACE_SECONDS", cls.grace_seconds),
+            shutdown_delay=env_float("ENCINFER_SHUTDOWN_DELAY_SECONDS", cls.shutdown_delay),
         )
