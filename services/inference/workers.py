@@ -2,7 +2,7 @@
 
 TenSEAL's bindings hold the GIL, so threads give no parallel HE work. The server
 process does all gRPC I/O on asyncio and hands each computation to one of N
-worker processes (spawned, never forked: grpc issue 16001) over a socket each. Each worker
+worker processes (started as fresh interpreters, never forked: grpc issue 16001) over a socket each. Each worker
 loads the models itself and keeps its own byte-bounded cache of deserialized
 keys; when it lacks a key it says so (KeyMissing) and the server resends it with
 the bytes. A batch is pinned to one worker, since its running sums live there;
@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing
+import json
 import os
 import pickle
 import socket
 import struct
+import subprocess
+import sys
 import time
 from typing import Any, Awaitable, Callable
 
@@ -146,6 +148,21 @@ def open_batches() -> int:
     return len(_batches)
 
 
+# The command a worker runs: a fresh interpreter, not multiprocessing's spawn, so there is no
+# resource-tracker process and no exit-time join of children that could hang the server's exit.
+WORKER_CODE = "from encinfer.inference.workers import worker_entry; worker_entry()"
+
+
+def worker_entry() -> None:
+    """`python -c WORKER_CODE SPEC`: SPEC is JSON with the socket's fd and worker_main's arguments."""
+    from multiprocessing.connection import Connection
+
+    from encinfer.common import logs
+    logs.configure()
+    spec = json.loads(sys.argv[-1])
+    worker_main(Connection(spec["fd"]), spec["models"], spec["key_cache_bytes"], spec["name"], spec["parent"])
+
+
 def worker_main(conn: Any, model_paths: list[str], key_cache_bytes: int, name: str, parent_pid: int = 0) -> None:
     """A worker process: calls arrive in order on one socket, answers go back on it.
 
@@ -155,7 +172,7 @@ def worker_main(conn: Any, model_paths: list[str], key_cache_bytes: int, name: s
         die_with_parent(parent_pid)
     try:
         init_worker(model_paths, key_cache_bytes, name)
-    except BaseException as e:  # noqa: BLE001 - one JSON line, not a multiprocessing traceback
+    except BaseException as e:  # noqa: BLE001 - one JSON line, not a traceback
         log.error("inference worker cannot start", extra={"fields": {"worker": name, "error": str(e)}})
         os._exit(1)
     while True:
@@ -193,17 +210,21 @@ class _Worker:
 
     def __init__(self, index: int, model_paths: list[str], key_cache_bytes: int,
                  on_exit: Callable[["_Worker"], None] | None = None) -> None:
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
-        parent, child = ctx.Pipe(duplex=True)      # a socket pair on POSIX
+        parent, child = socket.socketpair()
         self.index = index
-        self.process = ctx.Process(target=worker_main, name=f"encinfer-worker-{index}", daemon=True,
-                                   args=(child, model_paths, key_cache_bytes, f"{os.getpid()}-{index}", os.getpid()))
+        spec = {"fd": child.fileno(), "models": list(model_paths), "key_cache_bytes": key_cache_bytes,
+                "name": f"{os.getpid()}-{index}", "parent": os.getpid()}
         try:
-            self.process.start()
+            # fork+exec of a new interpreter (never a bare fork of a process that runs gRPC).
+            self.process = subprocess.Popen([sys.executable, "-c", WORKER_CODE, f"encinfer-worker-{index}",
+                                             json.dumps(spec)], pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
-        self._sock = socket.socket(fileno=os.dup(parent.fileno()))
-        parent.close()
+        _started.add(self.process)
+        self._sock = parent
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future] = {}
         self._writer: asyncio.StreamWriter | None = None
@@ -261,35 +282,42 @@ class _Worker:
 
     async def close(self, timeout: float = 3.0) -> None:
         """EOF first (the worker finishes its call and exits), SIGKILL after `timeout`, and
-        always a join: no zombie, no orphan, and nothing for multiprocessing's exit-time join."""
+        always a wait: no zombie, no orphan."""
         self._on_exit = None
         if self._writer is not None:
             self._writer.close()
         else:
             self._sock.close()
-        if not await asyncio.to_thread(_joined, self.process, timeout):
+        if not await asyncio.to_thread(_reaped, self.process, timeout):
             self.process.kill()
-            await asyncio.to_thread(_joined, self.process, 5.0)
+            await asyncio.to_thread(_reaped, self.process, 5.0)
         if self._read_task is not None:
             self._read_task.cancel()
             await asyncio.gather(self._read_task, return_exceptions=True)
 
 
-def _joined(process: multiprocessing.process.BaseProcess, timeout: float) -> bool:
-    process.join(timeout)
-    return process.exitcode is not None
+# Every worker process this process started and has not reaped yet.
+_started: set[subprocess.Popen] = set()
+
+
+def _reaped(process: subprocess.Popen, timeout: float) -> bool:
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    _started.discard(process)
+    return True
 
 
 def kill_workers(timeout: float = 5.0) -> None:
-    """Last resort before the server process exits: SIGKILL and reap every worker still there.
-
-    Workers ignore SIGTERM, and multiprocessing's exit-time handler would SIGTERM them and
-    then join without a timeout: a worker left behind would hang the exit for ever."""
-    for child in multiprocessing.active_children():
-        child.kill()
+    """Last resort before the server process exits: SIGKILL and reap every worker still
+    there (a worker ignores SIGTERM, and one left running would outlive the server)."""
+    for process in list(_started):
+        if process.poll() is None:
+            process.kill()
     deadline = time.monotonic() + timeout
-    for child in multiprocessing.active_children():
-        child.join(max(0.0, deadline - time.monotonic()))
+    for process in list(_started):
+        _reaped(process, max(0.0, deadline - time.monotonic()))
 
 
 class WorkerPool:
@@ -342,7 +370,7 @@ class WorkerPool:
         except WorkerDied:
             await worker.close(timeout=1)
             raise Unavailable(f"an inference worker exited while loading the models (exit code "
-                              f"{worker.process.exitcode}); its log line says why") from None
+                              f"{worker.process.returncode}); its log line says why") from None
         worker.ready = True
         return infos
 
@@ -373,7 +401,7 @@ class WorkerPool:
         noticed = time.monotonic()
         await dead.close(timeout=1)  # reap it: no zombie
         log.error("inference worker died; starting a new one", extra={"fields": {
-            "worker": index, "pid": dead.pid, "exitcode": dead.process.exitcode}})
+            "worker": index, "pid": dead.pid, "exitcode": dead.process.returncode}})
         worker = await self._spawn(index)
         try:
             await self._ready(worker)
