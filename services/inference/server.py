@@ -264,14 +264,25 @@ class InferenceServer:
 
 async def serve(config: InferenceConfig) -> None:
     """Runs until SIGTERM or SIGINT; then stops within delay + grace + a few seconds, whatever
-    state the server is in (a stop that overruns that is abandoned, and main() kills the workers)."""
+    state the server is in (a stop that overruns that is abandoned, and main() kills the workers).
+    A signal during start-up abandons the start (undone: no worker, no port left)."""
     server = InferenceServer(config)
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        log.info("inference stopped before it was serving")
+        return
+    if starting.exception() is not None:
+        stopping.cancel()
+        raise starting.exception()  # a StartupError, after start() has undone what it did
+    await stopping
     bound = config.shutdown_delay + config.grace_seconds + STOP_MARGIN_SECONDS
     try:
         await asyncio.wait_for(server.stop(config.shutdown_delay), bound)
