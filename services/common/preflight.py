@@ -64,12 +64,18 @@ def check_server_tls(tls: TlsFiles, prefix: str = "ENCINFER_TLS") -> None:
     """The certificate and key parse and belong together; the client CA (if any) parses."""
     _readable(tls.cert, f"{prefix}_CERT")
     _readable(tls.key, f"{prefix}_KEY")
+    try:
+        ssl.create_default_context(cafile=tls.cert)
+    except ssl.SSLError:
+        raise StartupError(f"{prefix}_CERT={tls.cert} holds no PEM certificate: fix the file") from None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(tls.cert, tls.key, password=lambda: b"")  # an encrypted key fails, never prompts
     except ssl.SSLError as e:
-        raise StartupError(f"{prefix}_CERT={tls.cert} and {prefix}_KEY={tls.key} are not a PEM certificate "
-                           f"and its unencrypted private key ({e.reason or e}): fix the files") from None
+        what = ("is not the private key of" if e.reason == "KEY_VALUES_MISMATCH"
+                else "is not an unencrypted PEM private key (for")
+        close = "" if e.reason == "KEY_VALUES_MISMATCH" else ")"
+        raise StartupError(f"{prefix}_KEY={tls.key} {what} {prefix}_CERT={tls.cert}{close}: fix the files") from None
     if tls.ca:
         _check_ca(tls.ca, f"{prefix}_CLIENT_CA")
 
@@ -86,5 +92,5 @@ def _check_ca(path: str, setting: str) -> None:
     _readable(path, setting)
     try:
         ssl.create_default_context(cafile=path)
-    except ssl.SSLError as e:
-        raise StartupError(f"{setting}={path} holds no PEM CA certificate ({e.reason or e}): fix the file") from None
+    except ssl.SSLError:
+        raise StartupError(f"{setting}={path} holds no PEM CA certificate: fix the file") from None

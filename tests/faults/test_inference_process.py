@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -220,8 +221,40 @@ FAILED_STARTS = {
                           ["already in use", "ENCINFER_METRICS_PORT"]),
     "missing-model": (lambda held, tmp, model: {"ENCINFER_MODELS": str(tmp / "no-such-model")},
                       ["no-such-model", "does not exist", "ENCINFER_MODELS"]),
-    "bad-tls-files": (lambda held, tmp, model: bad_tls(tmp), ["ENCINFER_TLS_CERT", "fix the files"]),
+    "bad-tls-files": (lambda held, tmp, model: bad_tls(tmp), ["ENCINFER_TLS_CERT", "no PEM certificate"]),
 }
+
+
+def launch(tmp_path, fault_model, **env: str) -> tuple[subprocess.Popen, Path]:
+    """`encinfer inference serve` in its own process group, 2 workers, tokens on, logging to a file."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("ENCINFER_", "PROMETHEUS_"))}
+    full.update({"PYTHONUNBUFFERED": "1", "ENCINFER_TOKENS": TOKEN_SPEC, "ENCINFER_WORKERS": "2",
+                 "ENCINFER_INFERENCE_ADDRESS": f"127.0.0.1:{free_port()}", "ENCINFER_MODELS": str(fault_model),
+                 "ENCINFER_KEYSTORE_TARGET": f"127.0.0.1:{free_port()}", **env})
+    log_path = tmp_path / "inference.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "encinfer.cli", "inference", "serve"], env=full,
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
+                                start_new_session=True)
+    return proc, log_path
+
+
+def json_lines(log_path) -> list[dict]:
+    """Every line of the log, parsed: a line that is not JSON fails the test."""
+    return [json.loads(line) for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize("case", sorted(FAILED_STARTS))
@@ -229,26 +262,14 @@ def test_failed_start_exits_nonzero_at_once_with_one_error_line_and_nothing_left
     make_env, words = FAILED_STARTS[case]
     held = Holder()
     grpc_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ENCINFER_", "PROMETHEUS_"))}
-    env.update({"PYTHONUNBUFFERED": "1", "ENCINFER_TOKENS": TOKEN_SPEC, "ENCINFER_WORKERS": "2",
-                "ENCINFER_INFERENCE_ADDRESS": f"127.0.0.1:{grpc_port}", "ENCINFER_MODELS": str(fault_model),
-                "ENCINFER_KEYSTORE_TARGET": f"127.0.0.1:{free_port()}"})
-    env.update(make_env(held, tmp_path, fault_model))
-    log_path = tmp_path / "inference.log"
+    start = time.monotonic()
+    env = {"ENCINFER_INFERENCE_ADDRESS": f"127.0.0.1:{grpc_port}", **make_env(held, tmp_path, fault_model)}
+    proc, log_path = launch(tmp_path, fault_model, **env)
     try:
-        start = time.monotonic()
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "encinfer.cli", "inference", "serve"], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
-                                    start_new_session=True)
-        try:
-            code = proc.wait(timeout=START_FAIL_BOUND)
-        except subprocess.TimeoutExpired:
-            code = None
+        code = wait_exit(proc, START_FAIL_BOUND)
         took = time.monotonic() - start
-        text = log_path.read_text(errors="replace")
-        assert code not in (None, 0), text[-3000:]
-        lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # every line is JSON
+        assert code not in (None, 0), log_path.read_text(errors="replace")[-3000:]
+        lines = json_lines(log_path)
         errors = [e for e in lines if e["severity"] in ("ERROR", "CRITICAL")]
         assert len(errors) == 1, errors
         assert errors[0]["message"].startswith("inference cannot start: ")
@@ -260,11 +281,27 @@ def test_failed_start_exits_nonzero_at_once_with_one_error_line_and_nothing_left
             assert not listening(grpc_port)  # the held port is the test's own: only ours must be closed
     finally:
         held.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        kill_group(proc)
     report(f"failed start ({case})", exit_code=code, start_to_exit_s=took)
     print(f"[measured] its one line: {errors[0]['message']}")
+
+
+def test_sigterm_during_start_up_exits_0_with_nothing_left(fault_model, tmp_path):
+    # Without tokens the server warns as its start begins: the signal lands while workers load.
+    proc, log_path = launch(tmp_path, fault_model, ENCINFER_TOKENS="")
+    try:
+        assert wait_until(lambda: any(e.get("severity") == "WARNING" for e in json_lines(log_path)),
+                          timeout=START_FAIL_BOUND, interval=0.02), log_path.read_text()[-2000:]
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = wait_exit(proc, STOP_BOUND)
+        took = time.monotonic() - start
+        assert code == 0, log_path.read_text(errors="replace")[-3000:]
+        assert wait_until(lambda: not process_group(proc.pid), timeout=10), process_group(proc.pid)
+        assert not [e for e in json_lines(log_path) if e["severity"] == "ERROR"]
+    finally:
+        kill_group(proc)
+    report("SIGTERM during start-up", sigterm_to_exit_s=took)
 
 
 # ---------------------------------------------------------------- shutdown seen by health pollers
