@@ -35,7 +35,10 @@ class InferenceConfig:
         token = env_str("ENCINFER_KEYSTORE_TOKEN", "")
         token_file = env_str("ENCINFER_KEYSTORE_TOKEN_FILE", "")
         if token_file:
-            token = Path(token_file).read_text(encoding="utf-8").strip()
+            try:
+                token = Path(token_file).read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise SystemExit(f"ENCINFER_KEYSTORE_TOKEN_FILE={token_file} cannot be read ({e.strerror})") from None
         model_list = models or [m for m in env_str("ENCINFER_MODELS", "").split(",") if m.strip()]
         ks_tls = TlsFiles(ca=env_str("ENCINFER_KEYSTORE_TLS_CA", ""), cert=env_str("ENCINFER_KEYSTORE_TLS_CERT", ""),
                           key=env_str("ENCINFER_KEYSTORE_TLS_KEY", ""))
