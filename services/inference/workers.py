@@ -232,7 +232,6 @@ class _Worker:
         self._on_exit = on_exit
         self.dead = False
         self.ready = False  # set by the pool once the worker has loaded its models
-        self.died_at = 0.0
 
     @property
     def pid(self) -> int:
@@ -256,7 +255,6 @@ class _Worker:
             pass
         finally:
             self.dead = True
-            self.died_at = time.monotonic()
             for fut in self._pending.values():
                 if not fut.done():
                     fut.set_exception(WorkerDied())
