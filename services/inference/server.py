@@ -313,7 +313,7 @@ def main(models: list[str] | None = None) -> int:
         log.exception("inference failed")
         return 1
     finally:
-        kill_workers()  # nothing may be left for multiprocessing's exit-time join
+        kill_workers()  # no worker outlives the server, whatever happened
 
 
 if __name__ == "__main__":
