@@ -44,6 +44,7 @@ class KeyStoreConfig:
     cleanup_interval: float = 300.0
     health_interval: float = 2.0             # backend probe period while serving
     shutdown_grace: float = 10.0             # in-flight RPCs get this long after SIGTERM
+    shutdown_delay: float = 1.0              # NOT_SERVING shown on the open port this long first
     tokens: TokenTable = field(default_factory=lambda: TokenTable(None))
     tls: TlsFiles | None = None
     metrics_port: int = 0
@@ -94,6 +95,7 @@ class KeyStoreConfig:
             cleanup_interval=env_float("ENCINFER_KEYSTORE_CLEANUP_INTERVAL", cls.cleanup_interval),
             health_interval=env_float("ENCINFER_KEYSTORE_HEALTH_INTERVAL", cls.health_interval),
             shutdown_grace=env_float("ENCINFER_KEYSTORE_SHUTDOWN_GRACE", cls.shutdown_grace),
+            shutdown_delay=env_float("ENCINFER_KEYSTORE_SHUTDOWN_DELAY", cls.shutdown_delay),
             tokens=TokenTable.from_env(),
             tls=tls,
             metrics_port=env_int("ENCINFER_METRICS_PORT", 0),

@@ -163,8 +163,9 @@ class KeyStoreServer:
             except Exception as e:  # noqa: BLE001 - retried next interval
                 log.warning("cleanup failed; retrying next interval", extra={"fields": {"error": str(e)}})
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, stop accepting, let in-flight RPCs finish within the grace period."""
+    async def stop(self, grace: float | None = None, delay: float = 0.0) -> None:
+        """NOT_SERVING (answered on the open port for `delay` seconds, so pollers see it rather
+        than a refused connection), stop accepting, let in-flight RPCs finish within the grace period."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -173,6 +174,8 @@ class KeyStoreServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.serving = False
         await set_health(self.health, [SERVICE_NAME], False)
+        if delay > 0:
+            await asyncio.sleep(delay)
         await self.server.stop(self.config.shutdown_grace if grace is None else grace)
         self.store.close()
         log.info("key store stopped", extra={"fields": {"address": self.address}})
@@ -258,8 +261,9 @@ async def serve(config: KeyStoreConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down", extra={"fields": {"grace_seconds": config.shutdown_grace}})
-    await server.stop()
+    log.info("shutting down", extra={"fields": {"grace_seconds": config.shutdown_grace,
+                                                "delay_seconds": config.shutdown_delay}})
+    await server.stop(delay=config.shutdown_delay)
     return 0
 
 
