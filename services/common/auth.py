@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterable
 
-from encinfer.common.errors import PermissionDenied, Unauthenticated
+from encinfer.common.errors import ConfigError, PermissionDenied, Unauthenticated
 
 ROLES = ("tenant", "service")
 
@@ -92,14 +92,14 @@ def parse_spec(spec: str) -> dict[str, Principal]:
         token, sep, who = item.partition("=")
         owner, _, role = who.partition(":")
         if not sep or not token or not owner:
-            raise SystemExit("ENCINFER_TOKENS entries look like token=owner:role")
+            raise ConfigError("ENCINFER_TOKENS entries look like token=owner:role")
         tokens[token] = _principal(owner, role or "tenant")
     return tokens
 
 
 def _principal(owner: str, role: str) -> Principal:
     if role not in ROLES:
-        raise SystemExit(f"unknown role {role!r} for owner {owner!r}; roles are {', '.join(ROLES)}")
+        raise ConfigError(f"unknown role {role!r} for owner {owner!r}; roles are {', '.join(ROLES)}")
     return Principal(owner=owner, role=role)
 
 

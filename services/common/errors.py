@@ -53,3 +53,9 @@ class DataLoss(EncinferError):
 
 class Cancelled(EncinferError):
     code = "CANCELLED"
+
+
+class ConfigError(Exception):
+    """A service cannot start as configured (a setting that does not parse, a port in use,
+    unusable TLS files, a missing model): the message names the setting and what to change.
+    Library code raises it; only each service's main() turns it into one log line and exit 1."""

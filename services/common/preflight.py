@@ -13,11 +13,11 @@ import socket
 import ssl
 from pathlib import Path
 
+from encinfer.common.errors import ConfigError
 from encinfer.common.rpc import TlsFiles
 
-
-class StartupError(Exception):
-    """The service cannot start as configured; the message says what to change."""
+# What a failed check raises: the one error for configuration that cannot work.
+StartupError = ConfigError
 
 
 def split_address(address: str) -> tuple[str, int]:

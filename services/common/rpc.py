@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
 from encinfer.common.auth import TokenTable, set_principal
-from encinfer.common.errors import EncinferError, InvalidArgument
+from encinfer.common.errors import ConfigError, EncinferError, InvalidArgument
 
 log = logging.getLogger("encinfer.rpc")
 
@@ -409,7 +409,7 @@ def bind(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:
     else:
         port = server.add_insecure_port(address)
     if port == 0:
-        raise SystemExit(f"cannot listen on {address}")
+        raise ConfigError(f"cannot listen on {address}: the port is in use or the TLS files are unusable")
     return port
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encinfer.common.auth import TokenTable
+from encinfer.common.errors import ConfigError
 from encinfer.common.env import env_float, env_int, env_size, env_str
 from encinfer.common.rpc import TlsFiles
 
@@ -46,7 +47,7 @@ class InferenceConfig:
             try:
                 token = Path(token_file).read_text(encoding="utf-8").strip()
             except OSError as e:
-                raise SystemExit(f"ENCINFER_KEYSTORE_TOKEN_FILE={token_file} cannot be read ({e.strerror})") from None
+                raise ConfigError(f"ENCINFER_KEYSTORE_TOKEN_FILE={token_file} cannot be read ({e.strerror})") from None
         model_list = models or [m for m in env_str("ENCINFER_MODELS", "").split(",") if m.strip()]
         ks_tls = TlsFiles(ca=env_str("ENCINFER_KEYSTORE_TLS_CA", ""), cert=env_str("ENCINFER_KEYSTORE_TLS_CERT", ""),
                           key=env_str("ENCINFER_KEYSTORE_TLS_KEY", ""))

@@ -215,7 +215,7 @@ class InferenceServer:
         self.health = add_health_and_reflection(self.server, [SERVICE])
         try:
             self.port = bind(self.server, config.address, config.tls)
-        except (RuntimeError, SystemExit):  # taken since preflight, or TLS files grpc refuses
+        except (RuntimeError, StartupError):  # taken since preflight, or TLS files grpc refuses
             raise StartupError(f"cannot listen on {config.address}: the port is in use or the TLS files are "
                                "unusable; fix ENCINFER_INFERENCE_ADDRESS or ENCINFER_TLS_CERT/KEY") from None
         await self.server.start()
@@ -294,14 +294,9 @@ def main(models: list[str] | None = None) -> int:
         config = InferenceConfig.from_env(models)
         asyncio.run(serve(config))
         return 0
-    except StartupError as e:
+    except StartupError as e:  # encinfer.common.errors.ConfigError
         log.error(f"inference cannot start: {e}")
         return 1
-    except SystemExit as e:  # a setting that does not parse (encinfer.common.env)
-        if isinstance(e.code, str):
-            log.error(f"inference cannot start: {e.code}")
-            return 1
-        raise
     except OSError as e:  # a token file that cannot be read, ...
         log.error(f"inference cannot start: {e}")
         return 1

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encinfer.common.auth import TokenTable
+from encinfer.common.errors import ConfigError
 from encinfer.common.env import env_bool, env_float, env_int, env_size, env_str
 from encinfer.common.rpc import TlsFiles
 
@@ -52,13 +53,13 @@ class KeyStoreConfig:
 
     def __post_init__(self) -> None:
         if self.backend not in ("fs", "s3"):
-            raise SystemExit(f"ENCINFER_KEYSTORE_BACKEND={self.backend!r}: use fs or s3")
+            raise ConfigError(f"ENCINFER_KEYSTORE_BACKEND={self.backend!r}: use fs or s3")
         if self.max_key_bytes <= 0 or self.max_keys_per_owner <= 0:
-            raise SystemExit("key size and per-owner key limits must be positive")
+            raise ConfigError("key size and per-owner key limits must be positive")
         if not 0 < self.default_ttl <= self.max_ttl:
-            raise SystemExit("need 0 < ENCINFER_KEYSTORE_DEFAULT_TTL <= ENCINFER_KEYSTORE_MAX_TTL")
+            raise ConfigError("need 0 < ENCINFER_KEYSTORE_DEFAULT_TTL <= ENCINFER_KEYSTORE_MAX_TTL")
         if self.backend_timeout <= 0 or self.cleanup_interval <= 0 or self.health_interval <= 0:
-            raise SystemExit("timeouts and intervals must be positive")
+            raise ConfigError("timeouts and intervals must be positive")
 
     @property
     def spool_dir(self) -> Path:
@@ -72,7 +73,7 @@ class KeyStoreConfig:
     def from_env(cls) -> "KeyStoreConfig":
         cert, key = env_str("ENCINFER_TLS_CERT", ""), env_str("ENCINFER_TLS_KEY", "")
         if bool(cert) != bool(key):
-            raise SystemExit("set both ENCINFER_TLS_CERT and ENCINFER_TLS_KEY, or neither")
+            raise ConfigError("set both ENCINFER_TLS_CERT and ENCINFER_TLS_KEY, or neither")
         tls = TlsFiles(cert=cert, key=key, ca=env_str("ENCINFER_TLS_CLIENT_CA", "")) if cert else None
         return cls(
             address=env_str("ENCINFER_KEYSTORE_ADDRESS", cls.address),

@@ -19,7 +19,7 @@ from prometheus_client import Counter
 from encinfer.common import logs
 from encinfer.common.auth import current_principal
 from encinfer.common.background import BackgroundServer
-from encinfer.common.errors import InvalidArgument
+from encinfer.common.errors import ConfigError, InvalidArgument
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
 from encinfer.keystore.config import KeyStoreConfig
 from encinfer.keystore.storage import open_backend
@@ -284,10 +284,20 @@ def tune_malloc() -> None:
 
 
 def main() -> int:
+    """The process: 0 after a clean stop, 1 (and one ERROR line) when it cannot start."""
     tune_malloc()
-    config = KeyStoreConfig.from_env()
+    try:
+        config = KeyStoreConfig.from_env()
+    except (ConfigError, OSError) as e:
+        logs.configure()
+        log.error(f"key store cannot start: {e}")
+        return 1
     logs.configure(config.log_level)
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except ConfigError as e:
+        log.error(f"key store cannot start: {e}")
+        return 1
 
 
 if __name__ == "__main__":
