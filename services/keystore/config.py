@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encinfer.common.auth import TokenTable
-from encinfer.common.errors import ConfigError
 from encinfer.common.env import env_bool, env_float, env_int, env_size, env_str
+from encinfer.common.errors import ConfigError
 from encinfer.common.rpc import TlsFiles
 
 DAY = 24 * 3600
@@ -25,6 +25,19 @@ class S3Settings:
     secure: bool = False
     ca_file: str = ""
     region: str = ""
+
+    @classmethod
+    def from_env(cls) -> "S3Settings":
+        """The ENCINFER_S3_* variables, read here only (the key store and s3-init share them)."""
+        return cls(
+            endpoint=env_str("ENCINFER_S3_ENDPOINT", cls.endpoint),
+            access_key=env_str("ENCINFER_S3_ACCESS_KEY", ""),
+            secret_key=env_str("ENCINFER_S3_SECRET_KEY", ""),
+            bucket=env_str("ENCINFER_S3_BUCKET", cls.bucket),
+            secure=env_bool("ENCINFER_S3_SECURE", False),
+            ca_file=env_str("ENCINFER_S3_CA_FILE", ""),
+            region=env_str("ENCINFER_S3_REGION", ""),
+        )
 
     def __repr__(self) -> str:  # never print the secret key in logs or tracebacks
         return (f"S3Settings(endpoint={self.endpoint!r}, bucket={self.bucket!r}, secure={self.secure}, "
@@ -79,15 +92,7 @@ class KeyStoreConfig:
             address=env_str("ENCINFER_KEYSTORE_ADDRESS", cls.address),
             backend=env_str("ENCINFER_KEYSTORE_BACKEND", cls.backend).strip().lower(),
             data_dir=Path(env_str("ENCINFER_KEYSTORE_DATA_DIR", str(cls.data_dir))),
-            s3=S3Settings(
-                endpoint=env_str("ENCINFER_S3_ENDPOINT", S3Settings.endpoint),
-                access_key=env_str("ENCINFER_S3_ACCESS_KEY", ""),
-                secret_key=env_str("ENCINFER_S3_SECRET_KEY", ""),
-                bucket=env_str("ENCINFER_S3_BUCKET", S3Settings.bucket),
-                secure=env_bool("ENCINFER_S3_SECURE", False),
-                ca_file=env_str("ENCINFER_S3_CA_FILE", ""),
-                region=env_str("ENCINFER_S3_REGION", ""),
-            ),
+            s3=S3Settings.from_env(),
             backend_timeout=env_float("ENCINFER_KEYSTORE_BACKEND_TIMEOUT", cls.backend_timeout),
             max_key_bytes=env_size("ENCINFER_KEYSTORE_MAX_KEY_BYTES", cls.max_key_bytes),
             max_keys_per_owner=env_int("ENCINFER_KEYSTORE_MAX_KEYS_PER_OWNER", cls.max_keys_per_owner),
