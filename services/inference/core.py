@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 from encinfer.common.auth import Principal
 from encinfer.common.errors import EncinferError, InvalidArgument, NotFound
@@ -106,8 +106,34 @@ class _Batch:
         self.started = time.perf_counter()
 
 
+@dataclass(frozen=True)
+class StreamHeader:
+    model: str
+    key_id: str
+    layout: str  # "latency" | "batch" | "" (not stated)
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    request_id: str
+    model: str
+    key_id: str
+    ciphertext: bytes
+
+
+@dataclass(frozen=True)
+class StreamBatchPart:
+    request_id: str
+    position: int
+    n_samples: int
+    ciphertext: bytes
+
+
+StreamMessage = StreamHeader | StreamItem | StreamBatchPart
+
+
 class StreamSession:
-    """One PredictStream call. Feed it requests; read answers from `answers`."""
+    """One PredictStream call: `run(messages)` yields its answers as they are ready."""
 
     def __init__(self, core: InferenceCore, principal: Principal) -> None:
         self.core = core
@@ -120,6 +146,48 @@ class StreamSession:
         self._tasks: set[asyncio.Task] = set()
         self._batches: dict[str, _Batch] = {}
         self._failed: set[str] = set()
+
+    async def run(self, messages: AsyncIterator[StreamMessage]) -> AsyncIterator[Answer]:
+        """Reads the messages while answers stream out; a stream-level error (a bad header,
+        an undecodable message) ends the call; an item's error is only its own answer."""
+        reader = asyncio.create_task(self._read(messages))
+        getter: asyncio.Future | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(self.answers.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    answer = getter.result()
+                    if answer is None:
+                        return
+                    yield answer
+                    continue
+                getter.cancel()
+                reader.result()  # raises the stream-level error
+                # The reader ended normally: the None sentinel is queued; keep draining.
+                while (answer := await self.answers.get()) is not None:
+                    yield answer
+                return
+        finally:
+            if not reader.done():
+                reader.cancel()
+            if getter is not None and not getter.done():
+                getter.cancel()  # a cancelled call leaves it waiting on the queue forever otherwise
+            await self.cancel()
+
+    async def _read(self, messages: AsyncIterator[StreamMessage]) -> None:
+        first = True
+        async for msg in messages:
+            if isinstance(msg, StreamHeader):
+                if not first:
+                    raise InvalidArgument("the stream header must be the first message")
+                self.header(msg.model, msg.key_id, msg.layout)
+            elif isinstance(msg, StreamItem):
+                await self.item(msg.request_id, msg.model, msg.key_id, msg.ciphertext)
+            else:
+                await self.batch_part(msg.request_id, msg.position, msg.n_samples, msg.ciphertext)
+            first = False
+        await self.finish()
 
     def header(self, model: str, key_id: str, layout: str) -> None:
         if self.model:

@@ -17,7 +17,8 @@ from encinfer.common.errors import EncinferError, InvalidArgument
 from encinfer.common.preflight import StartupError, check_client_tls, check_port_free, check_server_tls, split_address
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
 from encinfer.inference.config import InferenceConfig
-from encinfer.inference.core import Answer, InferenceCore
+from encinfer.inference.core import (Answer, InferenceCore, StreamBatchPart, StreamHeader, StreamItem,
+                                     StreamMessage)
 from encinfer.inference.keys import KeySource
 from encinfer.inference.model import load_model
 from encinfer.inference.workers import WorkerPool, kill_workers
@@ -87,52 +88,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return answer_pb(Answer(request.request_id, [ct], 1, ms))
 
     async def PredictStream(self, requests: AsyncIterator[pb.PredictStreamRequest], context) -> AsyncIterator[pb.PredictResponse]:
-        principal = current_principal()
-        session = self.core.stream(principal)
+        async for answer in self.core.stream(current_principal()).run(stream_messages(requests)):
+            yield answer_pb(answer, counted=True)
 
-        async def read() -> None:
-            first = True
-            async for req in requests:
-                kind = req.WhichOneof("msg")
-                if kind == "header":
-                    if not first:
-                        raise InvalidArgument("the stream header must be the first message")
-                    session.header(req.header.model, req.header.key_id, LAYOUT_NAMES.get(req.header.layout, ""))
-                elif kind == "item":
-                    it = req.item
-                    await session.item(it.request_id, it.model, it.key_id, it.ciphertext)
-                elif kind == "batch_part":
-                    bp = req.batch_part
-                    await session.batch_part(bp.request_id, bp.position, bp.n_samples, bp.ciphertext)
-                else:
-                    raise InvalidArgument("empty stream message: send a header, an item or a batch part")
-                first = False
-            await session.finish()
 
-        reader = asyncio.create_task(read())
-        getter: asyncio.Future | None = None
-        try:
-            while True:
-                getter = asyncio.ensure_future(session.answers.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    answer = getter.result()
-                    if answer is None:
-                        break
-                    yield answer_pb(answer, counted=True)
-                    continue
-                getter.cancel()
-                reader.result()  # raises a stream-level error (bad header, ...)
-                # reader ended normally: the None sentinel is queued; keep draining.
-                while (answer := await session.answers.get()) is not None:
-                    yield answer_pb(answer, counted=True)
-                break
-        finally:
-            if not reader.done():
-                reader.cancel()
-            if getter is not None and not getter.done():
-                getter.cancel()  # a cancelled call leaves it waiting on the queue forever otherwise
-            await session.cancel()
+async def stream_messages(requests: AsyncIterator[pb.PredictStreamRequest]) -> AsyncIterator[StreamMessage]:
+    """PredictStream's messages as the core's plain values (header, item or batch part)."""
+    async for req in requests:
+        kind = req.WhichOneof("msg")
+        if kind == "header":
+            h = req.header
+            yield StreamHeader(h.model, h.key_id, LAYOUT_NAMES.get(h.layout, ""))
+        elif kind == "item":
+            it = req.item
+            yield StreamItem(it.request_id, it.model, it.key_id, it.ciphertext)
+        elif kind == "batch_part":
+            bp = req.batch_part
+            yield StreamBatchPart(bp.request_id, bp.position, bp.n_samples, bp.ciphertext)
+        else:
+            raise InvalidArgument("empty stream message: send a header, an item or a batch part")
 
 
 class InferenceServer:
