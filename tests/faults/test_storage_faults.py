@@ -187,6 +187,7 @@ def test_twenty_reads_of_a_corrupt_key_starve_neither_other_keys_nor_health(topo
         with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
             futures = [pool.submit(bad_read) for _ in range(20)]
             start.wait(timeout=CALL_TIMEOUT)
+            time.sleep(0.2)  # the bad reads are at storage by now
             other, other_s = timed(bob.get, good)
             stat, stat_s = timed(bob.stat, good)
             bad_results = [f.result(timeout=CALL_TIMEOUT * 2) for f in futures]
@@ -206,6 +207,94 @@ def test_twenty_reads_of_a_corrupt_key_starve_neither_other_keys_nor_health(topo
     assert any(is_error(r, "DataLoss") for r, _ in bad_results)
     assert worst < BACKEND_DEADLINE + SLACK
     assert statuses and set(statuses) == {"SERVING"}, statuses
+
+
+# ---------------------------------------------------------------- bounded work per key id (in process)
+
+class GatedFsStore:
+    """The filesystem backend, with reads of chosen objects held until a gate opens; counts opens."""
+
+    def __init__(self, root: Path) -> None:
+        from encinfer.keystore.storage import FsObjectStore
+        self._inner = FsObjectStore(root)
+        self.held: set[str] = set()
+        self.gate = threading.Event()
+        self.opens: dict[str, int] = {}
+        self.waiting = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def open(self, name: str):
+        self.opens[name] = self.opens.get(name, 0) + 1
+        if name in self.held:
+            self.waiting += 1
+            self.gate.wait(CALL_TIMEOUT)
+        return self._inner.open(name)
+
+
+@pytest.fixture
+def gated_keystore(tmp_path):
+    """An in-process key store (fs backend, fake key parser) over a GatedFsStore."""
+    from conftest import fake_inspect
+    from encinfer.keystore.config import KeyStoreConfig
+    from encinfer.keystore.server import BackgroundKeyStore
+    from encinfer.keystore.store import KeyStore
+
+    config = KeyStoreConfig(address="127.0.0.1:0", data_dir=tmp_path / "ks", health_interval=0.2, backend_timeout=2.0)
+    backend = GatedFsStore(config.data_dir)
+    ks = BackgroundKeyStore(config, lambda cfg: KeyStore(backend, cfg, inspect=fake_inspect))
+    try:
+        yield ks, backend
+    finally:
+        backend.gate.set()
+        ks.stop()
+
+
+def local_client(ks):
+    from encinfer.client.keystore import KeyStoreClient
+    return KeyStoreClient(ks.target, timeout=CALL_TIMEOUT, transfer_timeout=CALL_TIMEOUT)
+
+
+def test_concurrent_reads_of_one_key_share_one_storage_read(gated_keystore):
+    from conftest import fake_key
+
+    ks, backend = gated_keystore
+    slow, other = fake_key(300_000), fake_key(300_000)
+    with local_client(ks) as client:
+        slow_id, other_id = client.put(slow).key_id, client.put(other).key_id
+        backend.held.add(f"keys/{slow_id}")
+        with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
+            reads = [pool.submit(client.get, slow_id) for _ in range(20)]
+            assert wait_until(lambda: backend.waiting >= 1, timeout=CALL_TIMEOUT)
+            time.sleep(0.5)  # time for 19 more storage reads, if they were to start
+            assert backend.opens[f"keys/{slow_id}"] == 1
+            got, seconds = timed(client.get, other_id)
+            assert got == other and seconds < 2.0
+            backend.gate.set()
+            assert all(r.result(timeout=CALL_TIMEOUT) == slow for r in reads)
+    assert backend.opens[f"keys/{slow_id}"] == 1
+    assert wait_until(lambda: not list((ks.store.spool_dir).glob("get-*")), timeout=5)  # the shared file went
+
+
+def test_health_does_not_queue_behind_storage_calls_that_hang(gated_keystore):
+    from conftest import fake_key
+
+    ks, backend = gated_keystore
+    with local_client(ks) as client:
+        ids = [client.put(fake_key(10_000)).key_id for _ in range(18)]  # more than the 16 storage threads
+        backend.held.update(f"keys/{kid}" for kid in ids)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=18) as pool:
+            reads = [pool.submit(timed, client.get, kid) for kid in ids]
+            assert wait_until(lambda: backend.waiting >= 16, timeout=CALL_TIMEOUT)
+            statuses = []
+            for _ in range(15):  # 3 s: longer than the 2 s backend deadline a queued probe would hit
+                statuses.append(health(ks.target))
+                time.sleep(0.2)
+            assert set(statuses) == {"SERVING"}, statuses
+            # Every read the storage holds answers UNAVAILABLE at its deadline, not later.
+            results = [r.result(timeout=CALL_TIMEOUT) for r in reads]
+            assert all(is_error(res, "Unavailable") and seconds < 2.0 + SLACK for res, seconds in results), results
 
 
 # ---------------------------------------------------------------- a corrupted record
