@@ -381,7 +381,8 @@ class KeyStore:
         """'' when the spool disk takes a small file and has MIN_SPOOL_FREE free; else why not."""
         try:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
-            free = os.statvfs(self.spool_dir).f_bavail * os.statvfs(self.spool_dir).f_frsize
+            st = os.statvfs(self.spool_dir)
+            free = st.f_bavail * st.f_frsize
             SPOOL_FREE.set(free)
             with tempfile.TemporaryFile(prefix="probe-", dir=self.spool_dir) as f:
                 f.write(b"\0" * 4096)

@@ -145,6 +145,22 @@ def test_a_bit_flipped_on_minios_disk_is_data_loss_within_the_deadline_and_a_reu
     assert damage["key_id"] == kid and damage["owners"] == ["alice"] and "SlowDownRead" in damage["detail"]
 
 
+def test_minio_gone_is_unavailable_never_data_loss_and_no_key_is_removed(topology):
+    data = bundle()
+    with keystore_client(topology) as ks:
+        kid = ks.put(data).key_id
+        topology.minio.stop()
+        try:
+            result, seconds = timed(ks.get, kid)
+            assert is_error(result, "Unavailable"), result
+            assert seconds < BACKEND_DEADLINE + SLACK
+        finally:
+            topology.minio.start()
+        assert wait_until(lambda: not isinstance(timed(ks.get, kid)[0], Exception), timeout=15)
+        assert ks.get(kid) == data and ks.stat(kid).key_id == kid
+    assert damage_logged(topology.keystore) == []
+
+
 def test_a_bit_flipped_in_a_later_block_is_data_loss_not_unavailable(topology):
     data = bundle(galois_steps=tuple(range(1, 11)))  # > 1 MiB: the flip breaks the body off mid-stream
     assert len(data) > BLOCK + 1000
