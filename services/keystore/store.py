@@ -385,9 +385,8 @@ class KeyStore:
             free = st.f_bavail * st.f_frsize
             SPOOL_FREE.set(free)
             with tempfile.TemporaryFile(prefix="probe-", dir=self.spool_dir) as f:
-                f.write(b"\0" * 4096)
+                f.write(b"\0" * 4096)  # no fsync: a probe every 2 s must stay cheap; statvfs says "full"
                 f.flush()
-                os.fsync(f.fileno())
         except OSError as e:
             reason = "disk full" if e.errno in DISK_FULL else "cannot be written"
             return f"key store spool {reason} at {self.spool_dir}: {e.strerror or e}"
@@ -542,7 +541,8 @@ class KeyStore:
         return None
 
     async def stat(self, principal: Principal, key_id: str, owner: str = "") -> KeyRecord:
-        """The record of a live key the caller may see; NOT_FOUND otherwise.
+        """The record of a live key the caller may see; NOT_FOUND otherwise, DATA_LOSS while
+        the record itself is corrupted (an upload overwrites it, a delete removes it).
 
         `owner` (service role): that owner's record only -- identical bytes can be held
         by several tenants, and the inference service checks the caller's own."""
