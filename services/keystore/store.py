@@ -19,7 +19,10 @@ Expired records are invisible at once and removed by `cleanup()`.
 
 Writes go ref -> bytes -> record, and deletes record -> ref -> bytes, so a crash
 leaves at worst an unreferenced object that `cleanup()` removes later, never a
-record without its bytes.
+record without its bytes. Within one key-store process, puts and deletes of one
+owner and one key id are serialized by locks (a multi-replica deployment could race
+a delete of one owner against another owner's upload of the same bytes; run one
+replica per bucket).
 
 Damage found on read: bytes that fail their SHA-256, cannot be read back, or are
 missing answer DATA_LOSS, and the key id is then removed for every owner (records,
@@ -30,10 +33,7 @@ upload and removed by DeleteKeys (which then answers deleted=True).
 
 Bounded work per key id: concurrent reads of one key id share one download
 (single flight), so one bad or slow key holds one storage thread, not all of them;
-the health probe has threads of its own. Within one key-store process, puts and deletes of one
-owner and one key id are serialized by locks (a multi-replica deployment could race
-a delete of one owner against another owner's upload of the same bytes; run one
-replica per bucket).
+the health probe has threads of its own.
 """
 from __future__ import annotations
 
@@ -596,18 +596,17 @@ class KeyStore:
                 result = await self._io(self._download, self._blob(kid), path, stop,
                                         timeout=self._transfer_deadline(size))
             except CorruptObject as e:
-                await self._discard_damaged(kid, "unreadable", str(e))
-                raise DataLoss(f"key {kid} cannot be read back from storage (the stored object is corrupted) "
-                               f"and was removed; upload the key again") from None
+                removed = await self._discard_damaged(kid, "unreadable", str(e))
+                raise DataLoss(f"key {kid} cannot be read back from storage (the stored object is corrupted)"
+                               f"{removed}; upload the key again") from None
             if result is None:
-                await self._discard_damaged(kid, "missing", "no object")
-                raise DataLoss(f"the bytes of key {kid} are missing from storage and the key was removed; "
-                               f"upload the key again")
+                removed = await self._discard_damaged(kid, "missing", "no object")
+                raise DataLoss(f"the bytes of key {kid} are missing from storage{removed}; upload the key again")
             got, digest = result
             if digest != kid or got != size:
-                await self._discard_damaged(kid, "altered", f"stored sha256 {digest}, size {got}")
-                raise DataLoss(f"key {kid} failed its SHA-256 check: the stored object was altered, and the "
-                               f"key was removed; upload the key again")
+                removed = await self._discard_damaged(kid, "altered", f"stored sha256 {digest}, size {got}")
+                raise DataLoss(f"key {kid} failed its SHA-256 check: the stored object was altered{removed}; "
+                               f"upload the key again")
         except BaseException:
             stop.set()  # a download still running in its thread stops at its next chunk
             path.unlink(missing_ok=True)
@@ -643,16 +642,17 @@ class KeyStore:
                 reader.close()
         return size, digest.hexdigest()
 
-    async def _discard_damaged(self, kid: str, how: str, detail: str) -> None:
+    async def _discard_damaged(self, kid: str, how: str, detail: str) -> str:
         """Removes a damaged key id for every owner (records, refs, bytes), so Stat, List and Get
-        agree it is gone and the next upload stores good bytes."""
+        agree it is gone and the next upload stores good bytes; says how that went, for the message."""
         KEYS_DAMAGED.inc()
         self._damaged.add(kid)
         owners: list[str] = []
         try:
             async with self._locks.hold(f"key:{kid}"):
                 if how == "missing" and await self._io(self.backend.head, self._blob(kid)) is not None:
-                    return  # uploaded again meanwhile: nothing is damaged any more
+                    self._damaged.discard(kid)
+                    return " (it has been uploaded again since)"
                 for ref in await self._io(self.backend.list, f"refs/{kid}/", "", None):
                     owner = unquote(ref.rsplit("/", 1)[-1])
                     await self._io(self.backend.delete, self._record_name(owner, kid))
@@ -662,9 +662,10 @@ class KeyStore:
         except (Unavailable, DataLoss) as e:
             log.error("damaged key found; removing it failed, the next upload rewrites it", extra={"fields": {
                 "key_id": kid, "damage": how, "detail": detail, "error": str(e)}})
-            return
+            return " (removing the damaged key failed; an upload rewrites it)"
         log.error("damaged key found in storage and removed; its owners must upload it again", extra={"fields": {
             "key_id": kid, "damage": how, "detail": detail, "owners": owners}})
+        return ", and the key was removed"
 
     async def delete(self, principal: Principal, key_id: str) -> bool:
         """Deletes the caller's own record; True if a live key (or a corrupted record) was deleted.
