@@ -315,15 +315,20 @@ def test_health_does_not_queue_behind_storage_calls_that_hang(gated_keystore):
 
 # ---------------------------------------------------------------- a corrupted record
 
-def test_a_corrupted_record_is_data_loss_on_stat_left_out_of_list_and_deleted_for_real(topology):
+@pytest.mark.parametrize("how", ["garbage written through S3", "a bit flipped on disk"])
+def test_a_corrupted_record_is_data_loss_on_stat_left_out_of_list_and_deleted_for_real(topology, how):
     from encinfer.keystore.store import encode_owner
 
     data = bundle()
     with keystore_client(topology) as ks:
         kid = ks.put(data).key_id
-        garbage = b"{not json at all"
-        s3(topology).put_object(bucket_name=topology.bucket, object_name=f"owners/{encode_owner('alice')}/{kid}",
-                                data=io.BytesIO(garbage), length=len(garbage))
+        record = f"owners/{encode_owner('alice')}/{kid}"
+        if how == "a bit flipped on disk":
+            flip_on_disk(topology, record)
+        else:
+            garbage = b"{not json at all"
+            s3(topology).put_object(bucket_name=topology.bucket, object_name=record,
+                                    data=io.BytesIO(garbage), length=len(garbage))
         for _ in range(2):  # the same answer every time, not once
             result = timed(ks.stat, kid)[0]
             assert is_error(result, "DataLoss"), result
