@@ -136,9 +136,12 @@ class KeyStoreServer:
         ok = await self.store.probe()
         if ok != self.serving:
             await set_health(self.health, [SERVICE_NAME], ok)
-            (log.info if ok else log.warning)(
-                "storage backend " + ("reachable: SERVING" if ok else "unreachable: NOT_SERVING"),
-                extra={"fields": {"backend": self.store.backend.kind}})
+            if ok:
+                log.info("storage backend reachable and spool writable: SERVING",
+                         extra={"fields": {"backend": self.store.backend.kind}})
+            else:
+                log.warning(f"{self.store.probe_error}: NOT_SERVING", extra={"fields": {
+                    "backend": self.store.backend.kind, "reason": self.store.probe_error}})
         self.serving = ok
 
     async def _probe_loop(self) -> None:
