@@ -88,7 +88,8 @@ def test_an_unreachable_s3_is_unavailable_not_a_hang(tmp_path):
 
 
 def test_an_invalid_bucket_name_stops_the_service_at_start():
-    with pytest.raises(SystemExit, match="ENCINFER_S3_BUCKET"):
+    from encinfer.common.errors import ConfigError
+    with pytest.raises(ConfigError, match="ENCINFER_S3_BUCKET"):
         S3ObjectStore(S3Settings(bucket="b1"), timeout=1.0)  # too short
 
 

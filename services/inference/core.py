@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 
 from encinfer.common.auth import Principal
 from encinfer.common.errors import EncinferError, InvalidArgument, NotFound
+from encinfer.he.keyinfo import check_key_id
 from encinfer.he.params import CkksParams
 from encinfer.inference import workers
 from encinfer.inference.keys import KeySource, check_key_fits
@@ -70,10 +71,13 @@ class InferenceCore:
             raise InvalidArgument(f"model {model!r} has no {layout!r} layout")
         return params
 
-    async def _checked_key(self, principal: Principal, model: str, key_id: str, layout: str) -> None:
+    async def _checked_key(self, principal: Principal, model: str, key_id: str, layout: str) -> str:
+        """The key id in its canonical form, once the caller's record says the key fits the layout."""
         params = self.params(model, layout)  # NOT_FOUND for an unknown model first
+        key_id = check_key_id(key_id)
         record = await self.keys.record(key_id, principal, self.auth_enabled)
         check_key_fits(record.parameters, params, layout)
+        return key_id
 
     # ------------------------------------------------------------ latency
     async def predict(self, principal: Principal, model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
@@ -82,7 +86,7 @@ class InferenceCore:
         start = time.perf_counter()
         if not ciphertext:
             raise InvalidArgument("ciphertext is empty; send one encrypted input (latency layout)")
-        await self._checked_key(principal, model, key_id, "latency")
+        key_id = await self._checked_key(principal, model, key_id, "latency")
         index = self.pool.pick()
         result, _kernel_ms = await self.pool.with_key(index, lambda: self.keys.data(key_id), workers.predict_latency,
                                                       (model, key_id), (ciphertext,))
@@ -256,7 +260,7 @@ class StreamSession:
         pending: list[asyncio.Future] = []
         started = False
         try:
-            await core._checked_key(self.principal, self.model, self.key_id, "batch")
+            self.key_id = await core._checked_key(self.principal, self.model, self.key_id, "batch")
             batch.worker = pool.pick()
             # From here on the worker may hold state for this batch, even if we are cancelled
             # while it starts (abort is queued behind the start and is a no-op for unknown ids).

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from encinfer.common.errors import DataLoss, InvalidArgument, ResourceExhausted, Unavailable
+from encinfer.common.errors import ConfigError, DataLoss, InvalidArgument, ResourceExhausted, Unavailable
 from encinfer.keystore.config import KeyStoreConfig, S3Settings
 
 log = logging.getLogger(__name__)
@@ -302,8 +302,8 @@ class S3ObjectStore:
         try:
             check_bucket_name(settings.bucket)
         except ValueError:
-            raise SystemExit(f"ENCINFER_S3_BUCKET={settings.bucket!r} is not a valid bucket name "
-                             "(3-63 characters: a-z 0-9 . -)") from None
+            raise ConfigError(f"ENCINFER_S3_BUCKET={settings.bucket!r} is not a valid bucket name "
+                              "(3-63 characters: a-z 0-9 . -)") from None
         self.settings, self.bucket = settings, settings.bucket
         # urllib3 warns on every retried connection: during an outage the health probe
         # and our own UNAVAILABLE lines already say it, once.

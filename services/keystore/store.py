@@ -63,7 +63,7 @@ from prometheus_client import Counter, Gauge
 
 from encinfer.common.auth import Principal
 from encinfer.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from encinfer.he.keyinfo import KeyInfo
+from encinfer.he.keyinfo import KeyInfo, check_key_id
 from encinfer.keystore.config import KeyStoreConfig
 from encinfer.keystore.storage import DISK_FULL, READ_SIZE, CorruptObject, ObjectStore, disk_full
 
@@ -77,7 +77,6 @@ ORPHAN_GRACE = 600.0             # an object without its record is left alone th
 SPOOL_MAX_AGE = 24 * 3600.0      # spool files older than this are leftovers of a crash
 MIN_SPOOL_FREE = 1024 * 1024     # health is NOT_SERVING while the spool disk has less free than this
 
-KEY_ID = re.compile(r"^[0-9a-f]{64}$")
 LABEL_KEY = re.compile(r"^[A-Za-z0-9._/-]+$")
 
 KEY_BYTES = Counter("encinfer_keystore_bytes_total", "Key bytes received and sent", ["direction"])
@@ -199,13 +198,6 @@ class _KeyedLocks:
                 if not self._users[name]:
                     del self._users[name]
                     self._locks.pop(name, None)
-
-
-def check_key_id(key_id: str) -> str:
-    kid = (key_id or "").strip().lower()
-    if not KEY_ID.match(kid):
-        raise InvalidArgument(f"malformed key id {key_id[:80]!r}: expected 64 hex digits (a SHA-256)")
-    return kid
 
 
 def check_labels(labels: dict[str, str]) -> dict[str, str]:
