@@ -426,6 +426,11 @@ class EncryptedClassifier:
         # again they are sent again on a new call (the source cannot be rewound).
         unanswered: dict[int, np.ndarray] = {}
         take = threading.Lock()
+        if check is not None:  # the first sample is checked before any call is made
+            first = next(source, None)
+            if first is None:
+                return
+            unanswered[first[0]] = check(first[1], first[0])
         _, _, generation = self._current("latency")
         for attempt in itertools.count():
             with take:
