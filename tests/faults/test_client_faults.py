@@ -202,8 +202,10 @@ def test_encinfer_predict_refuses_out_of_range_inputs_with_one_line_and_exit_2(t
     assert "divide them by 255" in result.stderr
 
 
-def test_encinfer_keys_against_a_killed_key_store_prints_one_error_line(topology, tmp_path):
+def test_encinfer_keys_and_probe_against_a_killed_key_store_print_one_error_line(topology, tmp_path):
     topology.keystore_kill()
     for argv in (["ls"], ["stat", "ab" * 32], ["rm", "ab" * 32]):
         result = encinfer("keys", *argv, "--target", topology.keystore.address, "--token", ALICE)
         assert_one_error_line(result, 1, "error: UNAVAILABLE: ")
+    result = encinfer("probe", topology.keystore.address)
+    assert_one_error_line(result, 1, f"error: UNAVAILABLE: {topology.keystore.address}: ")
