@@ -24,6 +24,11 @@ pytestmark = pytest.mark.timeout(180)
 ERROR_BOUND = 15.0
 
 
+def measured(what: str, seconds: float, detail: str = "") -> None:
+    """For the record (pytest -s): how long the client waited."""
+    print(f"\nmeasured: {what}: {seconds:.2f} s {detail}")
+
+
 def images(n: int) -> np.ndarray:
     from encinfer import datasets
     return datasets.default_test_images(n)[0]
@@ -69,6 +74,7 @@ def test_inference_killed_mid_stream_is_an_encinfer_unavailable_not_a_grpc_error
             clf, images(200), lambda: os.killpg(topology.inference.pid, signal.SIGKILL))
     assert isinstance(error, errors.EncinferError), repr(error)
     assert not isinstance(error, grpc.RpcError)
+    measured("SIGKILL of inference -> client error", seconds, f"{error.code}: {error.message}")
     assert error.code == "UNAVAILABLE" and error.message, (error.code, error.message)
     assert seconds < ERROR_BOUND
     assert 3 <= len(answered) < 200
@@ -81,6 +87,7 @@ def test_inference_stopped_mid_stream_ends_the_stream_with_an_encinfer_error(top
             clf, images(1000), lambda: topology.inference.process.send_signal(signal.SIGTERM))
     assert isinstance(error, errors.EncinferError), repr(error)
     assert not isinstance(error, grpc.RpcError)
+    measured("SIGTERM of inference -> client error", seconds, f"{error.code}: {error.message}")
     assert error.code in ("UNAVAILABLE", "CANCELLED") and error.message, (error.code, error.message)
     assert seconds < 5 + ERROR_BOUND
     assert len(answered) < 1000
@@ -92,6 +99,7 @@ def test_model_info_honours_the_callers_timeout_against_a_frozen_inference_servi
     os.killpg(topology.inference.pid, signal.SIGSTOP)
     with topology.classifier(tmp_path / "keys", timeout=2.0) as clf:
         error, seconds = timed(lambda: clf.info)
+    measured("info(timeout=2) against frozen inference", seconds, repr(error))
     assert isinstance(error, errors.DeadlineExceeded), repr(error)
     assert not isinstance(error, grpc.RpcError)
     assert 1.5 < seconds < 2.0 + 5.0
@@ -109,6 +117,7 @@ def test_key_upload_honours_its_deadline_against_a_frozen_key_store(topology, tm
         stat_error, stat_seconds = timed(ks.stat, "ab" * 32)
     assert isinstance(error, errors.DeadlineExceeded), repr(error)
     assert isinstance(stat_error, errors.DeadlineExceeded), repr(stat_error)
+    measured("put/stat with 2 s deadlines against a frozen key store", max(seconds, stat_seconds))
     assert seconds < 2.0 + 5.0 and stat_seconds < 2.0 + 5.0
 
 
@@ -129,6 +138,7 @@ def test_a_new_client_with_a_remembered_key_predicts_while_the_key_store_is_kill
     assert not isinstance(scores, Exception), repr(scores)
     np.testing.assert_allclose(scores, expected, atol=1e-3)
     np.testing.assert_allclose(one, expected[0], atol=1e-3)
+    measured("new client predicts, key store killed", seconds)
     assert seconds < ERROR_BOUND
 
 
@@ -139,6 +149,7 @@ def test_a_new_client_with_a_remembered_key_predicts_while_the_key_store_is_froz
         scores, seconds = timed(clf.decision_function, images(2))
     assert not isinstance(scores, Exception), repr(scores)
     np.testing.assert_allclose(scores, expected, atol=1e-3)
+    measured("new client predicts, key store frozen", seconds)
     assert seconds < 10.0  # not the key store's 20 s deadline
 
 
@@ -160,6 +171,7 @@ def test_a_key_deleted_in_the_key_store_is_uploaded_again_and_the_next_predict_w
             assert ks.stat(new_id) is not None
     assert not isinstance(scores, Exception), repr(scores)
     np.testing.assert_allclose(scores, expected, atol=1e-3)
+    measured("predict after the key was deleted (re-upload and retry)", seconds)
     assert len(uploads) == 1 and seconds < ERROR_BOUND
     with topology.classifier(tmp_path / "keys", layout="latency") as later:  # remembered, still good
         again = count_uploads(later)
@@ -191,6 +203,7 @@ def test_encinfer_predict_against_a_stopped_inference_service_prints_one_error_l
     np.save(tmp_path / "x.npy", images(3))
     topology.inference.stop()
     result, seconds = timed(encinfer, *predict_argv(topology, tmp_path, tmp_path / "x.npy"))
+    measured("encinfer predict against a stopped inference service (process run)", seconds, result.stderr.strip())
     assert_one_error_line(result, 1, "error: UNAVAILABLE: ")
     assert result.stdout == ""
 
