@@ -311,15 +311,18 @@ class EncryptedClassifier:
             return ""
 
     def _upload(self, layout: str, secret: SecretKeys, progress: Callable[[int], None] | None = None) -> str:
-        """Uploads the public keys (caller holds the keys lock); new keys only when the store keeps bad bytes."""
+        """Uploads public keys made from the secret (caller holds the keys lock).
+
+        Galois keys are randomized, so each latency upload is new bytes under a new key id
+        (a batch key is the parameters only: the same bytes, stored again); the secret key
+        stays, so nothing the caller holds is invalidated. A store that kept other bytes
+        than were sent (DataLoss) gets one more bundle."""
         labels = {"model": self.model, "layout": layout}
         try:
             record = self._keystore.put(secret.public_bundle(), labels=labels, progress=progress)
-        except errors.DataLoss:
-            log.warning("the key store kept other bytes for these keys; making new keys",
-                        extra={"fields": {"layout": layout}})
-            secret = SecretKeys.generate(self.layout_info(layout).params)
-            secret.save(self._paths(layout)[0])
+        except errors.DataLoss as e:
+            log.warning("the key store kept other bytes than were sent; uploading fresh public keys",
+                        extra={"fields": {"layout": layout, "error": str(e)}})
             record = self._keystore.put(secret.public_bundle(), labels=labels, progress=progress)
         self._remember(layout, record.key_id)
         self._secrets[layout] = (secret, record.key_id)

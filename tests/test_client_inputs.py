@@ -142,3 +142,13 @@ def test_from_status_gives_the_class_of_each_code_and_keeps_the_message():
     assert type(e) is errors.Unavailable and e.code == "UNAVAILABLE" and e.message == "the key store is unreachable"
     other = errors.from_status("UNIMPLEMENTED", "no such method")
     assert type(other) is errors.EncinferError and other.code == "UNIMPLEMENTED" and str(other) == "no such method"
+
+
+def test_key_transfers_get_a_deadline_that_grows_with_the_size_unless_the_caller_gives_one():
+    from encinfer.client.keystore import KeyStoreClient
+
+    with KeyStoreClient("127.0.0.1:1") as ks:
+        small, big = ks.transfer_deadline(1000), ks.transfer_deadline(50 * 1024 * 1024)
+    assert 0 < small < big < 600
+    with KeyStoreClient("127.0.0.1:1", transfer_timeout=7.0) as ks:
+        assert ks.transfer_deadline(50 * 1024 * 1024) == 7.0
