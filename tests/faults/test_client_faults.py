@@ -179,6 +179,42 @@ def test_a_key_deleted_in_the_key_store_is_uploaded_again_and_the_next_predict_w
     assert again == []
 
 
+def tamper(topology, key_id: str) -> str:
+    """Overwrites the key's bytes in MinIO through the S3 API (same length, one byte changed)."""
+    import io
+
+    from minio import Minio
+
+    m = topology.minio
+    s3 = Minio(endpoint=m.endpoint, access_key=m.access_key, secret_key=m.secret_key, secure=False)
+    [name] = [o.object_name for o in s3.list_objects(topology.bucket, recursive=True)
+              if o.object_name.endswith(f"keys/{key_id}")]
+    reply = s3.get_object(topology.bucket, name)
+    try:
+        data = bytearray(reply.read())
+    finally:
+        reply.close()
+        reply.release_conn()
+    data[len(data) // 2] ^= 0xFF
+    s3.put_object(topology.bucket, name, io.BytesIO(bytes(data)), len(data))
+    return name
+
+
+def test_a_key_altered_in_storage_is_uploaded_again_and_the_next_predict_works(topology, tmp_path):
+    X = images(2)
+    with topology.classifier(tmp_path / "keys", layout="latency") as first:
+        _, key_id = first.keys("latency")  # uploaded, never used: inference has no copy to fall back on
+    tamper(topology, key_id)
+    with topology.classifier(tmp_path / "keys", layout="latency") as clf:  # remembers the altered key
+        uploads = count_uploads(clf)
+        scores, seconds = timed(clf.decision_function, X)
+        assert not isinstance(scores, Exception), repr(scores)
+        assert len(uploads) == 1 and clf.keys("latency")[1] != key_id
+        np.testing.assert_allclose(clf.decision_function(X), scores, atol=1e-3)
+    measured("predict after the key was altered in storage (DATA_LOSS, re-upload, retry)", seconds)
+    assert seconds < ERROR_BOUND
+
+
 # ---------------------------------------------------------------- the CLIs
 
 def encinfer(*argv: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
