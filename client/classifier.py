@@ -211,6 +211,7 @@ class EncryptedClassifier:
                                         timeout=self._small_timeout, transfer_timeout=timeout)
         self.key_dir = Path(key_dir) if key_dir else default_key_dir()
         self._info: pb.ModelInfo | None = None
+        self._layouts: dict[str, LatencyLayout | BatchLayout] = {}
         self._secrets: dict[str, tuple[SecretKeys, str]] = {}
         self._generation: dict[str, int] = {}  # uploads per layout: a heal is done once per failure
         self._refresh: set[str] = set()         # layouts whose key expires soon (or is gone)
@@ -245,10 +246,13 @@ class EncryptedClassifier:
         return np.array(list(self.info.class_labels))
 
     def layout_info(self, layout: str) -> LatencyLayout | BatchLayout:
-        for lay in self.info.layouts:
-            if LAYOUT_NAMES.get(lay.layout) == layout:
-                return layout_from_pb(self.info, lay)
-        raise ValueError(f"model {self.model!r} offers no {layout!r} layout")
+        """The layout as GetModelInfo describes it (built once: every call and check uses it)."""
+        if layout not in self._layouts:
+            lay = next((lay for lay in self.info.layouts if LAYOUT_NAMES.get(lay.layout) == layout), None)
+            if lay is None:
+                raise ValueError(f"model {self.model!r} offers no {layout!r} layout")
+            self._layouts[layout] = layout_from_pb(self.info, lay)
+        return self._layouts[layout]
 
     def _manifest(self, layout: str) -> str:
         return next(l.manifest_sha256 for l in self.info.layouts if LAYOUT_NAMES.get(l.layout) == layout)
