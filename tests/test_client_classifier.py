@@ -12,6 +12,7 @@ pytest.register_assert_rewrite("inference_fixtures")
 from inference_fixtures import ALICE, BOB, assert_matches_plaintext, start_stack, wait_for
 from encinfer.client.classifier import EncryptedClassifier, PredictionError
 from encinfer.client.keystore import KeyStoreClient
+from encinfer.common.errors import Unavailable
 
 pytest_plugins = ["inference_fixtures"]
 pytestmark = pytest.mark.timeout(120)
@@ -175,3 +176,45 @@ def test_abandoned_prediction_stream_is_cancelled(fs_stack, tmp_path, test_image
         next(answers)
         answers.close()  # the caller stops reading
         assert threads_settle_to(baseline), threading.enumerate()
+
+
+# ---------------------------------------------------------------- remembered key ids
+
+def test_a_remembered_key_id_is_used_without_asking_the_key_store_first(fs_stack, tmp_path, test_images):
+    with fs_stack.classifier(tmp_path / "k", layout="latency") as first:
+        _, key_id = first.keys("latency")
+    with fs_stack.classifier(tmp_path / "k", layout="latency") as later:
+        uploads = count_uploads(later)
+
+        def unreachable(*args, **kwargs):
+            raise Unavailable("the key store is down")
+        later._keystore.stat = unreachable
+        assert later.keys("latency")[1] == key_id
+        assert_matches_plaintext(fs_stack.model, test_images[0][:2], later.decision_function(test_images[0][:2]))
+        assert uploads == []
+
+
+def test_a_remembered_key_that_expires_soon_is_renewed_on_the_next_call(fs_stack, tmp_path, test_images,
+                                                                        monkeypatch):
+    from encinfer.client import classifier
+
+    with fs_stack.classifier(tmp_path / "k", layout="latency") as first:
+        _, key_id = first.keys("latency")
+    monkeypatch.setattr(classifier, "EXPIRY_MARGIN_SECONDS", 10 ** 9)  # every key "expires soon"
+    with fs_stack.classifier(tmp_path / "k", layout="latency") as later:
+        uploads = count_uploads(later)
+        assert later.keys("latency")[1] == key_id
+        assert wait_for(lambda: "latency" in later._refresh)  # the background check said so
+        X = test_images[0][:2]
+        assert_matches_plaintext(fs_stack.model, X, later.decision_function(X))
+        assert len(uploads) == 1 and later.keys("latency")[1] != key_id
+
+
+def test_a_key_dir_shared_by_two_tenants_uploads_for_each(fs_stack, tmp_path, test_images):
+    X = test_images[0][:2]
+    with fs_stack.classifier(tmp_path / "k", layout="latency") as alice:
+        _, alice_key = alice.keys("latency")
+    with fs_stack.classifier(tmp_path / "k", token=BOB, layout="latency") as bob:
+        uploads = count_uploads(bob)
+        assert_matches_plaintext(fs_stack.model, X, bob.decision_function(X))
+        assert len(uploads) == 1 and bob.keys("latency")[1] != alice_key
