@@ -152,3 +152,30 @@ def test_key_transfers_get_a_deadline_that_grows_with_the_size_unless_the_caller
     assert 0 < small < big < 600
     with KeyStoreClient("127.0.0.1:1", transfer_timeout=7.0) as ks:
         assert ks.transfer_deadline(50 * 1024 * 1024) == 7.0
+
+
+# ---------------------------------------------------------------- encinfer predict
+
+def predict_cli(fs_stack, tmp_path, capsys, X) -> tuple[int, str, str]:
+    from encinfer.cli import main
+
+    np.save(tmp_path / "x.npy", X)
+    capsys.readouterr()
+    code = main(["predict", "--npy", str(tmp_path / "x.npy"), "--inference", fs_stack.target,
+                 "--keystore", fs_stack.keystore_target, "--token", "alice-token", "--key-dir", str(tmp_path / "k")])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_encinfer_predict_prints_the_labels_and_keeps_stderr_empty(fs_stack, tmp_path, capsys, test_images):
+    X = images(test_images, 3)
+    code, out, err = predict_cli(fs_stack, tmp_path, capsys, X)
+    assert code == 0 and err == ""
+    assert out.split() == [str(c) for c in fs_stack.model.predict(X)]
+
+
+def test_encinfer_predict_refuses_nan_inputs_with_one_line_and_exit_2(fs_stack, tmp_path, capsys, test_images):
+    code, out, err = predict_cli(fs_stack, tmp_path, capsys, with_value(images(test_images, 3), 1, 7, np.nan))
+    assert code == 2 and out == ""
+    assert err.startswith("error: sample 1, feature 7 is nan") and err.count("\n") == 1
+    assert not (tmp_path / "k").exists()  # refused before any key was made
