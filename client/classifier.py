@@ -264,13 +264,16 @@ class EncryptedClassifier:
     def keys(self, layout: str, progress: Callable[[int], None] | None = None) -> tuple[SecretKeys, str]:
         """The secret key for this layout (made once, kept on disk) and its uploaded key id.
 
-        A remembered key id is used without asking the key store (which is asked in the
-        background whether the key expires soon); with none, the public keys are uploaded.
+        A remembered key id is checked with StatKeys (briefly: a key store that cannot be
+        asked leaves it as it is) and the public keys uploaded again when the key is
+        missing or expires soon. Predictions do not wait for that check: they use a
+        remembered key id at once and upload again only when the service says it is lost.
         """
-        secret, key_id, _ = self._current(layout, progress)
+        secret, key_id, _ = self._current(layout, progress, verify=True)
         return secret, key_id
 
-    def _current(self, layout: str, progress: Callable[[int], None] | None = None) -> tuple[SecretKeys, str, int]:
+    def _current(self, layout: str, progress: Callable[[int], None] | None = None,
+                 verify: bool = False) -> tuple[SecretKeys, str, int]:
         with self._keys_lock:
             if layout in self._secrets and layout not in self._refresh:
                 return (*self._secrets[layout], self._generation.get(layout, 0))
@@ -293,26 +296,29 @@ class EncryptedClassifier:
             meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
             key_id = meta.get("key_id", "")
             self._generation[layout] = 0
-            if key_id and meta.get("tenant") != self._tenant:
-                # Remembered for another tenant (or by an older client): ask once, briefly.
-                key_id = self._still_there(key_id)
-                if key_id:
+            checked = bool(key_id) and (verify or meta.get("tenant") != self._tenant)
+            if checked:  # asked for, or remembered for another tenant (or by an older client)
+                key_id = self._verified(key_id)
+                if key_id and meta.get("tenant") != self._tenant:
                     self._remember(layout, key_id)
             if key_id:
                 self._secrets[layout] = (secret, key_id)
-                self._check_expiry_in_background(layout, key_id)
+                if not checked:
+                    self._check_expiry_in_background(layout, key_id)
             else:
                 self._upload(layout, secret, progress)
             return (*self._secrets[layout], self._generation.get(layout, 0))
 
-    def _still_there(self, key_id: str) -> str:
-        """key_id when this tenant's key store holds it (or cannot be asked), else ''."""
+    def _verified(self, key_id: str) -> str:
+        """key_id when the key store holds it for this tenant and not about to expire (or
+        cannot be asked within a few seconds), else '' (upload again)."""
         try:
-            return key_id if self._keystore.stat(key_id, timeout=min(self._small_timeout, 5.0)) is not None else ""
+            record = self._keystore.stat(key_id, timeout=min(self._small_timeout, 5.0))
         except (errors.Unavailable, errors.DeadlineExceeded):
             return key_id
         except errors.DataLoss:
             return ""
+        return key_id if record is not None and record.expires_in() >= EXPIRY_MARGIN_SECONDS else ""
 
     def _upload(self, layout: str, secret: SecretKeys, progress: Callable[[int], None] | None = None) -> str:
         """Uploads public keys made from the secret (caller holds the keys lock).
@@ -438,21 +444,21 @@ class EncryptedClassifier:
             if first is None:
                 return
             unanswered[first[0]] = check(first[1], first[0])
-        _, _, generation = self._current("latency")
         for attempt in itertools.count():
+            secret, key_id, generation = self._current("latency")
             with take:
                 resend = sorted(unanswered.items(), key=lambda item: item[0])
             try:
-                yield from self._stream_call(source, check, layout, window, unanswered, resend, take)
+                yield from self._stream_call(secret, key_id, source, check, layout, window, unanswered, resend, take)
                 return
             except errors.EncinferError as e:
                 if attempt or not key_lost(e):
                     raise
                 self._heal("latency", generation, e)
 
-    def _stream_call(self, source, check, layout: LatencyLayout, window: int, unanswered: dict[int, np.ndarray],
-                     resend: list[tuple[int, np.ndarray]], take: threading.Lock) -> Iterator[tuple[int, np.ndarray]]:
-        secret, key_id, _ = self._current("latency")
+    def _stream_call(self, secret: SecretKeys, key_id: str, source, check, layout: LatencyLayout, window: int,
+                     unanswered: dict[int, np.ndarray], resend: list[tuple[int, np.ndarray]],
+                     take: threading.Lock) -> Iterator[tuple[int, np.ndarray]]:
         sent: dict[str, float] = {}
         stats = self.stats
         slots = threading.Semaphore(window)
@@ -560,17 +566,17 @@ class EncryptedClassifier:
     # ------------------------------------------------------------ batch layout
     def _batch(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
         for attempt in itertools.count():
-            _, _, generation = self._current("batch")
+            secret, key_id, generation = self._current("batch")
             try:
-                return self._batch_call(X, progress)
+                return self._batch_call(secret, key_id, X, progress)
             except errors.EncinferError as e:
                 if attempt or not key_lost(e):
                     raise
                 self._heal("batch", generation, e)
         raise AssertionError("unreachable")
 
-    def _batch_call(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
-        secret, key_id, _ = self._current("batch")
+    def _batch_call(self, secret: SecretKeys, key_id: str, X: np.ndarray,
+                    progress: Callable[[int], None] | None) -> np.ndarray:
         layout = self.layout_info("batch")
         stats = self.stats
         chunks = [(str(i), X[s:s + layout.max_samples])
