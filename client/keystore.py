@@ -178,11 +178,10 @@ class KeyStoreClient:
             path = ks.get(key_id, dest="keys.bin")
         """
         kid = key_id.strip().lower()
-        if timeout is None:  # the deadline follows the key's size, which its record states
-            record = self.stat(kid)
-            if record is None:
-                raise errors.NotFound(f"key {kid} not found (unknown, expired, deleted, or not yours)")
-            timeout = self.transfer_deadline(record.size_bytes)
+        if timeout is None and self.transfer_timeout is None:
+            timeout = self.transfer_deadline(self._record(kid).size_bytes)  # the size its record states
+        elif timeout is None:
+            timeout = self.transfer_timeout
         if dest is None:
             parts: list[bytes] = []
             self._download(kid, parts.append, progress, timeout)
@@ -224,6 +223,13 @@ class KeyStoreClient:
             raise errors.DataLoss(f"key {kid} arrived with a wrong SHA-256 or size; nothing was kept")
         return record
 
+    def _record(self, key_id: str, timeout: float | None = None) -> KeyRecord:
+        try:
+            return KeyRecord.from_pb(self._stub.StatKeys(pb.StatKeysRequest(key_id=key_id),
+                                                         metadata=self._metadata, timeout=self._small(timeout)))
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+
     def stat(self, key_id: str, timeout: float | None = None) -> KeyRecord | None:
         """The key's record, or None when the key store has no live key by this id for you.
 
@@ -234,13 +240,9 @@ class KeyStoreClient:
                 ks.put(bundle)
         """
         try:
-            return KeyRecord.from_pb(self._stub.StatKeys(pb.StatKeysRequest(key_id=key_id),
-                                                         metadata=self._metadata, timeout=self._small(timeout)))
-        except grpc.RpcError as e:
-            exc = error_from_rpc(e)
-            if isinstance(exc, errors.NotFound):
-                return None
-            raise exc from None
+            return self._record(key_id, timeout)
+        except errors.NotFound:
+            return None
 
     def delete(self, key_id: str, timeout: float | None = None) -> bool:
         """Deletes your key; False when there was no live key of yours by this id."""
