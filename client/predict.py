@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
                              layout=args.layout, key_dir=args.key_dir, tls=tls) as clf:
         layout = args.layout if args.layout != "auto" else ("batch" if len(X) >= AUTO_BATCH_FROM else "latency")
         clf.check_samples(X, layout)  # refused before any key is made or sent
-        clf.keys(layout)
-        # The bar only for a person at a terminal, and only once the services answered.
+        # The bar only for a person at a terminal, and only once the inference service answered.
         with tqdm(total=len(X), unit="img", desc="encrypted predict", file=sys.stderr, disable=None,
                   leave=False) as bar:
             predicted = clf.predict(X, progress=bar.update)
