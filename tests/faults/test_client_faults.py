@@ -257,3 +257,15 @@ def test_encinfer_keys_and_probe_against_a_killed_key_store_print_one_error_line
         assert_one_error_line(result, 1, "error: UNAVAILABLE: ")
     result = encinfer("probe", topology.keystore.address)
     assert_one_error_line(result, 1, f"error: UNAVAILABLE: {topology.keystore.address}: ")
+
+
+def test_encinfer_predict_with_a_remembered_key_works_while_the_key_store_is_killed(topology, tmp_path):
+    X = images(3)
+    warm(topology, tmp_path / "keys")
+    np.save(tmp_path / "x.npy", X)
+    topology.keystore_kill()
+    result = encinfer(*predict_argv(topology, tmp_path, tmp_path / "x.npy"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    with topology.classifier(tmp_path / "keys", layout="latency") as clf:
+        expected = [str(c) for c in clf.predict(X)]
+    assert result.stdout.split() == expected
