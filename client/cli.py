@@ -67,16 +67,9 @@ def _record_json(record) -> dict:
 
 
 def _run(args: argparse.Namespace, action) -> int:
-    from encinfer.common.errors import EncinferError
-    try:
-        with _client(args) as client:
-            return action(client)
-    except EncinferError as e:
-        print(f"error: {e.code}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
-        return 1
+    """Runs action(client); failures become one line and an exit code in `encinfer.cli.main`."""
+    with _client(args) as client:
+        return action(client)
 
 
 def _bar(total: int | None, desc: str):
@@ -129,7 +122,10 @@ def _rm(args: argparse.Namespace) -> int:
         if client.delete(args.key_id):
             print(f"deleted {args.key_id}")
             return 0
-        print(f"error: no key {args.key_id} of yours to delete", file=sys.stderr)
+        # What the key store answered: it held no live key by this id for you (the line
+        # says only that; a key store that removed a corrupted record answers deleted).
+        print(f"error: NOT_FOUND: the key store deleted nothing: no live key {args.key_id} of yours "
+              "(unknown, expired, or already deleted)", file=sys.stderr)
         return 1
     return _run(args, action)
 

@@ -41,9 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Failures (a service down, inputs out of range) raise; `encinfer.cli.main` prints one line."""
     from tqdm import tqdm
 
-    from encinfer.client.classifier import EncryptedClassifier
+    from encinfer.client.classifier import AUTO_BATCH_FROM, EncryptedClassifier
     from encinfer.common.rpc import TlsFiles
 
     X, y = load_inputs(args)
@@ -51,9 +52,13 @@ def run(args: argparse.Namespace) -> int:
         X, y = X[:args.n], (y[:args.n] if y is not None else None)
     tls = TlsFiles(ca=args.ca) if args.ca else None
     with EncryptedClassifier(inference=args.inference, keystore=args.keystore, model=args.model, token=args.token,
-                             layout=args.layout, key_dir=args.key_dir, tls=tls) as clf, \
-            tqdm(total=len(X), unit="img", desc="encrypted predict", file=sys.stderr) as bar:
-        predicted = clf.predict(X, progress=bar.update)
+                             layout=args.layout, key_dir=args.key_dir, tls=tls) as clf:
+        layout = args.layout if args.layout != "auto" else ("batch" if len(X) >= AUTO_BATCH_FROM else "latency")
+        clf.check_samples(X, layout)  # refused before any key is made or sent
+        # The bar only for a person at a terminal, and only once the inference service answered.
+        with tqdm(total=len(X), unit="img", desc="encrypted predict", file=sys.stderr, disable=None,
+                  leave=False) as bar:
+            predicted = clf.predict(X, progress=bar.update)
         stats = clf.stats
     result = {"n": len(X), "predictions": [str(p) for p in predicted],
               "seconds": round(stats.wall_s, 3), "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down}
