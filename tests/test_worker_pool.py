@@ -114,3 +114,44 @@ def test_a_free_port_and_port_0_pass_the_check():
         port = s.getsockname()[1]
     check_port_free("127.0.0.1", port, "ENCINFER_X")
     check_port_free("127.0.0.1", 0, "ENCINFER_X")
+
+
+def test_a_key_the_worker_lacks_goes_with_the_first_call_and_not_again(mnist_model):
+    """One worker trip for a new key (the pool knows the worker has none), none with bytes after."""
+    from encinfer.he.latency import encrypt_latency
+    from encinfer.he.secret import SecretKeys
+
+    stem, model = mnist_model
+
+    async def scenario() -> None:
+        pool = WorkerPool([str(stem)], 1, 1 << 26)
+        await pool.start()
+        try:
+            from encinfer.he.latency import LatencyLayout
+            described = next(m for m in pool.models if m["name"] == model.name)["layouts"]["latency"]
+            lay = LatencyLayout.from_dict({k: v for k, v in described.items() if k != "manifest_sha256"})
+            secret = SecretKeys.generate(lay.params)
+            bundle = secret.public_bundle()
+            ct = encrypt_latency(secret, model_images(1)[0], lay)
+            trips, fetches = [], []
+            real_call = pool.call
+
+            async def counting_call(index, fn, *args, **kw):
+                trips.append(args[2] is not None)  # (model, key id, key bytes or None, ciphertext)
+                return await real_call(index, fn, *args, **kw)
+
+            async def fetch() -> bytes:
+                fetches.append(1)
+                return bundle
+            pool.call = counting_call
+            for _ in range(3):
+                await pool.with_key(0, fetch, workers.predict_latency, (model.name, "k" * 64), (ct,))
+            assert trips == [True, False, False] and len(fetches) == 1
+        finally:
+            await pool.close()
+    asyncio.run(scenario())
+
+
+def model_images(n: int):
+    from encinfer import datasets
+    return datasets.default_test_images(n)[0]

@@ -19,7 +19,7 @@ from encinfer.common.errors import EncinferError, InvalidArgument, NotFound
 from encinfer.he.keyinfo import check_key_id
 from encinfer.he.params import CkksParams
 from encinfer.inference import workers
-from encinfer.inference.keys import KeySource, check_key_fits
+from encinfer.inference.keys import KeySource, check_key_fits, record_owner
 from encinfer.inference.workers import WorkerPool, check_batch_count, check_position
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,10 @@ class InferenceCore:
         if not ciphertext:
             raise InvalidArgument("ciphertext is empty; send one encrypted input (latency layout)")
         key_id = await self._checked_key(principal, model, key_id, "latency")
+        owner = record_owner(principal, self.auth_enabled)
         index = self.pool.pick()
-        result, _kernel_ms = await self.pool.with_key(index, lambda: self.keys.data(key_id), workers.predict_latency,
-                                                      (model, key_id), (ciphertext,))
+        result, _kernel_ms = await self.pool.with_key(index, lambda: self.keys.data(key_id, owner),
+                                                      workers.predict_latency, (model, key_id), (ciphertext,))
         return result, (time.perf_counter() - start) * 1000
 
     # ------------------------------------------------------------ streams
@@ -265,7 +266,8 @@ class StreamSession:
             # From here on the worker may hold state for this batch, even if we are cancelled
             # while it starts (abort is queued behind the start and is a no-op for unknown ids).
             started = True
-            await pool.with_key(batch.worker, lambda: core.keys.data(self.key_id), workers.batch_start,
+            await pool.with_key(batch.worker, lambda: core.keys.data(self.key_id, record_owner(self.principal, core.auth_enabled)),
+                                workers.batch_start,
                                 (batch.id, self.model, self.key_id), (batch.n_samples,))
             received = 0
             while received < batch.total:

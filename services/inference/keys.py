@@ -179,6 +179,12 @@ class _Records:
         return len(self._items)
 
 
+def record_owner(principal: Principal, auth_enabled: bool) -> str:
+    """Whose record a request is checked against: the tenant's own ("" for the service role,
+    or with auth off: any holder of the key)."""
+    return principal.owner if auth_enabled and not principal.is_service else ""
+
+
 class KeySource:
     def __init__(self, target: str, token: str, tls: TlsFiles | None, timeout: float,
                  cache_bytes: int, recheck_seconds: float, *, max_stale_seconds: float = 3600.0,
@@ -216,7 +222,7 @@ class KeySource:
         Asked per (key, owner): identical bytes (a batch-layout key is the parameters
         only) may be held by several tenants, each with its own record and expiry."""
         key_id = check_key_id(key_id)
-        owner = principal.owner if auth_enabled and not principal.is_service else ""
+        owner = record_owner(principal, auth_enabled)
         slot = (key_id, owner)
         entry = self._records.get(slot)
         if entry is None:
@@ -306,15 +312,16 @@ class KeySource:
             return False
 
     # ------------------------------------------------------------ bytes
-    async def data(self, key_id: str) -> bytes:
-        """The key bytes; concurrent callers for one key id share one fetch."""
+    async def data(self, key_id: str, owner: str = "") -> bytes:
+        """The key bytes, read through `owner`'s record (record_owner(); "" = any holder);
+        concurrent callers for one key id share one fetch."""
         cached = self._bytes.get(key_id)
         if cached is not None:
             return cached
-        return await asyncio.shield(self._fetches.start(key_id, lambda: self._fetch(key_id)).task)
+        return await asyncio.shield(self._fetches.start(key_id, lambda: self._fetch(key_id, owner)).task)
 
-    async def _fetch(self, key_id: str) -> bytes:
-        call = self._stub.GetKeys(keystore_pb2.GetKeysRequest(key_id=key_id), metadata=self._metadata,
+    async def _fetch(self, key_id: str, owner: str) -> bytes:
+        call = self._stub.GetKeys(keystore_pb2.GetKeysRequest(key_id=key_id, owner=owner), metadata=self._metadata,
                                   timeout=self.timeout)
         record, parts = None, []
         try:

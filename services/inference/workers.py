@@ -232,6 +232,9 @@ class _Worker:
         self._on_exit = on_exit
         self.dead = False
         self.ready = False  # set by the pool once the worker has loaded its models
+        # (function, model, key id) this worker was sent the key bytes for: the next call
+        # goes without them (a worker that evicted one answers KeyMissing once).
+        self.holds = KeysHeld()
 
     @property
     def pid(self) -> int:
@@ -318,6 +321,28 @@ def kill_workers(timeout: float = 5.0) -> None:
         _reaped(process, max(0.0, deadline - time.monotonic()))
 
 
+class KeysHeld:
+    """The keys a worker was sent, as the pool remembers them: bounded (oldest forgotten first,
+    which costs at most one KeyMissing trip), since the worker's own cache is bounded too."""
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple, None] = {}
+
+    def __contains__(self, slot: tuple) -> bool:
+        return slot in self._slots
+
+    def add(self, slot: tuple) -> None:
+        self._slots.pop(slot, None)
+        self._slots[slot] = None
+        if len(self._slots) > self.LIMIT:
+            del self._slots[next(iter(self._slots))]
+
+    def discard(self, slot: tuple) -> None:
+        self._slots.pop(slot, None)
+
+
 class WorkerPool:
     """N worker processes; 0 means compute in the calling process.
 
@@ -334,6 +359,7 @@ class WorkerPool:
         self.load: list[int] = []
         self.models: list[dict] = []
         self.replacements = 0
+        self._inline_holds = KeysHeld()
 
     async def start(self) -> None:
         if self.n == 0:
@@ -459,12 +485,20 @@ class WorkerPool:
 
     async def with_key(self, index: int, fetch: Callable[[], Awaitable[bytes]], fn: Callable[..., Any],
                        head: tuple, tail: tuple = ()) -> Any:
-        """Calls fn(*head, key_bytes, *tail), sending the key bytes only if the worker lacks them."""
+        """Calls fn(*head, key_bytes, *tail) (head ends with the model and the key id), sending
+        the key bytes only when the worker lacks them: one trip when the pool knows it does
+        (a new key, a new worker), two only when the worker evicted it."""
         retry = fn is predict_latency  # stateless: safe to run again on a replaced worker
-        try:
-            return await self.call(index, fn, *head, None, *tail, retry=retry)
-        except KeyMissing:
-            return await self.call(index, fn, *head, await fetch(), *tail, retry=retry)
+        holds = self._workers[index].holds if self.n else self._inline_holds
+        slot = (fn.__name__, *head[-2:])
+        if slot in holds:
+            try:
+                return await self.call(index, fn, *head, None, *tail, retry=retry)
+            except KeyMissing:
+                holds.discard(slot)
+        result = await self.call(index, fn, *head, await fetch(), *tail, retry=retry)
+        holds.add(slot)
+        return result
 
     async def close(self, timeout: float = 3.0) -> None:
         """Stops every worker (replacements under way too) within about `timeout` + 5 s."""

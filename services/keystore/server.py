@@ -80,7 +80,7 @@ class KeyStoreServicer(pb_grpc.KeyStoreServicer):
 
     async def GetKeys(self, request, context):
         principal = current_principal()
-        async with await self.store.fetch(principal, request.key_id) as key:
+        async with await self.store.fetch(principal, request.key_id, request.owner) as key:
             yield pb.GetKeysResponse(record=record_to_pb(key.record))
             async for chunk in key.chunks():
                 yield pb.GetKeysResponse(chunk=chunk)

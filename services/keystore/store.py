@@ -445,7 +445,6 @@ class KeyStore:
     async def _commit(self, owner: str, spool: _Spooled, labels: dict[str, str], ttl: int) -> KeyRecord:
         kid = spool.sha256
         record_name = self._record_name(owner, kid)
-        known = await self._readable_record(record_name)
         async with self._locks.hold(f"owner:{owner}", f"key:{kid}"):
             now = self.clock()
             existing = await self._readable_record(record_name)  # a corrupted record is overwritten
@@ -466,7 +465,7 @@ class KeyStore:
             ) if new_bytes else None
             try:
                 # Parameters are a function of the bytes: an earlier record of these bytes has them.
-                parameters = known.parameters if known else await self._inspect(spool.path)
+                parameters = existing.parameters if existing else await self._inspect(spool.path)
                 t1 = time.perf_counter()
                 if store is not None:
                     await store
@@ -550,11 +549,13 @@ class KeyStore:
             raise NotFound(f"key {kid} not found (unknown, expired, deleted, or not yours)")
         return record
 
-    async def fetch(self, principal: Principal, key_id: str) -> FetchedKey:
+    async def fetch(self, principal: Principal, key_id: str, owner: str = "") -> FetchedKey:
         """Reads and verifies a key's bytes; use as `async with await store.fetch(...) as key`.
 
-        Concurrent fetches of one key id share one download (and one spool file)."""
-        record = await self.stat(principal, key_id)
+        `owner` as in stat(): the inference service names the tenant it fetches for, so a first
+        fetch costs two storage reads (that record, the bytes). Concurrent fetches of one key
+        id share one download (and one spool file)."""
+        record = await self.stat(principal, key_id, owner)
         kid = record.key_id
         flight = self._flights.get(kid)
         if flight is None:
