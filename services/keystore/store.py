@@ -52,6 +52,7 @@ from encinfer.common.auth import Principal
 from encinfer.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from encinfer.he.keyinfo import KeyInfo
 from encinfer.keystore.config import KeyStoreConfig
+from encinfer.keystore.parser import ParserPool
 from encinfer.keystore.storage import READ_SIZE, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -220,13 +221,13 @@ class KeyStore:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         # Storage calls run here, so a hung backend cannot starve the loop's default executor.
         self._io_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="keystore-io")
-        # One parse at a time: SEAL keeps its memory pool at its peak, so parallel parses would add up.
-        self._inspect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keystore-inspect")
+        # One parse at a time, in a child process (encinfer.keystore.parser); injected fakes in a thread.
+        self._inspect_pool = ParserPool(in_process=inspect is not None)
         self._locks = _KeyedLocks()
 
     def close(self) -> None:
         self._io_pool.shutdown(wait=False, cancel_futures=True)
-        self._inspect_pool.shutdown(wait=False, cancel_futures=True)
+        self._inspect_pool.close()
         self.backend.close()
 
     # ------------------------------------------------------------ plumbing
@@ -270,14 +271,12 @@ class KeyStore:
         if inspect is None:
             from encinfer.he import keys as he_keys
             inspect = he_keys.inspect_key_bundle
-        info = await asyncio.get_running_loop().run_in_executor(self._inspect_pool, inspect, path)
-        return info
+        return await self._inspect_pool.run(inspect, path)
 
     async def warm_up(self) -> None:
-        """Imports the key parser ahead of the first upload (TenSEAL takes a moment to load)."""
+        """Starts the parser process and imports the parser ahead of the first upload (TenSEAL takes a moment)."""
         if self._inspect_fn is None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._inspect_pool, importlib.import_module, "encinfer.he.keys")
+            await self._inspect_pool.run(importlib.import_module, "encinfer.he.keys")
 
     def _ttl(self, ttl_seconds: int) -> int:
         if ttl_seconds == 0:

@@ -1,0 +1,113 @@
+"""The key store's parser process: clients' key bundles are parsed in a child, never in the server.
+
+SEAL 4.3 (inside TenSEAL) parses the bytes a client uploads. encinfer.he.serial checks
+every object before SEAL sees it, but a parser bug left in SEAL must cost one upload,
+never the key store: the parse runs in one spawned child process (one at a time, as
+before: SEAL keeps its memory pool at its peak, so parallel parses would add up). When
+the child dies, the upload it was reading is answered (INVALID_ARGUMENT: the bytes
+crashed the parser; UNAVAILABLE when it was SIGKILLed, by the OOM killer or an
+operator, which is not the upload's fault), and one new child replaces it.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import multiprocessing
+import signal
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable
+
+from encinfer.common.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+def _ignore_stop_signals() -> None:
+    """In the child: a Ctrl-C or SIGTERM to the process group must not kill a parse; close() stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class ParserPool:
+    """Runs one parse at a time in a child process (in_process=True: in a thread, for injected fakes)."""
+
+    def __init__(self, *, in_process: bool = False) -> None:
+        self._in_process = in_process
+        self._pool = self._new()
+
+    def _new(self) -> Executor:
+        if self._in_process:
+            return ThreadPoolExecutor(max_workers=1, thread_name_prefix="keystore-inspect")
+        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_ignore_stop_signals)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        try:
+            future = loop.run_in_executor(pool, fn, *args)
+        except BrokenProcessPool:  # the child died while idle: not this call's doing
+            pool = self._replace(pool)
+            future = loop.run_in_executor(pool, fn, *args)
+        try:
+            return await future
+        except BrokenProcessPool:
+            codes = _exit_codes(pool)
+            self._replace(pool)
+            if -signal.SIGKILL in codes:  # the OOM killer or an operator: not the upload's fault
+                raise Unavailable("the key parser process was killed while reading this upload; retry shortly") \
+                    from None
+            raise InvalidArgument(f"this upload crashed the key parser ({_how(codes)}); it is not a valid "
+                                  "encinfer key bundle: create keys with encinfer's keygen") from None
+
+    def _replace(self, broken: Executor) -> Executor:
+        """One new child per death, however many calls saw it."""
+        if broken is self._pool:
+            log.error("key parser process died; starting another",
+                      extra={"fields": {"exit_codes": _exit_codes(broken)}})
+            self._pool = self._new()
+            self._pool.submit(importlib.import_module, "encinfer.he.keys")  # warm, off the request path
+            _stop(broken)
+        return self._pool
+
+    def pid(self) -> int | None:
+        """The child's process id, when one is running (for tests and logs)."""
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        return processes[0].pid if processes else None
+
+    def close(self) -> None:
+        _stop(self._pool)
+
+
+def _exit_codes(pool: Executor) -> list[int | None]:
+    # concurrent.futures keeps its processes private; their exit codes say why one died.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.join(1)  # dead already: this only reaps it, so that its exit code is known
+    return [p.exitcode for p in processes]
+
+
+def _how(codes: list[int | None]) -> str:
+    """How the child ended, as a person reads it: "killed by SIGSEGV", "exit 1"."""
+    def one(code: int | None) -> str:
+        if code is None:
+            return "no exit status"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit {code}"
+    return ", ".join(one(c) for c in codes) or "no exit status"
+
+
+def _stop(pool: Executor) -> None:
+    """Stops a pool at once; a child is killed and reaped, never left behind."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+        process.join(5)
