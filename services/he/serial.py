@@ -320,7 +320,7 @@ def check_ciphertext(data: bytes | memoryview, context: seal.SEALContext, what: 
         # Too big or badly compressed: say what its metadata claims when that is the real mistake.
         if len(data) >= HEADER_SIZE and data[:2] == b"\x5e\xa1":
             meta = _peek(data, _CT_META.size)
-            if len(meta) == _CT_META.size:
+            if len(meta) == _CT_META.size and _CT_META.unpack_from(meta)[3] == n:  # a ciphertext of this ring
                 pid, _, polys = _CT_META.unpack_from(meta)[:3]
                 if polys != 2:
                     raise InvalidArgument(f"{what} has {_bytes(polys)} polynomials; a fresh ciphertext has 2") from None
