@@ -149,6 +149,14 @@ def max_size(plain_sizes: Collection[int], allowed_compression: Collection[int] 
     return HEADER_SIZE + _zstd_bound(largest - HEADER_SIZE) if COMPR_ZSTD in allowed_compression else largest
 
 
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decoder (a decoder is not shared between threads), window capped as SEAL 4.4 does."""
+    d = getattr(_local, "zstd", None)
+    if d is None:
+        d = _local.zstd = zstandard.ZstdDecompressor(max_window_size=_ZSTD_WINDOW_MAX)
+    return d
+
+
 def _plain(data: bytes | memoryview, what: str, *, plain_sizes: Collection[int], kind: str,
            allowed_compression: Collection[int] = ALLOWED_COMPRESSION, exact: bool = True) -> bytes:
     """The object as an uncompressed SEAL object, checked to be one of `plain_sizes` bytes
@@ -172,7 +180,7 @@ def _plain(data: bytes | memoryview, what: str, *, plain_sizes: Collection[int],
         if claimed > bound:
             raise _invalid(what, f"its compressed content claims {_bytes(claimed)} bytes; a {kind} for this model "
                                  f"is at most {bound:,} bytes uncompressed")
-        reader = zstandard.ZstdDecompressor(max_window_size=_ZSTD_WINDOW_MAX).stream_reader(payload)
+        reader = _decompressor().stream_reader(payload)
         members = reader.read(bound + 1)
     except zstandard.ZstdError as e:
         raise _invalid(what, f"its zstd payload is corrupt ({e})") from None
@@ -190,7 +198,7 @@ def _peek(data: bytes | memoryview, n: int) -> bytes:
     """The first n bytes after the header, uncompressed (bounded: for a better message only)."""
     if data[5:6] == bytes([COMPR_ZSTD]):
         try:
-            return zstandard.ZstdDecompressor(max_window_size=_ZSTD_WINDOW_MAX).stream_reader(
+            return _decompressor().stream_reader(
                 memoryview(data)[HEADER_SIZE:]).read(n)
         except zstandard.ZstdError:
             return b""
@@ -271,13 +279,42 @@ def _no_level(pid: bytes) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """What the checks need from a SEALContext, read once per parameter set (pybind calls cost ~1 us each)."""
+
+    n: int
+    levels: dict  # parms_id bytes -> (chain index, primes), every data level, first to last
+    first: bytes
+    first_index: int
+    key_primes: int
+    key_parms_id: bytes
+
+
+_shapes: dict[tuple[int, ...], _Shape] = {}
+
+
+def _shape(context: seal.SEALContext) -> _Shape:
+    cache_key = tuple(context.key_parms_id())
+    shape = _shapes.get(cache_key)
+    if shape is None:
+        levels, data = {}, context.first_context_data()
+        while data is not None:
+            levels[parms_id_bytes(data.parms_id())] = (data.chain_index(), len(data.parms().coeff_modulus()))
+            data = data.next_context_data()
+        key = context.key_context_data()
+        first = context.first_context_data()
+        shape = _Shape(n=key.parms().poly_modulus_degree(), levels=levels, first=parms_id_bytes(first.parms_id()),
+                       first_index=first.chain_index(), key_primes=len(key.parms().coeff_modulus()),
+                       key_parms_id=parms_id_bytes(key.parms_id()))
+        if len(_shapes) >= 64:  # a handful of models per process: never more than this
+            _shapes.clear()
+        _shapes[cache_key] = shape
+    return shape
+
+
 def _data_levels(context: seal.SEALContext) -> dict[bytes, tuple[int, int]]:
-    """parms_id -> (chain index, primes) for every data level, first to last."""
-    levels, data = {}, context.first_context_data()
-    while data is not None:
-        levels[parms_id_bytes(data.parms_id())] = (data.chain_index(), len(data.parms().coeff_modulus()))
-        data = data.next_context_data()
-    return levels
+    return _shape(context).levels
 
 
 def _level_namer(context: seal.SEALContext) -> Callable[[bytes], str | None]:
@@ -285,7 +322,7 @@ def _level_namer(context: seal.SEALContext) -> Callable[[bytes], str | None]:
         level = _data_levels(context).get(pid)
         if level is None:
             return None
-        first = context.first_context_data().chain_index()
+        first = _shape(context).first_index
         lower = "a lower level than" if level[0] < first else "another level than"
         return (f"level {level[0]}, {lower} a fresh ciphertext (level {first}); encrypt it at the first data "
                 "level of the model's parameters")
@@ -301,14 +338,16 @@ def check_ciphertext(data: bytes | memoryview, context: seal.SEALContext, what: 
     N*k (seeded) or 2*N*k words and nothing after it. Returns the object uncompressed,
     ready for SEAL. Cost: tens of microseconds (numbers in docs/security.md).
     """
-    n = context.first_context_data().parms().poly_modulus_degree()
-    levels = _data_levels(context)
+    shape = _shape(context)
+    n, levels = shape.n, shape.levels
     if parms_id is not None:
         expected = parms_id_bytes(parms_id)
+        if expected not in levels:
+            raise ValueError("parms_id is not a data level of this context")
         k = levels[expected][1]
         describe = _level_namer(context)
     else:  # any data level: its own prime count
-        first = parms_id_bytes(context.first_parms_id())
+        first = shape.first
         named = _peek(data, 32)
         expected = named if named in levels else first
         k = levels[expected][1] if named in levels else levels[first][1]
@@ -336,9 +375,8 @@ def check_ciphertext(data: bytes | memoryview, context: seal.SEALContext, what: 
 
 def _key_shape(context: seal.SEALContext) -> tuple[int, int, int, bytes]:
     """(N, primes at the key level, data primes, key parms_id)."""
-    key = context.key_context_data()
-    n, k_all = key.parms().poly_modulus_degree(), len(key.parms().coeff_modulus())
-    return n, k_all, len(context.first_context_data().parms().coeff_modulus()), parms_id_bytes(key.parms_id())
+    shape = _shape(context)
+    return shape.n, shape.key_primes, shape.levels[shape.first][1], shape.key_parms_id
 
 
 def public_key_sizes(context: seal.SEALContext) -> tuple[int, int]:
