@@ -401,7 +401,8 @@ def inspect_key_bundle(path: str | os.PathLike) -> KeyInfo:
     a non-CKKS scheme (BFV/BGV), anything carrying a secret key (also a TenSEAL
     context serialized with its secret key), parameters under 128-bit security.
     Works from a file so a 50 MB key set is never one bytes object; peak memory
-    stays under about 2x the largest single key.
+    stays under about 3x the largest single key (its bytes, uncompressed copy, SEAL's
+    object). Every section is checked by encinfer.he.serial before SEAL parses it.
     """
     f, size = _open(path)
     with f:
