@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import struct
 import time
@@ -64,7 +65,9 @@ def with_meta(plain: bytes, **fields) -> bytes:
 
 
 def refusal(check: Callable[[], object]) -> str:
-    """Runs a check that must refuse: InvalidArgument, under a second, no big allocation."""
+    """Runs a check that must refuse: InvalidArgument, under a second, no big allocation
+    (Python's, traced; and the process's peak RSS, loosely, for anything native)."""
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
     start = time.perf_counter()
     try:
@@ -76,6 +79,8 @@ def refusal(check: Callable[[], object]) -> str:
         tracemalloc.stop()
     assert seconds < CHEAP_SECONDS, f"refusal took {seconds:.2f} s"
     assert peak < CHEAP_BYTES, f"refusal allocated {peak:,} bytes"
+    rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    assert rss_growth < 64 << 20, f"peak RSS grew by {rss_growth:,} bytes"
     return str(info.value)
 
 
