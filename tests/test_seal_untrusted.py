@@ -283,7 +283,7 @@ def test_seal_is_handed_the_object_uncompressed(fresh, context):
     assert checked[5] == 0 and len(checked) in serial.ciphertext_sizes(4096, 2)
 
 
-def test_checking_a_ciphertext_costs_well_under_a_millisecond(fresh, context):
+def test_checking_a_ciphertext_takes_at_most_milliseconds(fresh, context):
     serial.check_ciphertext(fresh, context)
     rounds = 200
     start = time.perf_counter()
@@ -425,7 +425,6 @@ def test_a_parser_that_died_while_idle_costs_no_upload():
             deadline = time.monotonic() + 10
             while _alive(pid) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.2)  # let the executor notice
             return pid, await pool.run(os.getpid)
         finally:
             pool.close()

@@ -46,9 +46,11 @@ class ParserPool:
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         pool = self._pool
+        if _died(pool):  # while idle: not this call's doing (checked now, not when the executor notices)
+            pool = self._replace(pool)
         try:
             future = loop.run_in_executor(pool, fn, *args)
-        except BrokenProcessPool:  # the child died while idle: not this call's doing
+        except BrokenProcessPool:  # it died between the check and the submit
             pool = self._replace(pool)
             future = loop.run_in_executor(pool, fn, *args)
         try:
@@ -79,6 +81,11 @@ class ParserPool:
 
     def close(self) -> None:
         _stop(self._pool)
+
+
+def _died(pool: Executor) -> bool:
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    return bool(processes) and not all(p.is_alive() for p in processes)  # is_alive reaps: no waiting
 
 
 def _exit_codes(pool: Executor) -> list[int | None]:
