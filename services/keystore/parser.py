@@ -56,7 +56,7 @@ class ParserPool:
         try:
             return await future
         except BrokenProcessPool:
-            codes = _exit_codes(pool)
+            codes = await _exit_codes(pool)
             self._replace(pool)
             if -signal.SIGKILL in codes:  # the OOM killer or an operator: not the upload's fault
                 raise Unavailable("the key parser process was killed while reading this upload; retry shortly") \
@@ -68,7 +68,7 @@ class ParserPool:
         """One new child per death, however many calls saw it."""
         if broken is self._pool:
             log.error("key parser process died; starting another",
-                      extra={"fields": {"exit_codes": _exit_codes(broken)}})
+                      extra={"fields": {"exit_codes": [p.exitcode for p in _processes(broken)]}})
             self._pool = self._new()
             self._pool.submit(importlib.import_module, "encinfer.he.keys")  # warm, off the request path
             _stop(broken)
@@ -76,24 +76,33 @@ class ParserPool:
 
     def pid(self) -> int | None:
         """The child's process id, when one is running (for tests and logs)."""
-        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        processes = _processes(self._pool)
         return processes[0].pid if processes else None
 
     def close(self) -> None:
         _stop(self._pool)
 
 
+def _processes(pool: Executor) -> list:
+    # concurrent.futures keeps its processes private; their exit codes say why one died.
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
 def _died(pool: Executor) -> bool:
-    processes = list((getattr(pool, "_processes", None) or {}).values())
+    processes = _processes(pool)
     return bool(processes) and not all(p.is_alive() for p in processes)  # is_alive reaps: no waiting
 
 
-def _exit_codes(pool: Executor) -> list[int | None]:
-    # concurrent.futures keeps its processes private; their exit codes say why one died.
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    for process in processes:
-        process.join(1)  # dead already: this only reaps it, so that its exit code is known
-    return [p.exitcode for p in processes]
+async def _exit_codes(pool: Executor) -> list[int | None]:
+    """The dead pool's exit codes. The executor's own thread may be reaping the child at this very
+    moment (then ours reads None for an instant), so this looks again for up to a second."""
+    processes = _processes(pool)
+    for _ in range(100):
+        codes = [p.exitcode for p in processes]
+        if None not in codes:
+            break
+        await asyncio.sleep(0.01)
+    return codes
 
 
 def _how(codes: list[int | None]) -> str:
@@ -112,7 +121,7 @@ def _how(codes: list[int | None]) -> str:
 
 def _stop(pool: Executor) -> None:
     """Stops a pool at once; a child is killed and reaped, never left behind."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())
+    processes = _processes(pool)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
