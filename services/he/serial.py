@@ -127,7 +127,7 @@ def check_header(data: bytes | memoryview, what: str, *, max_size: int,
     if reserved:
         raise _invalid(what, "its header's reserved bytes are not zero")
     if size > max_size:
-        raise _invalid(what, f"its header claims {_bytes(size)} bytes; a {kind} for this model is at most "
+        raise _invalid(what, f"its header claims {_bytes(size)} bytes; a {kind} is at most "
                              f"{max_size:,} bytes")
     if size < HEADER_SIZE:
         raise _invalid(what, f"its header claims {size} bytes, less than the header itself")
@@ -170,7 +170,7 @@ def _plain(data: bytes | memoryview, what: str, *, plain_sizes: Collection[int],
                           allowed_compression=allowed_compression, kind=kind)
     if header.compression == COMPR_NONE:
         if exact and len(data) not in plain_sizes:
-            raise _invalid(what, f"it is {len(data):,} bytes; a {kind} for this model is "
+            raise _invalid(what, f"it is {len(data):,} bytes; a {kind} is "
                                  f"{' or '.join(f'{s:,}' for s in sorted(plain_sizes))} bytes")
         return bytes(data)
     payload = memoryview(data)[HEADER_SIZE:]
@@ -178,17 +178,17 @@ def _plain(data: bytes | memoryview, what: str, *, plain_sizes: Collection[int],
     try:
         claimed = zstandard.frame_content_size(payload)
         if claimed > bound:
-            raise _invalid(what, f"its compressed content claims {_bytes(claimed)} bytes; a {kind} for this model "
+            raise _invalid(what, f"its compressed content claims {_bytes(claimed)} bytes; a {kind} "
                                  f"is at most {bound:,} bytes uncompressed")
         reader = _decompressor().stream_reader(payload)
         members = reader.read(bound + 1)
     except zstandard.ZstdError as e:
         raise _invalid(what, f"its zstd payload is corrupt ({e})") from None
     if len(members) > bound:
-        raise _invalid(what, f"it decompresses to more than {bound:,} bytes, the most a {kind} for this model holds")
+        raise _invalid(what, f"it decompresses to more than {bound:,} bytes, the most a {kind} holds")
     size = HEADER_SIZE + len(members)
     if exact and size not in plain_sizes:
-        raise _invalid(what, f"it decompresses to {size:,} bytes; a {kind} for this model is "
+        raise _invalid(what, f"it decompresses to {size:,} bytes; a {kind} is "
                              f"{' or '.join(f'{s:,}' for s in sorted(plain_sizes))} bytes")
     _, _, major, minor, _, _, _ = HEADER.unpack_from(data)
     return HEADER.pack(SEAL_MAGIC, HEADER_SIZE, major, minor, COMPR_NONE, 0, size) + members
@@ -354,7 +354,7 @@ def check_ciphertext(data: bytes | memoryview, context: seal.SEALContext, what: 
         describe = _no_level
     sizes = ciphertext_sizes(n, k)
     try:
-        plain = _plain(data, what, plain_sizes=sizes, kind="ciphertext", exact=False)
+        plain = _plain(data, what, plain_sizes=sizes, kind="ciphertext for this model", exact=False)
     except InvalidArgument:
         # Too big or badly compressed: say what its metadata claims when that is the real mistake.
         if len(data) >= HEADER_SIZE and data[:2] == b"\x5e\xa1":
@@ -388,7 +388,7 @@ def public_key_sizes(context: seal.SEALContext) -> tuple[int, int]:
 def check_public_key(data: bytes | memoryview, context: seal.SEALContext, what: str = "public key") -> bytes:
     """Checks a PublicKey: one size-2 ciphertext at the key level, scale 1. Returns it uncompressed."""
     n, k_all, _, pid = _key_shape(context)
-    plain = _plain(data, what, plain_sizes=public_key_sizes(context), kind="public key")
+    plain = _plain(data, what, plain_sizes=public_key_sizes(context), kind="public key for these parameters")
     _check_ciphertext_members(plain, 0, len(plain), what, n=n, k=k_all, parms_id=pid, scale=1.0,
                               describe_level=_no_level)
     return plain
@@ -415,14 +415,14 @@ def check_kswitch_keys(data: bytes | memoryview, context: seal.SEALContext, what
     if galois_element is not None and not (0 < galois_element < 2 * n and galois_element % 2 == 1):
         raise _invalid(what, f"Galois element {galois_element} is not an odd number below 2N = {2 * n}")
     kind = "Galois key" if galois_element is not None else "relinearization key set"
-    plain = _plain(data, what, plain_sizes=kswitch_sizes(context, outer), kind=kind)
+    plain = _plain(data, what, plain_sizes=kswitch_sizes(context, outer), kind=f"{kind} for these parameters")
     pos = HEADER_SIZE
     if plain[pos:pos + 32] != pid:
         raise _invalid(what, "its parameters' id is not the key level of the model's parameters")
     pos += 32
     (dim1,) = _U64.unpack_from(plain, pos)
     if dim1 != outer:
-        raise _invalid(what, f"it has {_bytes(dim1)} key slots; {kind}s for this model have {outer}")
+        raise _invalid(what, f"it has {_bytes(dim1)} key slots; {kind}s for these parameters have {outer}")
     pos += _U64.size
     # The empty slots before and after the one in use are runs of zero u64 counts: compared, not walked.
     if not _zeros(plain, pos, 8 * index):
@@ -430,7 +430,7 @@ def check_kswitch_keys(data: bytes | memoryview, context: seal.SEALContext, what
     pos += 8 * index
     (dim2,) = _U64.unpack_from(plain, pos)
     if dim2 != k:
-        raise _invalid(what, f"its key has {_bytes(dim2)} parts; a key for this model has {k} (one per data prime)")
+        raise _invalid(what, f"its key has {_bytes(dim2)} parts; a key for these parameters has {k} (one per data prime)")
     pos += _U64.size
     key_size = (len(plain) - HEADER_SIZE - 32 - 8 - 8 * outer) // k
     for j in range(k):
@@ -464,7 +464,14 @@ PARAMETERS_SIZES = tuple(parameters_sizes(p) for p in range(1, _MAX_PRIMES + 1))
 
 def check_parameters(data: bytes | memoryview, what: str = "encryption parameters") -> bytes:
     """Checks serialized EncryptionParameters: a known scheme, N a power of two up to 32768, 1-64 primes."""
-    plain = _plain(data, what, plain_sizes=PARAMETERS_SIZES, kind="parameter set")
+    try:
+        return _check_parameters(data, what)
+    except InvalidArgument as e:  # parameters are not checked "for these parameters"
+        raise InvalidArgument(str(e).replace(" for these parameters:", ":", 1)) from None
+
+
+def _check_parameters(data: bytes | memoryview, what: str) -> bytes:
+    plain = _plain(data, what, plain_sizes=PARAMETERS_SIZES, kind="parameter set (at most 64 primes)")
     scheme, degree, primes = struct.unpack_from("<BQQ", plain, HEADER_SIZE)
     if scheme not in _SCHEMES:
         raise _invalid(what, f"scheme {scheme} is not one SEAL has")
