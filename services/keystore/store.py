@@ -65,6 +65,7 @@ from encinfer.common.auth import Principal
 from encinfer.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from encinfer.he.keyinfo import KeyInfo, check_key_id
 from encinfer.keystore.config import KeyStoreConfig
+from encinfer.keystore.parser import ParserPool
 from encinfer.keystore.storage import DISK_FULL, READ_SIZE, CorruptObject, ObjectStore, disk_full
 
 log = logging.getLogger(__name__)
@@ -252,14 +253,14 @@ class KeyStore:
         self._flights: dict[str, _Flight] = {}
         self._damaged: set[str] = set()  # key ids whose stored bytes an upload must rewrite
         self.probe_error = ""            # why the last health probe failed ("" = it did not)
-        # One parse at a time: SEAL keeps its memory pool at its peak, so parallel parses would add up.
-        self._inspect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keystore-inspect")
+        # One parse at a time, in a child process (encinfer.keystore.parser); injected fakes in a thread.
+        self._inspect_pool = ParserPool(in_process=inspect is not None)
         self._locks = _KeyedLocks()
 
     def close(self) -> None:
         self._io_pool.shutdown(wait=False, cancel_futures=True)
         self._probe_pool.shutdown(wait=False, cancel_futures=True)
-        self._inspect_pool.shutdown(wait=False, cancel_futures=True)
+        self._inspect_pool.close()
         self.backend.close()
 
     # ------------------------------------------------------------ plumbing
@@ -336,14 +337,12 @@ class KeyStore:
         if inspect is None:
             from encinfer.he import keys as he_keys
             inspect = he_keys.inspect_key_bundle
-        info = await asyncio.get_running_loop().run_in_executor(self._inspect_pool, inspect, path)
-        return info
+        return await self._inspect_pool.run(inspect, path)
 
     async def warm_up(self) -> None:
-        """Imports the key parser ahead of the first upload (TenSEAL takes a moment to load)."""
+        """Starts the parser process and imports the parser ahead of the first upload (TenSEAL takes a moment)."""
         if self._inspect_fn is None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._inspect_pool, importlib.import_module, "encinfer.he.keys")
+            await self._inspect_pool.run(importlib.import_module, "encinfer.he.keys")
 
     def _ttl(self, ttl_seconds: int) -> int:
         if ttl_seconds == 0:
