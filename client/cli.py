@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from encinfer.client import connection
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,13 +23,7 @@ def register_keys(sub: argparse._SubParsersAction) -> None:
 
     def add(name: str, help_text: str, func) -> argparse.ArgumentParser:
         p = cmds.add_parser(name, help=help_text)
-        p.add_argument("--target", default=os.environ.get("ENCINFER_KEYSTORE_TARGET", "127.0.0.1:50051"),
-                       help="key store host:port (default $ENCINFER_KEYSTORE_TARGET or 127.0.0.1:50051)")
-        p.add_argument("--token", default=os.environ.get("ENCINFER_TOKEN"), help="bearer token (default $ENCINFER_TOKEN)")
-        p.add_argument("--ca", default=os.environ.get("ENCINFER_TLS_CA", ""),
-                       help="CA file: speak TLS to the key store (default $ENCINFER_TLS_CA)")
-        p.add_argument("--cert", default="", help="client certificate for mutual TLS")
-        p.add_argument("--key", default="", help="client private key for mutual TLS")
+        connection.add_arguments(p, inference=False, keystore_flag="--target")
         p.set_defaults(func=func)
         return p
 
@@ -54,9 +49,7 @@ def register_keys(sub: argparse._SubParsersAction) -> None:
 
 def _client(args: argparse.Namespace):
     from encinfer.client.keystore import KeyStoreClient
-    from encinfer.common.rpc import TlsFiles
-    tls = TlsFiles(cert=args.cert, key=args.key, ca=args.ca) if (args.ca or args.cert) else None
-    return KeyStoreClient(args.target, token=args.token, tls=tls)
+    return KeyStoreClient(args.keystore, token=args.token, tls=connection.tls_from(args))
 
 
 def _record_json(record) -> dict:
