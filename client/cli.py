@@ -55,7 +55,7 @@ def _client(args: argparse.Namespace):
 def _record_json(record) -> dict:
     from dataclasses import asdict
     d = asdict(record)
-    d["created"], d["expires"] = record.created.isoformat(), record.expires.isoformat()
+    d["created"], d["expires"] = record.created_at.isoformat(), record.expires_at.isoformat()
     return d
 
 
@@ -105,7 +105,7 @@ def _ls(args: argparse.Namespace) -> int:
                 print(json.dumps(_record_json(r)))
             else:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(r.labels.items()))
-                print(f"{r.key_id}\t{r.size_bytes}\t{r.expires.isoformat(timespec='seconds')}\t{labels}")
+                print(f"{r.key_id}\t{r.size_bytes}\t{r.expires_at.isoformat(timespec='seconds')}\t{labels}")
         return 0
     return _run(args, action)
 

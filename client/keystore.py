@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,42 +28,13 @@ import grpc
 from encinfer.common import errors
 from encinfer.common.auth import auth_metadata
 from encinfer.common.rpc import TlsFiles, channel
-from encinfer.he.keyinfo import KeyInfo
+from encinfer.keystore.record import KeyRecord
 from encinfer.v1 import keystore_pb2 as pb
 from encinfer.v1 import keystore_pb2_grpc as pb_grpc
 
 CHUNK = 1024 * 1024  # the wire contract's maximum chunk
 
 Progress = Callable[[int], object]  # called with the number of bytes just sent or received
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    key_id: str
-    size_bytes: int
-    sha256: str
-    parameters: KeyInfo
-    owner: str
-    created: datetime
-    expires: datetime
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_pb(cls, r: pb.KeyRecord) -> "KeyRecord":
-        p = r.parameters
-        return cls(
-            key_id=r.key_id, size_bytes=r.size_bytes, sha256=r.sha256, owner=r.owner,
-            created=r.created.ToDatetime(tzinfo=timezone.utc), expires=r.expires.ToDatetime(tzinfo=timezone.utc),
-            labels=dict(r.labels),
-            parameters=KeyInfo(
-                scheme=p.scheme, poly_modulus_degree=p.poly_modulus_degree,
-                coeff_modulus_bits=tuple(p.coeff_modulus_bits), has_public_key=p.has_public_key,
-                has_relin_keys=p.has_relin_keys, galois_steps=tuple(p.galois_steps),
-                has_conjugation_key=p.has_conjugation_key, format=p.format))
-
-    def expires_in(self) -> float:
-        """Seconds until expiry (negative once expired)."""
-        return (self.expires - datetime.now(timezone.utc)).total_seconds()
 
 
 def error_from_rpc(e: grpc.RpcError) -> errors.EncinferError:

@@ -13,7 +13,6 @@ import signal
 import sys
 from typing import AsyncIterator
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter
 
 from encinfer.common import logs
@@ -23,30 +22,13 @@ from encinfer.common.errors import ConfigError, InvalidArgument
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
 from encinfer.keystore.config import KeyStoreConfig
 from encinfer.keystore.storage import open_backend
-from encinfer.keystore.store import KeyRecord, KeyStore, PutHeader
+from encinfer.keystore.store import KeyStore, PutHeader
 from encinfer.v1 import keystore_pb2 as pb
 from encinfer.v1 import keystore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyStore"].full_name
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def record_to_pb(record: KeyRecord) -> pb.KeyRecord:
-    p = record.parameters
-    return pb.KeyRecord(
-        key_id=record.key_id, size_bytes=record.size_bytes, sha256=record.sha256, owner=record.owner,
-        created=_timestamp(record.created), expires=_timestamp(record.expires), labels=record.labels,
-        parameters=pb.KeyParameters(
-            scheme=p.scheme, poly_modulus_degree=p.poly_modulus_degree, coeff_modulus_bits=p.coeff_modulus_bits,
-            has_public_key=p.has_public_key, has_relin_keys=p.has_relin_keys, galois_steps=p.galois_steps,
-            has_conjugation_key=p.has_conjugation_key, format=p.format))
 
 
 async def split_put_stream(requests: AsyncIterator[pb.PutKeysRequest]) -> tuple[PutHeader, AsyncIterator[bytes]]:
@@ -76,18 +58,18 @@ class KeyStoreServicer(pb_grpc.KeyStoreServicer):
     async def PutKeys(self, request_iterator, context):
         principal = current_principal()
         header, chunks = await split_put_stream(request_iterator)
-        return record_to_pb(await self.store.put(principal, header, chunks))
+        return (await self.store.put(principal, header, chunks)).to_pb()
 
     async def GetKeys(self, request, context):
         principal = current_principal()
         async with await self.store.fetch(principal, request.key_id, request.owner) as key:
-            yield pb.GetKeysResponse(record=record_to_pb(key.record))
+            yield pb.GetKeysResponse(record=key.record.to_pb())
             async for chunk in key.chunks():
                 yield pb.GetKeysResponse(chunk=chunk)
 
     async def StatKeys(self, request, context):
         principal = current_principal()
-        return record_to_pb(await self.store.stat(principal, request.key_id, request.owner))
+        return (await self.store.stat(principal, request.key_id, request.owner)).to_pb()
 
     async def DeleteKeys(self, request, context):
         principal = current_principal()
@@ -96,7 +78,7 @@ class KeyStoreServicer(pb_grpc.KeyStoreServicer):
     async def ListKeys(self, request, context):
         principal = current_principal()
         records, token = await self.store.list(principal, request.page_size, request.page_token)
-        return pb.ListKeysResponse(keys=[record_to_pb(r) for r in records], next_page_token=token)
+        return pb.ListKeysResponse(keys=[r.to_pb() for r in records], next_page_token=token)
 
 
 class KeyStoreServer:

@@ -44,7 +44,6 @@ import errno
 import functools
 import hashlib
 import importlib
-import json
 import logging
 import os
 import re
@@ -54,7 +53,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable
 from urllib.parse import quote, unquote
@@ -66,6 +65,7 @@ from encinfer.common.errors import DataLoss, InvalidArgument, NotFound, Resource
 from encinfer.he.keyinfo import KeyInfo, check_key_id
 from encinfer.keystore.config import KeyStoreConfig
 from encinfer.keystore.parser import ParserPool
+from encinfer.keystore.record import KeyRecord
 from encinfer.keystore.storage import DISK_FULL, READ_SIZE, CorruptObject, ObjectStore, disk_full
 
 log = logging.getLogger(__name__)
@@ -88,31 +88,6 @@ SPOOL_FULL = Counter("encinfer_keystore_spool_full_total",
 SPOOL_FREE = Gauge("encinfer_keystore_spool_free_bytes", "Free bytes on the spool disk at the last health probe")
 KEYS_DAMAGED = Counter("encinfer_keystore_damaged_total",
                        "Key ids found damaged in storage (altered, unreadable or missing bytes) and removed")
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    key_id: str
-    size_bytes: int
-    sha256: str
-    parameters: KeyInfo  # what parsing the upload told (encinfer.he.keys)
-    owner: str
-    created: float  # epoch seconds
-    expires: float
-    labels: dict[str, str] = field(default_factory=dict)
-
-    def live(self, now: float) -> bool:
-        return now < self.expires
-
-    def to_bytes(self) -> bytes:
-        return json.dumps({"version": 1, **asdict(self)}, sort_keys=True).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "KeyRecord":
-        d = json.loads(data)
-        d.pop("version", None)
-        d["parameters"] = KeyInfo.from_json(d["parameters"])
-        return cls(**d)
 
 
 @dataclass(frozen=True)

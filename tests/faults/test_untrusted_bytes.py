@@ -13,7 +13,6 @@ import os
 import signal
 import struct
 import threading
-import time
 
 import grpc
 import numpy as np
