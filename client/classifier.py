@@ -42,6 +42,7 @@ import numpy as np
 from encinfer.client.keystore import KeyStoreClient, error_from_rpc
 from encinfer.common import errors
 from encinfer.common.auth import auth_metadata
+from encinfer.common.files import write_atomic
 from encinfer.common.rpc import TlsFiles, channel
 from encinfer.he.batch import BatchLayout, decrypt_batch, encrypt_batch
 from encinfer.he.latency import LatencyLayout, decrypt_latency, encrypt_latency
@@ -343,9 +344,8 @@ class EncryptedClassifier:
     def _remember(self, layout: str, key_id: str) -> None:
         """Writes the key id next to the secret (atomically), with the tenant it belongs to."""
         meta_path = self._paths(layout)[1]
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"key_id": key_id, "model": self.model, "layout": layout, "tenant": self._tenant}))
-        os.replace(tmp, meta_path)
+        write_atomic(meta_path, json.dumps({"key_id": key_id, "model": self.model, "layout": layout,
+                                            "tenant": self._tenant}), mode=0o600)
 
     def _heal(self, layout: str, generation: int, cause: errors.EncinferError) -> None:
         """The service said the key is lost: upload it again, unless another call already did."""

@@ -39,7 +39,7 @@ import tenseal.sealapi as seal
 
 from encinfer.common.errors import FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.params import MAX_COEFF_BITS_128, CkksParams
+from encinfer.he.params import MAX_COEFF_BITS_128, CkksParams, score_bound
 
 if TYPE_CHECKING:  # pragma: no cover
     from encinfer.he.secret import SecretKeys
@@ -121,16 +121,6 @@ class BatchLayout:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidArgument(f"not a batch layout description ({e!r})") from None
-
-
-def score_bound(weights: np.ndarray, bias: np.ndarray, input_range: tuple[float, float] = (0.0, 1.0)) -> float:
-    """The largest |score| any input with every feature in input_range can produce."""
-    lo, hi = input_range
-    W = np.asarray(weights, dtype=np.float64)
-    b = np.asarray(bias, dtype=np.float64)
-    top = b + np.maximum(W * lo, W * hi).sum(axis=1)
-    bottom = b + np.minimum(W * lo, W * hi).sum(axis=1)
-    return float(max(np.abs(top).max(), np.abs(bottom).max()))
 
 
 def choose_batch_params(weights: np.ndarray, bias: np.ndarray, *,

@@ -48,7 +48,7 @@ import tenseal.sealapi as seal
 
 from encinfer.common.errors import DataLoss, EncinferError, FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.params import CkksParams
+from encinfer.he.params import CkksParams, score_bound
 
 if TYPE_CHECKING:  # pragma: no cover
     from encinfer.he.keys import ServerKeys
@@ -270,14 +270,6 @@ class LatencyLayout:
                        feature_indices=tuple(int(i) for i in d.get("feature_indices", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidArgument(f"not a latency layout description ({e!r})") from None
-
-
-def score_bound(weights: np.ndarray, bias: np.ndarray, input_range: tuple[float, float]) -> float:
-    """The largest |score| any input with every feature in input_range can produce."""
-    lo, hi = input_range
-    top = bias + np.maximum(weights * lo, weights * hi).sum(axis=1)
-    bottom = bias + np.minimum(weights * lo, weights * hi).sum(axis=1)
-    return float(max(np.abs(top).max(), np.abs(bottom).max()))
 
 
 # ---------------------------------------------------------------- server side

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import tenseal.sealapi as seal
 
 from encinfer.common.errors import InvalidArgument
@@ -113,3 +114,14 @@ def _context(n: int, bits: tuple[int, ...]) -> seal.SEALContext:
     parms.set_coeff_modulus(seal.CoeffModulus.Create(n, list(bits)))
     # expand_mod_chain=True so mod switching works; TC128 makes SEAL refuse weaker sets too.
     return seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+
+
+def score_bound(weights, bias, input_range: tuple[float, float] = (0.0, 1.0)) -> float:
+    """The largest |score| a linear model can produce for any input with every feature in
+    input_range: what a layout's scales must leave room for (every layout asks this)."""
+    lo, hi = input_range
+    W = np.asarray(weights, dtype=np.float64)
+    b = np.asarray(bias, dtype=np.float64)
+    top = b + np.maximum(W * lo, W * hi).sum(axis=1)
+    bottom = b + np.minimum(W * lo, W * hi).sum(axis=1)
+    return float(max(np.abs(top).max(), np.abs(bottom).max()))

@@ -20,6 +20,7 @@ from pathlib import Path
 import tenseal.sealapi as seal
 
 from encinfer.common.errors import InvalidArgument
+from encinfer.common.files import write_atomic
 from encinfer.he import serial
 from encinfer.he.keys import build_key_bundle
 from encinfer.he.params import CkksParams
@@ -65,18 +66,7 @@ class SecretKeys:
         path = Path(path)
         meta = json.dumps({"format": FORMAT, "params": self.params.to_json()}, sort_keys=True).encode()
         key = _secret_key_bytes(self._secret_key)
-        tmp = path.with_name(f".{path.name}.{_random.token_hex(6)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + _U32.pack(len(meta)) + meta + _U64.pack(len(key)) + key)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, _MAGIC + _U32.pack(len(meta)) + meta + _U64.pack(len(key)) + key, mode=0o600)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SecretKeys":

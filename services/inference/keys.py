@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Generic, Hashable, TypeVa
 import grpc
 
 from encinfer.common.auth import Principal, auth_metadata
-from encinfer.common.errors import (DataLoss, EncinferError, FailedPrecondition, NotFound,
-                                    PermissionDenied, Unavailable)
+from encinfer.common.errors import DataLoss, EncinferError, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from encinfer.common.rpc import TlsFiles, channel
 from encinfer.he.keyinfo import check_key_id
 from encinfer.he.params import CkksParams

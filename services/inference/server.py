@@ -17,8 +17,7 @@ from encinfer.common.errors import EncinferError, InvalidArgument
 from encinfer.common.preflight import StartupError, check_client_tls, check_port_free, check_server_tls, split_address
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
 from encinfer.inference.config import InferenceConfig
-from encinfer.inference.core import (Answer, InferenceCore, StreamBatchPart, StreamHeader, StreamItem,
-                                     StreamMessage)
+from encinfer.inference.core import Answer, InferenceCore, StreamBatchPart, StreamHeader, StreamItem, StreamMessage
 from encinfer.inference.keys import KeySource
 from encinfer.inference.model import load_model
 from encinfer.inference.workers import WorkerPool, kill_workers

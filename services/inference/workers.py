@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import json
+import logging
 import os
 import pickle
 import socket
