@@ -71,7 +71,7 @@ def _session(stem: str, workers: int, layout: str) -> Iterator[EncryptedClassifi
     as a separate process, and a client, torn down afterwards."""
     with tempfile.TemporaryDirectory(prefix="encinfer-bench-") as tmp, \
             LocalStack([stem], Path(tmp), inference=False) as local, \
-            _inference_process(stem, workers, local.keystore.target, os.environ["ENCINFER_TOKENS"],
+            _inference_process(stem, workers, local.keystore.target, local.token_spec,
                                local.service_token) as target, \
             EncryptedClassifier(inference=target, keystore=local.keystore.target,
                                 model=load_model(stem).name, token=local.tenant_token, layout=layout,

@@ -52,6 +52,8 @@ class LocalStack:
         self.tenant_token, self.service_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         service_token = self.service_token
         tokens = {self.tenant_token: Principal("demo", "tenant"), service_token: Principal("inference", "service")}
+        # The same table as ENCINFER_TOKENS, for an inference service run as its own process.
+        self.token_spec = ",".join(f"{t}={p.owner}:{p.role}" for t, p in tokens.items())
         self.keystore = BackgroundKeyStore(KeyStoreConfig(
             address="127.0.0.1:0", backend="fs", data_dir=workdir / "keystore", tokens=TokenTable(tokens)))
         config = InferenceConfig(address="127.0.0.1:0", models=tuple(model_paths),

@@ -148,7 +148,7 @@ class InferenceServer:
         if config.tls is not None:
             check_server_tls(config.tls)
         if config.keystore_tls is not None:
-            check_client_tls(config.keystore_tls, "ENCINFER_KEYSTORE_TLS")
+            check_client_tls(config.keystore_tls)
         host, port = split_address(config.address)
         check_port_free(host, port, "ENCINFER_INFERENCE_ADDRESS")
         if config.metrics_port:

@@ -360,6 +360,7 @@ class WorkerPool:
         self.models: list[dict] = []
         self.replacements = 0
         self._inline_holds = KeysHeld()
+        self._spawned: set[subprocess.Popen] = set()  # every process this pool started
 
     async def start(self) -> None:
         if self.n == 0:
@@ -380,6 +381,7 @@ class WorkerPool:
 
     async def _spawn(self, index: int) -> _Worker:
         worker = _Worker(index, self.model_paths, self.key_cache_bytes, on_exit=self._worker_exited)
+        self._spawned.add(worker.process)
         try:
             await worker.open()
         except BaseException:
@@ -509,6 +511,13 @@ class WorkerPool:
         await asyncio.gather(*replacing, return_exceptions=True)
         await asyncio.gather(*(w.close(timeout) for w in self._workers), return_exceptions=True)
         self._workers = []
+        # Whatever a failed start or replacement left (a worker not yet in the list): kill, reap.
+        left = [p for p in self._spawned if p.poll() is None]
+        for process in left:
+            process.kill()
+        for process in self._spawned:
+            await asyncio.to_thread(_reaped, process, 5.0)
+        self._spawned.clear()
 
 
 def check_batch_count(open_batches: int, limit: int) -> None:
