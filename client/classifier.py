@@ -32,6 +32,7 @@ from encinfer.client.keystore import KeyStoreClient
 from encinfer.common.auth import auth_metadata
 from encinfer.common.rpc import TlsFiles, channel
 from encinfer.he.batch import BatchLayout, decrypt_batch, encrypt_batch
+from encinfer.he.coeff import CoeffLayout, decrypt_coeff, encrypt_coeff
 from encinfer.he.latency import LatencyLayout, decrypt_latency, encrypt_latency
 from encinfer.he.params import CkksParams
 from encinfer.he.secret import SecretKeys
@@ -48,7 +49,10 @@ EXPIRY_MARGIN_SECONDS = 3600
 # even near 40 images, bytes near 220.
 AUTO_BATCH_FROM = 200
 
-LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch"}
+LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch", pb.LAYOUT_COEFF: "coeff"}
+# One-sample layouts: (encrypt, decrypt, wire enum). "coeff" is used whenever the model offers it.
+SINGLE_SAMPLE = {"coeff": (encrypt_coeff, decrypt_coeff, pb.LAYOUT_COEFF),
+                 "latency": (encrypt_latency, decrypt_latency, pb.LAYOUT_LATENCY)}
 
 
 class PredictionError(RuntimeError):
@@ -77,15 +81,19 @@ def default_key_dir() -> Path:
     return Path(os.environ.get("ENCINFER_KEY_DIR", Path.home() / ".local" / "share" / "encinfer" / "keys"))
 
 
-def layout_from_pb(info: pb.ModelInfo, lay: pb.LayoutInfo) -> LatencyLayout | BatchLayout:
+def layout_from_pb(info: pb.ModelInfo, lay: pb.LayoutInfo) -> LatencyLayout | BatchLayout | CoeffLayout:
     p = lay.parameters
     params = CkksParams(
         poly_modulus_degree=p.poly_modulus_degree, coeff_modulus_bits=tuple(p.coeff_modulus_bits),
         input_scale_bits=p.input_scale_bits, output_scale_bits=p.output_scale_bits,
         galois_steps=tuple(p.galois_steps), needs_conjugation_key=p.needs_conjugation_key,
-        needs_relin_keys=p.needs_relin_keys, complex_packing=p.complex_packing)
+        needs_relin_keys=p.needs_relin_keys, complex_packing=p.complex_packing,
+        needs_public_key=p.needs_public_key)
     # input_range: what the server chose the scales for (older servers: the [0, 1] default).
     extra = {"input_range": (lay.input_min, lay.input_max)} if lay.input_max > lay.input_min else {}
+    if lay.layout == pb.LAYOUT_COEFF:
+        return CoeffLayout(params=params, n_features=info.n_features, n_outputs=info.n_outputs,
+                           rows_per_product=lay.rows_per_product, answer_bits=lay.answer_bits, **extra)
     if lay.layout == pb.LAYOUT_LATENCY:
         # feature_indices: only when the server lists some (the model drops zero-weight pixels).
         if lay.feature_indices:
@@ -99,15 +107,17 @@ def layout_from_pb(info: pb.ModelInfo, lay: pb.LayoutInfo) -> LatencyLayout | Ba
 class EncryptedClassifier:
     """A remote linear model that only ever sees ciphertexts.
 
-    layout: "auto" (batch from AUTO_BATCH_FROM samples on), "latency" or "batch".
+    layout: "auto" (batch from AUTO_BATCH_FROM samples on), "latency" (one sample per
+    request: the coefficient layout when the model offers it, else the rotation layout),
+    "coeff" or "rotation" (that one-sample layout only), or "batch".
     """
 
     def __init__(self, inference: str = "127.0.0.1:50052", keystore: str = "127.0.0.1:50051",
                  model: str = "mnist", token: str | None = None, *, layout: str = "auto",
                  key_dir: str | os.PathLike | None = None, tls: TlsFiles | None = None,
                  keystore_tls: TlsFiles | None = None, timeout: float = 600.0) -> None:
-        if layout not in ("auto", "latency", "batch"):
-            raise ValueError("layout must be 'auto', 'latency' or 'batch'")
+        if layout not in ("auto", "latency", "batch", "coeff", "rotation"):
+            raise ValueError("layout must be 'auto', 'latency', 'coeff', 'rotation' or 'batch'")
         self.model, self.layout, self.timeout = model, layout, timeout
         self._metadata = auth_metadata(token)
         self._channel = channel(inference, tls)
@@ -147,6 +157,15 @@ class EncryptedClassifier:
             if LAYOUT_NAMES.get(lay.layout) == layout:
                 return layout_from_pb(self.info, lay)
         raise ValueError(f"model {self.model!r} offers no {layout!r} layout")
+
+    def single_sample_layout(self) -> str:
+        """The wire layout for one sample per request, from GetModelInfo: "coeff" when offered."""
+        if self.layout == "rotation":
+            return "latency"
+        offered = {LAYOUT_NAMES.get(lay.layout) for lay in self.info.layouts}
+        if self.layout == "coeff" or "coeff" in offered:
+            return "coeff"
+        return "latency"
 
     def _manifest(self, layout: str) -> str:
         return next(l.manifest_sha256 for l in self.info.layouts if LAYOUT_NAMES.get(l.layout) == layout)
@@ -205,8 +224,10 @@ class EncryptedClassifier:
         stay busy (3.5 ms per image here, against 3.2 ms with 4 in flight) while each
         answer's latency stays compute, not queueing (p50 4.9 ms, against 8 ms).
         """
-        secret, key_id = self.keys("latency")
-        layout = self.layout_info("latency")
+        name = self.single_sample_layout()
+        encrypt, decrypt, wire_layout = SINGLE_SAMPLE[name]
+        secret, key_id = self.keys(name)
+        layout = self.layout_info(name)
         sent: dict[str, float] = {}
         stats = self.stats
         slots = threading.Semaphore(window)
@@ -214,12 +235,12 @@ class EncryptedClassifier:
 
         def requests() -> Iterator[pb.PredictStreamRequest]:
             yield pb.PredictStreamRequest(header=pb.StreamHeader(model=self.model, key_id=key_id,
-                                                                 layout=pb.LAYOUT_LATENCY))
+                                                                 layout=wire_layout))
             for i, x in enumerate(samples):
                 if not slots.acquire(timeout=self.timeout) or stopped.is_set():
                     return
                 t = time.perf_counter()
-                ct = encrypt_latency(secret, np.asarray(x, dtype=np.float64), layout)
+                ct = encrypt(secret, np.asarray(x, dtype=np.float64), layout)
                 stats.encrypt_s += time.perf_counter() - t
                 stats.bytes_up += len(ct)
                 sent[str(i)] = time.perf_counter()
@@ -236,7 +257,7 @@ class EncryptedClassifier:
                 stats.server_ms.append(answer.server_ms)
                 stats.bytes_down += sum(len(c) for c in answer.ciphertexts)
                 t = time.perf_counter()
-                scores = decrypt_latency(secret, answer.ciphertexts[0], layout)
+                scores = decrypt(secret, answer.ciphertexts[0], layout)
                 stats.decrypt_s += time.perf_counter() - t
                 yield int(answer.request_id), scores
         finally:
@@ -256,12 +277,15 @@ class EncryptedClassifier:
 
     def predict_one(self, x: np.ndarray) -> np.ndarray:
         """One sample over the unary Predict call (the simplest path, as ghz uses it)."""
-        secret, key_id = self.keys("latency")
-        layout = self.layout_info("latency")
-        ct = encrypt_latency(secret, np.asarray(x, dtype=np.float64), layout)
-        reply = self._stub.Predict(pb.PredictRequest(model=self.model, key_id=key_id, ciphertext=ct),
+        name = self.single_sample_layout()
+        encrypt, decrypt, wire_layout = SINGLE_SAMPLE[name]
+        secret, key_id = self.keys(name)
+        layout = self.layout_info(name)
+        ct = encrypt(secret, np.asarray(x, dtype=np.float64), layout)
+        reply = self._stub.Predict(pb.PredictRequest(model=self.model, key_id=key_id, ciphertext=ct,
+                                                     layout=wire_layout),
                                    metadata=self._metadata, timeout=self.timeout)
-        return decrypt_latency(secret, reply.ciphertexts[0], layout)
+        return decrypt(secret, reply.ciphertexts[0], layout)
 
     # ------------------------------------------------------------ batch layout
     def _batch(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:

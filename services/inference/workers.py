@@ -87,6 +87,49 @@ def predict_latency(model_name: str, key_id: str, key_bytes: bytes | None, ciphe
     return result, (time.perf_counter() - start) * 1000
 
 
+def _coeff_keys(model: Any, key_id: str, key_bytes: bytes | None) -> Any:
+    from encinfer.he.coeff import load_coeff_keys
+
+    slot = (key_id, model.manifests["coeff"])
+    keys = _keys.get(slot)
+    if keys is None:
+        if key_bytes is None:
+            raise KeyMissing(key_id)
+        keys = load_coeff_keys(key_bytes, model.params("coeff"))
+        _keys.put(slot, keys)
+    return keys
+
+
+def predict_coeff(model_name: str, key_id: str, key_bytes: bytes | None, ciphertext: bytes) -> tuple[bytes, float]:
+    """The coefficient layout: the answer is re-randomized with encryptions of zero that
+    `refill_idle` prepared while the worker had nothing else to do."""
+    from encinfer.inference.catalog import find
+
+    start = time.perf_counter()
+    model = find(_models, model_name)
+    keys = _coeff_keys(model, key_id, key_bytes)
+    result = model.coeff.evaluate(keys, ciphertext)
+    if keys in _refill:
+        _refill.remove(keys)
+    _refill.append(keys)
+    del _refill[:-_REFILL_KEYS]
+    return result, (time.perf_counter() - start) * 1000
+
+
+# Key sets whose pools of encryptions of zero were drawn from, most recent last (a few).
+_refill: list = []
+_REFILL_KEYS = 16
+
+
+def refill_idle() -> bool:
+    """One step of idle work: one encryption of zero for the most recently used key; False when none is due."""
+    while _refill:
+        if _refill[-1].refill(1):
+            return True
+        _refill.pop()
+    return False
+
+
 def batch_start(batch_id: str, model_name: str, key_id: str, key_bytes: bytes | None, n_samples: int) -> None:
     from encinfer.inference.catalog import find
 
@@ -134,6 +177,10 @@ def worker_main(conn: Any, model_paths: list[str], key_cache_bytes: int, name: s
     """A worker process: calls arrive in order on one socket, answers go back on it."""
     init_worker(model_paths, key_cache_bytes, name)
     while True:
+        # Idle: prepare encryptions of zero (bounded: each pool fills up), one at a time so a
+        # call that arrives waits at most one encryption (~0.2 ms).
+        while not conn.poll(0) and refill_idle():
+            pass
         try:
             call_id, fn, args = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
@@ -283,7 +330,7 @@ class WorkerPool:
     async def with_key(self, index: int, fetch: Callable[[], Awaitable[bytes]], fn: Callable[..., Any],
                        head: tuple, tail: tuple = ()) -> Any:
         """Calls fn(*head, key_bytes, *tail), sending the key bytes only if the worker lacks them."""
-        retry = fn is predict_latency  # stateless: safe to run again on a replaced worker
+        retry = fn in (predict_latency, predict_coeff)  # stateless: safe to run again on a replaced worker
         try:
             return await self.call(index, fn, *head, None, *tail, retry=retry)
         except KeyMissing:
