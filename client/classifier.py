@@ -107,17 +107,18 @@ def layout_from_pb(info: pb.ModelInfo, lay: pb.LayoutInfo) -> LatencyLayout | Ba
 class EncryptedClassifier:
     """A remote linear model that only ever sees ciphertexts.
 
-    layout: "auto" (batch from AUTO_BATCH_FROM samples on), "latency" (one sample per
-    request: the coefficient layout when the model offers it, else the rotation layout),
-    "coeff" or "rotation" (that one-sample layout only), or "batch".
+    layout: "auto" (batch from AUTO_BATCH_FROM samples on; below, one sample per request
+    in the coefficient layout when GetModelInfo offers it, else the rotation layout),
+    "coeff" or "latency" (one sample per request in that layout; "latency" is the
+    rotation layout), or "batch".
     """
 
     def __init__(self, inference: str = "127.0.0.1:50052", keystore: str = "127.0.0.1:50051",
                  model: str = "mnist", token: str | None = None, *, layout: str = "auto",
                  key_dir: str | os.PathLike | None = None, tls: TlsFiles | None = None,
                  keystore_tls: TlsFiles | None = None, timeout: float = 600.0) -> None:
-        if layout not in ("auto", "latency", "batch", "coeff", "rotation"):
-            raise ValueError("layout must be 'auto', 'latency', 'coeff', 'rotation' or 'batch'")
+        if layout not in ("auto", "latency", "batch", "coeff"):
+            raise ValueError("layout must be 'auto', 'coeff', 'latency' or 'batch'")
         self.model, self.layout, self.timeout = model, layout, timeout
         self._metadata = auth_metadata(token)
         self._channel = channel(inference, tls)
@@ -160,7 +161,7 @@ class EncryptedClassifier:
 
     def single_sample_layout(self) -> str:
         """The wire layout for one sample per request, from GetModelInfo: "coeff" when offered."""
-        if self.layout == "rotation":
+        if self.layout == "latency":
             return "latency"
         offered = {LAYOUT_NAMES.get(lay.layout) for lay in self.info.layouts}
         if self.layout == "coeff" or "coeff" in offered:

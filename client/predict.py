@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inference", default=os.environ.get("ENCINFER_INFERENCE_TARGET", "127.0.0.1:50052"))
     p.add_argument("--keystore", default=os.environ.get("ENCINFER_KEYSTORE_TARGET", "127.0.0.1:50051"))
     p.add_argument("--token", default=os.environ.get("ENCINFER_TOKEN"), help="bearer token (default $ENCINFER_TOKEN)")
-    p.add_argument("--layout", choices=("auto", "latency", "batch"), default="auto")
+    p.add_argument("--layout", choices=("auto", "coeff", "latency", "batch"), default="auto")
     p.add_argument("--ca", default=os.environ.get("ENCINFER_TLS_CA", ""), help="CA file: speak TLS to both services")
     p.add_argument("--key-dir", help="where the secret key is kept (default $ENCINFER_KEY_DIR or ~/.local/share/encinfer/keys)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -305,3 +305,23 @@ def test_secret_coefficients_are_ternary_and_decrypt(mnist_served):
 def test_too_many_features_are_refused():
     with pytest.raises(InvalidArgument, match="batch layout"):
         choose_coeff_params(40_000, 10.0)
+
+
+def test_public_key_with_another_polynomial_a_is_refused(mnist_served):
+    """A client-chosen a (here SEAL's own random one) could unmask c1; only the common a is accepted."""
+    _, served, _ = mnist_served
+    from encinfer.he.keys import build_key_bundle
+    own = seal.PublicKey()
+    seal.KeyGenerator(served.layout.params.context(), served.secret._secret_key).create_public_key(own)
+    bundle = build_key_bundle(serial.dump(served.layout.params.seal_parameters()), public_key=serial.dump(own))
+    with pytest.raises(InvalidArgument, match="common polynomial"):
+        load_coeff_keys(bundle, served.layout.params)
+
+
+def test_public_key_made_with_the_common_a_encrypts_zero():
+    params = CkksParams(4096, (60,), 27, 53, needs_public_key=True)
+    secret = SecretKeys.generate(params)
+    keys = load_coeff_keys(secret.public_bundle(), params)
+    plain = secret.decrypt_ciphertext(keys.zero())
+    values = np.array(secret.encoder.decode_double(plain))
+    assert np.max(np.abs(values)) < 1e5  # noise only (scale 1): tiny against q ~ 2^60

@@ -236,7 +236,7 @@ def test_model_info_describes_the_served_model(stack):
     assert info.sha256 == model.sha256
     assert info.limits.max_message_bytes == 4 * 1024 * 1024
     assert info.limits.max_open_batches == stack.inference_config.max_open_batches
-    assert {lay.layout for lay in info.layouts} == {pb.LAYOUT_LATENCY, pb.LAYOUT_BATCH}
+    assert {lay.layout for lay in info.layouts} == {pb.LAYOUT_LATENCY, pb.LAYOUT_BATCH, pb.LAYOUT_COEFF}
 
 
 def params_of(lay: pb.LayoutInfo) -> CkksParams:

@@ -51,6 +51,8 @@ MNIST: 16 + (10 + 2 * 4096) * 5 = 41,026 bytes down, against 33 KB up.
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
 import math
 import os
 import struct
@@ -266,6 +268,61 @@ def unpack_answer(data: bytes, layout: CoeffLayout) -> tuple[np.ndarray, np.ndar
     return words[:outputs], words[outputs:].reshape(products, n)
 
 
+# ---------------------------------------------------------------- the public key's common polynomial
+
+# The public key is (b, a) = (-a*s + e, a). Its `a` masks every answer's c1 (c1_in * w + a*u + e2),
+# so it must not be the client's choice: with a = 0, or a with a known short multiple (an NTRU-like
+# a looks uniform), a crafted input would read the weights out of c1 in one query. Every key uses
+# one public `a` instead, expanded from a fixed string with SHAKE-256 (a common random string, as
+# RLWE schemes with a shared public polynomial use it); the server refuses any other.
+_COMMON_A_DOMAIN = b"encinfer coefficient layout: the public key's polynomial a (NTT form), v1"
+
+
+@functools.lru_cache(maxsize=4)
+def _common_a(n: int, q: int) -> np.ndarray:
+    """Uniform words mod q, read as a polynomial in NTT form (as SEAL samples a): rejection sampling."""
+    stream = hashlib.shake_256(_COMMON_A_DOMAIN + struct.pack("<IQ", n, q)).digest(8 * 2 * n)
+    words = np.frombuffer(stream, dtype="<u8") >> np.uint64(64 - q.bit_length())
+    accepted = words[words < q][:n]
+    if len(accepted) < n:  # probability below 2^-1000 for SEAL's primes
+        raise EncinferError("could not expand the common polynomial")
+    accepted = accepted.astype(np.uint64)
+    accepted.setflags(write=False)
+    return accepted
+
+
+def common_a(params: CkksParams) -> np.ndarray:
+    return _common_a(params.poly_modulus_degree, _modulus(params))
+
+
+def make_public_key(params: CkksParams, secret_key: seal.SecretKey) -> bytes:
+    """The serialized public key (-a*s + e, a) with the common `a` (SecretKeys.public_bundle calls it).
+
+    SEAL makes (-a'*s + e, a') for its own random a'; in NTT form everything is pointwise, so
+    b = b' - (a - a') * s, coefficient by coefficient mod q (exact Python integers, once per key).
+    """
+    context, n, q = params.context(), params.poly_modulus_degree, _modulus(params)
+    public_key = seal.PublicKey()
+    seal.KeyGenerator(context, secret_key).create_public_key(public_key)
+    words = _CiphertextMemory.view(public_key.data(), 2 * n)
+    plain = secret_key.data()
+    a = common_a(params)
+    b = [(int(words[i]) - (int(a[i]) - int(words[n + i])) * plain.data(i)) % q for i in range(n)]
+    words[:n] = np.array(b, dtype=np.uint64)
+    words[n:] = a
+    return serial.dump(public_key)
+
+
+def _check_common_a(public_key: seal.PublicKey, params: CkksParams) -> None:
+    data = public_key.data()
+    n = params.poly_modulus_degree
+    if data.size() != 2 or data.coeff_modulus_size() != 1 or not data.is_ntt_form() or \
+            not np.array_equal(_CiphertextMemory.view(data, 2 * n)[n:], common_a(params)):
+        raise InvalidArgument("the bundle's public key was not made with the common polynomial a that the "
+                              "coefficient layout requires (see encinfer.he.coeff); generate keys from GetModelInfo "
+                              "with encinfer's keygen")
+
+
 # ---------------------------------------------------------------- server side
 
 @dataclass(eq=False)
@@ -324,6 +381,7 @@ def load_coeff_keys(data: bytes, params: CkksParams) -> CoeffKeys:
         public_key = bundles._load_section(f, section, seal.PublicKey, params.context(), "public key")
     if public_key.parms_id() != params.context().key_parms_id():
         raise InvalidArgument("the bundle's public key is not at the parameters' key level")
+    _check_common_a(public_key, params)
     return CoeffKeys(params=params, public_key=public_key)
 
 

@@ -125,7 +125,10 @@ class SecretKeys:
         galois = {elt: serial.dump(keygen.create_galois_keys([elt])) for elt in self.params.galois_elements()}
         relin = serial.dump(keygen.create_relin_keys()) if self.params.needs_relin_keys else None
         public = None
-        if include_public_key:  # sealapi does not expose the seeded form of a public key
+        if include_public_key and self.params.needs_public_key:
+            from encinfer.he.coeff import make_public_key  # with the common `a` the server insists on
+            public = make_public_key(self.params, self._secret_key)
+        elif include_public_key:  # sealapi does not expose the seeded form of a public key
             public_key = seal.PublicKey()
             keygen.create_public_key(public_key)
             public = serial.dump(public_key)

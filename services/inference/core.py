@@ -130,7 +130,7 @@ class StreamSession:
         if self.model:
             raise InvalidArgument("the stream header was sent twice; send it once, first")
         if layout not in ("latency", "batch", "coeff"):
-            raise InvalidArgument("the stream header needs layout LAYOUT_LATENCY, LAYOUT_BATCH or LAYOUT_COEFF")
+            raise InvalidArgument("the stream header needs layout LAYOUT_COEFF, LAYOUT_LATENCY or LAYOUT_BATCH")
         self.core.params(model, layout)
         self.model, self.key_id, self.layout = model, key_id, layout
 
