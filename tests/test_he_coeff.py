@@ -325,3 +325,37 @@ def test_public_key_made_with_the_common_a_encrypts_zero():
     plain = secret.decrypt_ciphertext(keys.zero())
     values = np.array(secret.encoder.decode_double(plain))
     assert np.max(np.abs(values)) < 1e5  # noise only (scale 1): tiny against q ~ 2^60
+
+
+# ---------------------------------------------------------------- the batch layout, re-randomized the same way
+
+def test_batch_answers_are_re_randomized_and_decrypt_to_the_same_scores(mnist_served):
+    from encinfer.he.batch import BatchModel, decrypt_batch, encrypt_batch
+    clf, _, X = mnist_served
+    model = BatchModel(clf.coef_, clf.intercept_)
+    assert model.params.needs_public_key
+    secret = SecretKeys.generate(model.params)
+    zeros = load_coeff_keys(secret.public_bundle(), model.params, pool_size=20)
+    parts = list(encrypt_batch(secret, X[:20], model.layout))
+    a, b = model.evaluate(parts, 20, zeros), model.evaluate(parts, 20, zeros)
+    assert all(x != y for x, y in zip(a, b))
+    sa, sb = decrypt_batch(secret, a, 20, model.layout), decrypt_batch(secret, b, 20, model.layout)
+    np.testing.assert_allclose(sa, sb, atol=1e-4)
+    np.testing.assert_allclose(sa, clf.decision_function(X[:20]), atol=TOLERANCE)
+
+
+def test_rotation_layout_answers_are_re_randomized_and_decrypt_to_the_same_scores(mnist_served):
+    from encinfer.he.keys import load_key_bundle
+    from encinfer.he.latency import LatencyModel, decrypt_latency, encrypt_latency
+    clf, _, X = mnist_served
+    model = LatencyModel(clf.coef_, clf.intercept_)
+    assert model.params.needs_public_key and len(model.params.coeff_modulus_bits) == 2
+    secret = SecretKeys.generate(model.params)
+    bundle = secret.public_bundle()
+    keys, zeros = load_key_bundle(bundle, model.params), load_coeff_keys(bundle, model.params)
+    ct = encrypt_latency(secret, X[0], model.layout)
+    a, b = model.evaluate(keys, ct, zeros), model.evaluate(keys, ct, zeros)
+    assert a != b
+    sa, sb = decrypt_latency(secret, a, model.layout), decrypt_latency(secret, b, model.layout)
+    np.testing.assert_allclose(sa, sb, atol=1e-4)
+    np.testing.assert_allclose(sa, clf.decision_function(X[:1])[0], atol=TOLERANCE)

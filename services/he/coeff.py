@@ -291,8 +291,13 @@ def _common_a(n: int, q: int) -> np.ndarray:
     return accepted
 
 
+def _key_primes(params: CkksParams) -> list[int]:
+    return [m.value() for m in params.context().key_context_data().parms().coeff_modulus()]
+
+
 def common_a(params: CkksParams) -> np.ndarray:
-    return _common_a(params.poly_modulus_degree, _modulus(params))
+    """The common `a` at the key level: N words per prime, prime by prime (SEAL's layout)."""
+    return np.concatenate([_common_a(params.poly_modulus_degree, q) for q in _key_primes(params)])
 
 
 def make_public_key(params: CkksParams, secret_key: seal.SecretKey) -> bytes:
@@ -301,23 +306,33 @@ def make_public_key(params: CkksParams, secret_key: seal.SecretKey) -> bytes:
     SEAL makes (-a'*s + e, a') for its own random a'; in NTT form everything is pointwise, so
     b = b' - (a - a') * s, coefficient by coefficient mod q (exact Python integers, once per key).
     """
-    context, n, q = params.context(), params.poly_modulus_degree, _modulus(params)
+    context, n, primes = params.context(), params.poly_modulus_degree, _key_primes(params)
     public_key = seal.PublicKey()
     seal.KeyGenerator(context, secret_key).create_public_key(public_key)
-    words = _CiphertextMemory.view(public_key.data(), 2 * n)
+    size = n * len(primes)
+    words = _PublicKeyMemory.view(public_key, 2 * size)
     plain = secret_key.data()
     a = common_a(params)
-    b = [(int(words[i]) - (int(a[i]) - int(words[n + i])) * plain.data(i)) % q for i in range(n)]
-    words[:n] = np.array(b, dtype=np.uint64)
-    words[n:] = a
+    b = [(int(words[i]) - (int(a[i]) - int(words[size + i])) * plain.data(i)) % primes[i // n] for i in range(size)]
+    words[:size] = np.array(b, dtype=np.uint64)
+    words[size:] = a
     return serial.dump(public_key)
+
+
+class _PublicKeyMemory:
+    """A public key's words (2 polynomials x key-level primes x N), through its ciphertext."""
+
+    @staticmethod
+    def view(public_key: seal.PublicKey, words: int) -> np.ndarray:
+        return _CiphertextMemory.view(public_key.data(), words)
 
 
 def _check_common_a(public_key: seal.PublicKey, params: CkksParams) -> None:
     data = public_key.data()
-    n = params.poly_modulus_degree
-    if data.size() != 2 or data.coeff_modulus_size() != 1 or not data.is_ntt_form() or \
-            not np.array_equal(_CiphertextMemory.view(data, 2 * n)[n:], common_a(params)):
+    size = params.poly_modulus_degree * len(_key_primes(params))
+    if data.size() != 2 or data.coeff_modulus_size() != size // params.poly_modulus_degree or \
+            not data.is_ntt_form() or \
+            not np.array_equal(_PublicKeyMemory.view(public_key, 2 * size)[size:], common_a(params)):
         raise InvalidArgument("the bundle's public key was not made with the common polynomial a that the "
                               "coefficient layout requires (see encinfer.he.coeff); generate keys from GetModelInfo "
                               "with encinfer's keygen")
@@ -367,22 +382,28 @@ class CoeffKeys:
         return len(self._pool)
 
 
-def load_coeff_keys(data: bytes, params: CkksParams) -> CoeffKeys:
-    """The bundle's public key for a coefficient layout; FailedPrecondition when it has none or other parameters."""
+def load_coeff_keys(data: bytes, params: CkksParams, pool_size: int = POOL_SIZE) -> CoeffKeys:
+    """The bundle's public key (for the coefficient and batch layouts' re-randomization);
+    FailedPrecondition when it has none or other parameters."""
     from encinfer.he import keys as bundles
 
-    bundles.load_key_bundle(data, params)  # structure and parameters (FailedPrecondition on a mismatch)
     f, size = bundles._open(data)
     with f:
-        section = next((s for s in bundles._sections(f, size) if s.tag == bundles.PUBK), None)
+        sections = bundles._sections(f, size)
+        parms, n, bits = bundles._parameters(f, sections[0])
+        if n != params.poly_modulus_degree or [m.value() for m in parms.coeff_modulus()] != bundles._primes(params):
+            raise FailedPrecondition(
+                f"key parameters (N={n}, moduli {list(bits)}) do not match the model's (N={params.poly_modulus_degree}"
+                f", moduli {list(params.coeff_modulus_bits)}); generate keys from GetModelInfo")
+        section = next((s for s in sections if s.tag == bundles.PUBK), None)
         if section is None:
-            raise FailedPrecondition("key lacks the public key the coefficient layout needs to re-randomize answers; "
+            raise FailedPrecondition("key lacks the public key this layout needs to re-randomize answers; "
                                      "generate keys from GetModelInfo")
         public_key = bundles._load_section(f, section, seal.PublicKey, params.context(), "public key")
     if public_key.parms_id() != params.context().key_parms_id():
         raise InvalidArgument("the bundle's public key is not at the parameters' key level")
     _check_common_a(public_key, params)
-    return CoeffKeys(params=params, public_key=public_key)
+    return CoeffKeys(params=params, public_key=public_key, pool_size=pool_size)
 
 
 class CoeffModel:

@@ -83,21 +83,33 @@ def predict_latency(model_name: str, key_id: str, key_bytes: bytes | None, ciphe
     start = time.perf_counter()
     model = find(_models, model_name)
     keys = _server_keys(model, "latency", key_id, key_bytes)
-    result = model.latency.evaluate(keys, ciphertext)
+    zeros = _public_keys(model, "latency", key_id, key_bytes)
+    result = model.latency.evaluate(keys, ciphertext, zeros)
+    _drew_from(zeros)
     return result, (time.perf_counter() - start) * 1000
 
 
-def _coeff_keys(model: Any, key_id: str, key_bytes: bytes | None) -> Any:
-    from encinfer.he.coeff import load_coeff_keys
+def _public_keys(model: Any, layout: str, key_id: str, key_bytes: bytes | None) -> Any:
+    """The public key and its pool of encryptions of zero (answers are re-randomized with them)."""
+    from encinfer.he.coeff import POOL_SIZE, load_coeff_keys
 
-    slot = (key_id, model.manifests["coeff"])
+    slot = (key_id, model.manifests[layout], "public")  # apart from ServerKeys: manifests may coincide
     keys = _keys.get(slot)
     if keys is None:
         if key_bytes is None:
             raise KeyMissing(key_id)
-        keys = load_coeff_keys(key_bytes, model.params("coeff"))
+        # A batch takes one per output; a coefficient answer one per product, a rotation answer one.
+        pool = 2 * model.artifact.n_outputs if layout == "batch" else POOL_SIZE
+        keys = load_coeff_keys(key_bytes, model.params(layout), pool_size=pool)
         _keys.put(slot, keys)
     return keys
+
+
+def _drew_from(keys: Any) -> None:
+    if keys in _refill:
+        _refill.remove(keys)
+    _refill.append(keys)
+    del _refill[:-_REFILL_KEYS]
 
 
 def predict_coeff(model_name: str, key_id: str, key_bytes: bytes | None, ciphertext: bytes) -> tuple[bytes, float]:
@@ -107,18 +119,20 @@ def predict_coeff(model_name: str, key_id: str, key_bytes: bytes | None, ciphert
 
     start = time.perf_counter()
     model = find(_models, model_name)
-    keys = _coeff_keys(model, key_id, key_bytes)
+    keys = _public_keys(model, "coeff", key_id, key_bytes)
     result = model.coeff.evaluate(keys, ciphertext)
-    if keys in _refill:
-        _refill.remove(keys)
-    _refill.append(keys)
-    del _refill[:-_REFILL_KEYS]
+    _drew_from(keys)
     return result, (time.perf_counter() - start) * 1000
 
 
 # Key sets whose pools of encryptions of zero were drawn from, most recent last (a few).
 _refill: list = []
 _REFILL_KEYS = 16
+
+
+def zero_pools() -> list[tuple[int, int]]:
+    """(ready, wanted) encryptions of zero of each recently used key: tests and metrics."""
+    return [(keys.pooled(), keys.pool_size) for keys in _refill]
 
 
 def refill_idle() -> bool:
@@ -135,7 +149,8 @@ def batch_start(batch_id: str, model_name: str, key_id: str, key_bytes: bytes | 
 
     model = find(_models, model_name)
     _server_keys(model, "batch", key_id, key_bytes)  # parameters checked before any compute
-    _batches[batch_id] = (model.batch.start(n_samples), time.perf_counter(), [0.0])
+    zeros = _public_keys(model, "batch", key_id, key_bytes)
+    _batches[batch_id] = (model.batch.start(n_samples, zeros), time.perf_counter(), [0.0])
 
 
 def batch_add(batch_id: str, parts: list[tuple[int, bytes]]) -> None:
@@ -162,6 +177,7 @@ def batch_finish(batch_id: str) -> tuple[list[bytes], float]:
     start = time.perf_counter()
     out = acc.finish()
     busy[0] += time.perf_counter() - start
+    _drew_from(acc.zeros)
     return out, busy[0] * 1000
 
 
