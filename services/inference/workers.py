@@ -318,7 +318,11 @@ class WorkerPool:
         return [w.process.pid for w in self._workers]
 
     def pick(self) -> int:
-        return min(range(len(self.load)), key=self.load.__getitem__)
+        """The least-loaded worker; ties go round-robin, so a worker that just answered (and is
+        making encryptions of zero for the next answers) is the last one asked."""
+        n = len(self.load)
+        self._turn = (getattr(self, "_turn", -1) + 1) % n
+        return min(((self._turn + k) % n for k in range(n)), key=self.load.__getitem__)
 
     async def call(self, index: int, fn: Callable[..., Any], *args: Any, retry: bool = False) -> Any:
         """Runs fn(*args) on worker `index`. A dead worker is replaced; with `retry` (for
