@@ -15,7 +15,7 @@ from typing import Any
 
 from encinfer.common.errors import InvalidArgument, NotFound
 from encinfer.he.batch import BatchModel
-from encinfer.he.coeff import CoeffModel
+from encinfer.he.coeff import CoeffModel, common_a
 from encinfer.he.latency import LatencyModel
 from encinfer.he.params import CkksParams
 from encinfer.inference.model import ModelArtifact, load_model
@@ -35,10 +35,13 @@ class ServedModel:
     @classmethod
     def load(cls, path: str) -> "ServedModel":
         artifact = load_model(path)
-        return cls(artifact=artifact,
-                   latency=LatencyModel(artifact.weights, artifact.bias),
-                   batch=BatchModel(artifact.weights, artifact.bias),
-                   coeff=CoeffModel(artifact.weights, artifact.bias))
+        served = cls(artifact=artifact,
+                     latency=LatencyModel(artifact.weights, artifact.bias),
+                     batch=BatchModel(artifact.weights, artifact.bias),
+                     coeff=CoeffModel(artifact.weights, artifact.bias))
+        for layout in LAYOUTS:  # expanded now, not on the first request of a key (it checks keys against it)
+            common_a(served.params(layout))
+        return served
 
     @property
     def name(self) -> str:
