@@ -238,10 +238,15 @@ def switch_modulus(values: np.ndarray, q: int, bits: int) -> np.ndarray:
 
 
 def pack_answer(layout: CoeffLayout, c0_outputs: np.ndarray, c1: np.ndarray) -> bytes:
+    return _pack_words(layout, np.concatenate([c0_outputs.ravel(), c1.ravel()]))
+
+
+def _pack_words(layout: CoeffLayout, words: np.ndarray) -> bytes:
+    """Header + the words (c0 outputs, then every c1), answer_bits/8 little-endian bytes each."""
     width = layout.answer_bits // 8
     header = _HEADER.pack(MAGIC, layout.answer_bits, 0, layout.n_products, layout.n_outputs, 0,
                           layout.params.poly_modulus_degree)
-    words = np.concatenate([c0_outputs.ravel(), c1.ravel()]).astype("<u8")
+    words = np.ascontiguousarray(words, dtype="<u8")
     return header + words.view(np.uint8).reshape(-1, 8)[:, :width].tobytes()
 
 
@@ -463,6 +468,9 @@ class CoeffModel:
                 coeffs[t * d: (t + 1) * d] = self.weights_int[r, ::-1]
             self._plains.append(_encode(encoder, coeffs, n, self._parms_id, 1.0))
         self._positions = positions
+        # Per product: (output rows, their coefficients).
+        self._outputs_of = [(np.flatnonzero(positions[:, 0] == g), positions[positions[:, 0] == g, 1])
+                            for g in range(self.layout.n_products)]
         bias_int = np.rint(b * 2.0 ** params.output_scale_bits).astype(np.int64)
         self._bias = (bias_int % self._q).astype(np.uint64)  # exact: |bias| * 2^out < q / 4
         self._max_input_bytes = _FRESH_SIZE * n * 8 + 4096
@@ -511,8 +519,8 @@ class CoeffModel:
         self._check_keys(keys)
         ct = self._input(ciphertext)
         ev, n, lay = self._evaluator, self.params.poly_modulus_degree, self.layout
-        c1 = np.empty((lay.n_products, n), dtype=np.uint64)
-        c0 = np.empty(lay.n_outputs, dtype=np.uint64)
+        m = lay.n_outputs
+        out = np.empty(m + lay.n_products * n, dtype=np.uint64)  # the answer's words, in wire order
         try:
             for g, plain in enumerate(self._plains):
                 product = seal.Ciphertext()
@@ -522,16 +530,16 @@ class CoeffModel:
                 ev.add_inplace(product, zero)
                 ev.transform_from_ntt_inplace(product)
                 words = _CiphertextMemory.view(product, 2 * n)
-                mine = self._positions[:, 0] == g
-                c0[mine] = words[self._positions[mine, 1]]
-                c1[g] = words[n:]
+                rows, coefficients = self._outputs_of[g]
+                out[rows] = words[coefficients]
+                out[m + g * n: m + (g + 1) * n] = words[n:]
         except (RuntimeError, ValueError, TypeError, IndexError) as e:  # validated input: a bug, not the caller's
             raise EncinferError(f"coefficient evaluation failed: {e}") from e
-        c0 = (c0 + self._bias) % np.uint64(self._q)
+        q = np.uint64(self._q)
+        out[:m] = (out[:m] + self._bias) % q
         if self.flood_bits:
-            c0 = (c0 + self._flood(lay.n_outputs)) % np.uint64(self._q)
-        bits = lay.answer_bits
-        return pack_answer(lay, switch_modulus(c0, self._q, bits), switch_modulus(c1, self._q, bits))
+            out[:m] = (out[:m] + self._flood(m)) % q
+        return _pack_words(lay, switch_modulus(out, self._q, lay.answer_bits))
 
     def _flood(self, count: int) -> np.ndarray:
         """Uniform noise in [-2^flood_bits, 2^flood_bits), mod q, from the OS's CSPRNG."""
