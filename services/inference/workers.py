@@ -137,11 +137,7 @@ def zero_pools() -> list[tuple[int, int]]:
 
 def refill_idle() -> bool:
     """One step of idle work: one encryption of zero for the most recently used key; False when none is due."""
-    while _refill:
-        if _refill[-1].refill(1):
-            return True
-        _refill.pop()
-    return False
+    return any(keys.refill(1) for keys in reversed(_refill))
 
 
 def batch_start(batch_id: str, model_name: str, key_id: str, key_bytes: bytes | None, n_samples: int) -> None:
