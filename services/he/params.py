@@ -55,6 +55,8 @@ class CkksParams:
     needs_conjugation_key: bool = False
     needs_relin_keys: bool = False
     complex_packing: bool = False
+    # The client uploads a public key: the server re-randomizes answers with it (coefficient layout).
+    needs_public_key: bool = False
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +75,8 @@ class CkksParams:
             "galois_steps": sorted(self.galois_steps),
             "needs_conjugation_key": self.needs_conjugation_key,
             "needs_relin_keys": self.needs_relin_keys,
+            # Only when set, so the hashes of layouts without it stay what they were.
+            **({"needs_public_key": True} if self.needs_public_key else {}),
         }
 
     def manifest_sha256(self) -> str:
