@@ -558,7 +558,8 @@ class EncryptedClassifier:
 
     def _latency(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
         out = np.zeros((len(X), self.info.n_outputs))
-        for i, scores in self._stream(enumerate(X), None, self.layout_info("latency"), 2):
+        name = self.single_sample_layout()
+        for i, scores in self._stream(name, enumerate(X), None, self.layout_info(name), 2):
             out[i] = scores
             if progress:
                 progress(1)

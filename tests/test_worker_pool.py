@@ -80,12 +80,14 @@ def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_call(mnist_mo
 
 
 def test_a_pool_whose_workers_cannot_load_the_model_fails_and_leaves_no_process(tmp_path):
+    before = set(workers._started)  # other tests' pools (the session's stacks) may be running
+
     async def scenario() -> None:
         pool = WorkerPool([str(tmp_path / "no-such-model")], 2, 1 << 24)
         with pytest.raises(Unavailable, match="exited while loading the models"):
             await pool.start()
     asyncio.run(scenario())
-    assert not workers._started  # every worker started was reaped
+    assert workers._started <= before  # every worker this pool started was reaped
 
 
 def test_close_kills_a_worker_that_does_not_exit_on_eof(mnist_model):
