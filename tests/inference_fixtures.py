@@ -76,11 +76,11 @@ class InferenceStack:
 
     def open_batches(self) -> list[int]:
         """Batches each worker process holds open right now."""
-        from encinfer.inference import workers
+        from encinfer.inference import worker
         pool = self.inference.server.pool
 
         async def count() -> list[int]:
-            return list(await asyncio.gather(*(pool.call(i, workers.open_batches) for i in range(len(pool.load)))))
+            return list(await asyncio.gather(*(pool.call(i, worker.open_batches) for i in range(len(pool.load)))))
         return self.on_server_loop(count())
 
     def close(self) -> None:

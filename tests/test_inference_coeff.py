@@ -119,14 +119,14 @@ def test_rotation_layout_key_is_refused_for_the_coefficient_layout(fs_stack, clf
 def test_encryptions_of_zero_are_prepared_while_the_workers_are_idle(fs_stack, clf, test_images):
     import asyncio
 
-    from encinfer.inference import workers
+    from encinfer.inference import worker
     from inference_fixtures import wait_for
     clf.decision_function(test_images[0][:4])
     pool = fs_stack.inference.server.pool
 
     def pools() -> list[tuple[int, int]]:
         async def ask():
-            return await asyncio.gather(*(pool.call(i, workers.zero_pools) for i in range(len(pool.load))))
+            return await asyncio.gather(*(pool.call(i, worker.zero_pools) for i in range(len(pool.load))))
         return [p for per_worker in fs_stack.on_server_loop(ask()) for p in per_worker]
     assert pools()  # the workers drew from a pool
     assert wait_for(lambda: all(ready == wanted for ready, wanted in pools()))

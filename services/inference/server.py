@@ -20,7 +20,7 @@ from encinfer.inference.config import InferenceConfig
 from encinfer.inference.core import Answer, InferenceCore, StreamBatchPart, StreamHeader, StreamItem, StreamMessage
 from encinfer.inference.keys import KeySource
 from encinfer.inference.model import load_model
-from encinfer.inference.workers import WorkerPool, kill_workers
+from encinfer.inference.pool import WorkerPool, kill_workers
 from encinfer.v1 import inference_pb2 as pb
 from encinfer.v1 import inference_pb2_grpc
 
