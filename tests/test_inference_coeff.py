@@ -8,6 +8,7 @@ import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
 from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, assert_matches_plaintext, assert_status, rpc_error
+
 from encinfer.client.classifier import layout_from_pb
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.he.coeff import CoeffLayout, decrypt_coeff, encrypt_coeff
@@ -119,8 +120,9 @@ def test_rotation_layout_key_is_refused_for_the_coefficient_layout(fs_stack, clf
 def test_encryptions_of_zero_are_prepared_while_the_workers_are_idle(fs_stack, clf, test_images):
     import asyncio
 
-    from encinfer.inference import worker
     from inference_fixtures import wait_for
+
+    from encinfer.inference import worker
     clf.decision_function(test_images[0][:4])
     pool = fs_stack.inference.server.pool
 

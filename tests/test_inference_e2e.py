@@ -13,7 +13,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.register_assert_rewrite("inference_fixtures")
-from inference_fixtures import (ALICE, CALL_TIMEOUT, MODEL, assert_matches_plaintext, start_stack)
+from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, assert_matches_plaintext, start_stack
+
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.he.batch import BatchModel
 from encinfer.he.params import CkksParams

@@ -18,7 +18,7 @@ from encinfer.he.batch import BatchModel
 from encinfer.he.coeff import CoeffModel, common_a
 from encinfer.he.latency import LatencyModel
 from encinfer.he.params import CkksParams
-from encinfer.inference.model import ModelArtifact, load_model
+from encinfer.inference.artifact import ModelArtifact, load_model
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from encinfer.common.errors import Unavailable
-from encinfer.inference.worker import (WORKER_CODE, KeyMissing, describe, init_worker, predict_coeff,
-                                       predict_latency)
+from encinfer.inference.worker import WORKER_CODE, KeyMissing, describe, init_worker, predict_coeff, predict_latency
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from encinfer.common.auth import current_principal
 from encinfer.common.errors import EncinferError, InvalidArgument
 from encinfer.common.preflight import StartupError, check_client_tls, check_port_free, check_server_tls, split_address
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
+from encinfer.inference.artifact import load_model
 from encinfer.inference.config import InferenceConfig
 from encinfer.inference.core import Answer, InferenceCore, StreamBatchPart, StreamHeader, StreamItem, StreamMessage
 from encinfer.inference.keys import KeySource
-from encinfer.inference.model import load_model
 from encinfer.inference.pool import WorkerPool, kill_workers
 from encinfer.v1 import inference_pb2 as pb
 from encinfer.v1 import inference_pb2_grpc
