@@ -9,7 +9,7 @@ import pytest
 pytest.register_assert_rewrite("inference_fixtures")
 from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, assert_matches_plaintext, assert_status, rpc_error
 
-from encinfer.client.classifier import layout_from_pb
+from encinfer.modelinfo import ModelDescription
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.he.coeff import CoeffLayout, decrypt_coeff, encrypt_coeff
 from encinfer.he.latency import encrypt_latency
@@ -43,7 +43,7 @@ def test_model_info_states_the_coefficient_layout(fs_stack):
     assert (p.poly_modulus_degree, list(p.coeff_modulus_bits)) == (4096, [60])
     assert p.needs_public_key and not p.galois_steps and not p.needs_conjugation_key and not p.needs_relin_keys
     assert (lay.rows_per_product, lay.answer_bits) == (5, 40)
-    assert isinstance(layout_from_pb(info_of(fs_stack), lay), CoeffLayout)
+    assert isinstance(ModelDescription.from_pb(info_of(fs_stack)).layouts["coeff"], CoeffLayout)
 
 
 def test_client_picks_the_coefficient_layout_from_getmodelinfo(clf):

@@ -130,9 +130,7 @@ def test_a_key_the_worker_lacks_goes_with_the_first_call_and_not_again(mnist_mod
         pool = WorkerPool([str(stem)], 1, 1 << 26)
         await pool.start()
         try:
-            from encinfer.he.latency import LatencyLayout
-            described = next(m for m in pool.models if m["name"] == model.name)["layouts"]["latency"]
-            lay = LatencyLayout.from_dict({k: v for k, v in described.items() if k != "manifest_sha256"})
+            lay = next(m for m in pool.models if m.name == model.name).layouts["latency"]
             secret = SecretKeys.generate(lay.params)
             bundle = secret.public_bundle()
             ct = encrypt_latency(secret, model_images(1)[0], lay)

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from encinfer.common.auth import Principal
 from encinfer.common.errors import EncinferError, InvalidArgument, NotFound, ResourceExhausted
@@ -21,6 +21,7 @@ from encinfer.he.params import CkksParams
 from encinfer.inference import worker
 from encinfer.inference.keys import KeySource, check_key_fits, record_owner
 from encinfer.inference.pool import WorkerPool
+from encinfer.modelinfo import ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +50,21 @@ class InferenceCore:
         self.auth_enabled = auth_enabled
         self.max_inflight = max_inflight_per_stream
         self.max_open_batches = max_open_batches
-        # Parsed once: every request checks its key against these.
-        self._params = {(m["name"], layout): CkksParams.from_json(lay["params"])
-                        for m in pool.models for layout, lay in m["layouts"].items()}
+        # Every request checks its key against these.
+        self._params = {(m.name, name): lay.params for m in pool.models for name, lay in m.layouts.items()}
 
     # ------------------------------------------------------------ models
-    def models(self) -> list[dict[str, Any]]:
+    def models(self) -> list[ModelDescription]:
         return self.pool.models
 
-    def model_info(self, name: str) -> dict[str, Any]:
+    def model_info(self, name: str) -> ModelDescription:
         if not name:
             raise InvalidArgument("model name is empty; ListModels shows the served models")
         for m in self.pool.models:
-            if m["name"] == name:
+            if m.name == name:
                 return m
         raise NotFound(f"model {name!r} is not served here; served: "
-                       f"{', '.join(m['name'] for m in self.pool.models) or 'none'}")
+                       f"{', '.join(m.name for m in self.pool.models) or 'none'}")
 
     def params(self, model: str, layout: str) -> CkksParams:
         params = self._params.get((model, layout))
@@ -234,7 +234,7 @@ class StreamSession:
             if self.layout != "batch":
                 raise InvalidArgument("batch parts need a stream header with layout LAYOUT_BATCH first")
             if batch is None:
-                total = len(self.core.model_info(self.model)["layouts"]["batch"]["feature_indices"])
+                total = len(self.core.model_info(self.model).layouts["batch"].feature_indices)
                 check_position(position, 0, total)
                 check_batch_count(len(self._batches), self.core.max_open_batches)
                 if n_samples <= 0:

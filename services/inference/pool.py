@@ -21,6 +21,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from encinfer.common.errors import Unavailable
+from encinfer.modelinfo import ModelDescription
 from encinfer.inference.worker import WORKER_CODE, KeyMissing, describe, init_worker, predict_coeff, predict_latency
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class WorkerPool:
         self._replacing: dict[int, asyncio.Task] = {}
         self._closing = False
         self.load: list[int] = []
-        self.models: list[dict] = []
+        self.models: list[ModelDescription] = []
         self.replacements = 0
         self._inline_holds = KeysHeld()
         self._spawned: set[subprocess.Popen] = set()  # every process this pool started
