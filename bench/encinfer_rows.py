@@ -114,7 +114,7 @@ def bench_latency(stem: str, X: np.ndarray, y: np.ndarray, workers: int = 2, wir
     warm_server = server[1:] or server
     warm_rtt = rtt[1:] or rtt
     return {
-        "system": "encinfer", "layout": "latency", "wire_layout": wire,
+        "system": "encinfer", "layout": wire, "wire_layout": wire,
         "client_encrypt_ms_per_image": encrypt_ms,
         "server_ms_per_image": statistics.median(warm_server),
         "client_decrypt_ms_per_image": decrypt_ms,
