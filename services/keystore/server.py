@@ -78,6 +78,16 @@ class KeyStoreServicer(pb_grpc.KeyStoreServicer):
         header, chunks = await split_put_stream(request_iterator)
         return record_to_pb(await self.store.put(principal, header, chunks))
 
+    async def PutKeysUnary(self, request, context):
+        """PutKeys for clients that cannot stream (browsers): the same store, checks and limits."""
+        principal = self.tokens.authenticate(context.invocation_metadata())
+        h = request.header
+        header = PutHeader(labels=dict(h.labels), expected_size=h.expected_size, ttl_seconds=h.ttl_seconds)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield request.bundle
+        return record_to_pb(await self.store.put(principal, header, chunks()))
+
     async def GetKeys(self, request, context):
         principal = self.tokens.authenticate(context.invocation_metadata())
         async with await self.store.fetch(principal, request.key_id) as key:
