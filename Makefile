@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml setup.py requirements/dev.txt
 # (build/__editable__.*/encinfer) that IDEs and type checkers follow, where the default
 # mode's import hook is opaque to them. The tree is made again when a module is added or
 # removed (the stamp names a hash of the file list); edits to existing files need nothing.
-SOURCE_LIST := $(shell find services client protos \( -name '*.py' -o -name '*.proto' -o -name py.typed \) \
+SOURCE_LIST := $(shell find services client protos web/static \( -name '*.py' -o -name '*.proto' -o -name py.typed -o -name '*.html' -o -name '*.js' -o -name '*.css' \) -not -path '*/vendor/*' \
                  -not -name '*_pb2*' 2>/dev/null | sort | md5sum | cut -c1-12)
 LINKED := $(VENV)/.linked-$(SOURCE_LIST)
 $(LINKED): $(VENV)/.installed

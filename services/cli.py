@@ -6,7 +6,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from encinfer import deploy_init, stack
+    from encinfer import deploy_init, stack, web
     from encinfer.client import cli as client_cli
     from encinfer.client import demo, predict
     from encinfer.client import ghzdata
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     s3init.register(sub)
     stack.register(sub)
     deploy_init.register(sub)
+    web.register(sub)
     return parser
 
 

@@ -77,6 +77,8 @@ export class HeSession {
       relin.delete();
     }
     const galois = (this.params.galoisSteps || []).map((s) => [rotationElement(s, this.params.polyModulusDegree), s]);
+    // SEAL's step 0 is complex conjugation (Galois element 2N - 1).
+    if (this.params.needsConjugationKey) galois.push([2 * this.params.polyModulusDegree - 1, 0]);
     galois.sort((a, b) => a[0] - b[0]);
     for (const [element, step] of galois) {
       const keys = keygen.createGaloisKeysSerializableWithSteps(Int32Array.of(step));

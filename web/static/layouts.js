@@ -1,0 +1,88 @@
+// Which of a model's layouts the page can produce, and how inputs and answers are laid out in
+// them. The one place that knows the layouts: the worker only encrypts coefficient vectors and
+// decrypts coefficient vectors (web/static/hekeys.js).
+//
+// node-seal has no complex CKKS encoder, but the page has an exact coefficient codec
+// (sealcoeff.js), so it can put any polynomial in a plaintext:
+//  - the coefficient layout (x(X) = sum_i x_i X^i, scores read at output coefficients) directly;
+//  - the rotation-based latency layout (encinfer/he/latency.py) through slots.js, which turns
+//    its (complex-packed) slot vector into coefficients in SEAL's slot order.
+// A layout is taken as the coefficient layout when GetModelInfo names it so, or states a latency
+// layout that needs no Galois, conjugation or relinearization key (no rotations at all).
+
+import { coefficientsToSlots, slotsToCoefficients } from "./slots.js";
+
+const nextPow2 = (n) => { let p = 1; while (p < n) p <<= 1; return p; };
+
+export function isCoefficient(l) {
+  if (l.layout === "coefficient") return true;
+  const p = l.parameters;
+  return l.layout === "latency" && !p.complexPacking && !p.needsConjugationKey && !p.needsRelinKeys &&
+    p.galoisSteps.length === 0;
+}
+
+function features(layout, pixels) {
+  const lo = layout.inputMin, hi = layout.inputMax;
+  const x = layout.featureIndices.length ? layout.featureIndices.map((i) => pixels[i]) : Array.from(pixels);
+  if (hi > lo) for (const v of x) if (v < lo || v > hi) throw new Error(`an input value ${v} is outside [${lo}, ${hi}]`);
+  return x;
+}
+
+function heParams(layout) {
+  const p = layout.parameters;
+  return { polyModulusDegree: p.polyModulusDegree, coeffModulusBits: p.coeffModulusBits,
+    inputScaleBits: p.inputScaleBits, galoisSteps: p.galoisSteps, needsRelinKeys: p.needsRelinKeys,
+    needsConjugationKey: p.needsConjugationKey };
+}
+
+/** The coefficient layout: the features are the coefficients; output p is coefficient p mod N of
+ * answer floor(p / N) (answers concatenated). */
+function coefficientAdapter(layout) {
+  const n = layout.parameters.polyModulusDegree;
+  return {
+    kind: "coefficient", layout, params: heParams(layout),
+    input: (pixels) => features(layout, pixels),
+    scores: (vectors) => layout.outputSlots.map((p) => {
+      const v = vectors[Math.floor(p / n)];
+      if (!v) throw new Error(`the answer has ${vectors.length} ciphertexts; output position ${p} needs more`);
+      return v[p % n];
+    }),
+  };
+}
+
+/** The rotation latency layout (latency.py): packed column ((s mod M) mod k) + k (s div M) in slot
+ * s, M the outputs rounded up to a power of two, k = block_size M / S; score j in slot j. */
+function rotationAdapter(layout, info) {
+  const p = layout.parameters, n = p.polyModulusDegree, slots = n / 2;
+  const m = nextPow2(info.nOutputs), k = layout.blockSize * m / slots;
+  if (!Number.isInteger(k) || k < 1) throw new Error(`block_size ${layout.blockSize} does not fit the latency layout`);
+  return {
+    kind: p.complexPacking ? "rotation (complex packing)" : "rotation", layout, params: heParams(layout),
+    input(pixels) {
+      const x = features(layout, pixels);
+      const packed = p.complexPacking ? Math.ceil(x.length / 2) : x.length;
+      const re = new Float64Array(slots), im = new Float64Array(slots);
+      for (let s = 0; s < slots; s++) {
+        const c = ((s % m) % k) + k * Math.floor(s / m);
+        if (c >= packed) continue;
+        if (p.complexPacking) { re[s] = x[2 * c]; im[s] = 2 * c + 1 < x.length ? x[2 * c + 1] : 0; } else re[s] = x[c];
+      }
+      return slotsToCoefficients(re, im, n);
+    },
+    scores: (vectors) => {
+      const { re } = coefficientsToSlots(Float64Array.from(vectors[0]), n);
+      return layout.outputSlots.map((s) => re[s]);
+    },
+  };
+}
+
+/** The fastest layout of `info` this page can encrypt for, as an adapter. */
+export function pickLayout(info) {
+  const latency = info.layouts.filter((l) => l.parameters && l.layout !== "batch");
+  const coefficient = latency.find(isCoefficient);
+  if (coefficient) return coefficientAdapter(coefficient);
+  const rotation = latency.find((l) => l.layout === "latency");
+  if (rotation) return rotationAdapter(rotation, info);
+  throw new Error(`model ${info.name} offers no layout this page can encrypt for (it offers: ` +
+    `${info.layouts.map((l) => l.layout).join(", ") || "none"}); the page needs a latency or coefficient layout.`);
+}
