@@ -21,6 +21,7 @@ import ssl
 import struct
 import sys
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -168,7 +169,7 @@ def parse_timeout(value: str | None) -> float:
 def _upstream_message(e: grpc.RpcError, service: str, target: str) -> str:
     code, details = e.code(), e.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or "unavailable" in details.lower()):
-        return f"the {SERVICE_NAMES[service]} ({target}) is not answering; try again when it is back ({details})"
+        return f"the {SERVICE_NAMES[service]} ({target}) is not answering: {details}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"the {SERVICE_NAMES[service]} did not answer in time ({details})"
     return details
@@ -177,6 +178,9 @@ def _upstream_message(e: grpc.RpcError, service: str, target: str) -> str:
 class Handler(BaseHTTPRequestHandler):
     server_version = "encinfer-web"
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: with Nagle's algorithm the second waits for the
+    # browser's delayed ACK (40 ms on Linux) on every answer.
+    disable_nagle_algorithm = True
     upstreams: Upstreams
     static: Path
     on_request: Callable[[str, bytes], None] | None = None
@@ -194,7 +198,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the browser went away (a reload)
+                self.close_connection = True
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path = urllib.parse.urlsplit(self.path).path
@@ -232,9 +239,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         service = METHODS[path]
         metadata = tuple((k, v) for k, v in (("authorization", self.headers.get("authorization")),) if v)
+        t0 = time.perf_counter()
+        t1 = t2 = t0
         try:
             request, version = _bridge_request(path, unframe(body))
+            t1 = time.perf_counter()
             answer = self.upstreams.call(path, request, metadata, parse_timeout(self.headers.get("grpc-timeout")))
+            t2 = time.perf_counter()
             if version is not None:
                 answer = _bridge_answer(answer, version)
             out = frames(answer, 0, "")
@@ -244,7 +255,11 @@ class Handler(BaseHTTPRequestHandler):
             out = frames(None, _code(e), str(e))
         except grpc.RpcError as e:
             out = frames(None, e.code().value[0], _upstream_message(e, service, self.upstreams.targets[service]))
-        self._send(200, out, grpc_web)
+        t3 = time.perf_counter()
+        # Where the page's round trip goes (the page shows it; DevTools too).
+        timing = (f"upstream;dur={(t2 - t1) * 1e3:.2f}, bridge;dur={(t1 - t0 + t3 - t2) * 1e3:.2f}, "
+                  f"gateway;dur={(t3 - t0) * 1e3:.2f}")
+        self._send(200, out, grpc_web, {"Server-Timing": timing})
 
 
 def _code(e: EncinferError) -> int:

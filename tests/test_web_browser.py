@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,58 @@ def test_a_drawn_digit_gets_a_prediction_and_the_page_is_saved_as_a_screenshot(p
     out.mkdir(exist_ok=True)
     browser("screenshot", path=str(out / "web.png"))
     assert (out / "web.png").stat().st_size > 10_000
+
+
+def test_without_webassembly_the_page_says_what_it_needs(browser, web):
+    result = browser("noWasm", url=f"{web.url}#token={ALICE}")
+    assert "no WebAssembly" in result["message"] and result["kind"].endswith("error")
+
+
+def test_a_stopped_key_store_gives_the_pages_message(predictions, browser, digits, stack):
+    stack.stop_keystore()
+    try:
+        browser("reload")  # a new page load asks the key store whether it still has the keys
+        result = browser("predict", pixels=[float(v) for v in digits[0][1]])
+    finally:
+        stack.start_keystore()
+    assert result["values"] is None
+    assert "key store is not answering" in result["message"], result["message"]
+
+
+def test_the_page_recovers_when_the_key_store_is_back(predictions, browser, digits):
+    """As a person would: try again (within 20 s; gRPC's reconnect backoff is a few seconds)."""
+    deadline = time.monotonic() + 20
+    while True:
+        browser("reload")
+        result = browser("predict", pixels=[float(v) for v in digits[0][1]], timeout=60)
+        if result["values"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert result["values"] is not None, result["message"]
+
+
+def test_measurements_in_the_browser_are_recorded(predictions, browser, web):
+    """Not a speed check: writes out/web-measure.json (BENCHMARKS.md's browser row) from the page's
+    own numbers, and checks each was measured."""
+    first, rest = predictions[0]["stats"], [p["stats"] for p in predictions[1:]]
+    assert first["fresh"] and first["keygenMs"] > 0 and first["initMs"] > 0
+    summary = {
+        "init_ms": first["initMs"], "keygen_ms": first["keygenMs"], "bundle_bytes": first["bundleBytes"],
+        "encrypt_ms": float(np.median([s["encryptMs"] for s in rest])),
+        "round_trip_ms": float(np.median([s["roundTripMs"] for s in rest])),
+        "server_ms": float(np.median([s["serverMs"] for s in rest])),
+        "gateway_ms": float(np.median([s["gatewayMs"] for s in rest])),
+        "gateway_upstream_ms": float(np.median([s["upstreamMs"] for s in rest])),
+        "gateway_bridge_ms": float(np.median([s["bridgeMs"] for s in rest])),
+        "decrypt_ms": float(np.median([s["decryptMs"] for s in rest])),
+        "ciphertext_bytes": rest[0]["ciphertextBytes"], "answer_bytes": rest[0]["answerBytes"],
+        "request_bytes": rest[0]["up"], "response_bytes": rest[0]["down"], "images": len(rest),
+    }
+    out = ROOT / "out"
+    out.mkdir(exist_ok=True)
+    (out / "web-measure.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    assert all(v > 0 for v in summary.values())
 
 
 def test_a_stopped_inference_service_gives_the_pages_message(predictions, browser, web, digits, stack):

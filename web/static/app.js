@@ -3,6 +3,7 @@ import { Code, RpcError, keyRecord, modelInfo, parse, predictResponse, requests,
 import { pickLayout } from "./layouts.js";
 
 const EXPIRY_MARGIN_SECONDS = 3600; // as the Python client: re-upload keys that expire within the hour
+const NO_WASM = "This browser has no WebAssembly, which the page needs to encrypt in the page. Use a current Chrome, Edge, Firefox or Safari (with WebAssembly enabled).";
 const $ = (id) => document.getElementById(id);
 const canvas = $("pad"), pad = canvas.getContext("2d", { willReadFrequently: true });
 const state = { info: null, layout: null, ready: null, keyId: "", stats: {}, pixels: null, uploads: 0 };
@@ -20,7 +21,7 @@ function explain(e) {
   if (!(e instanceof RpcError)) return e.message || String(e);
   const where = e.method.includes("KeyStore") ? "key store" : "inference service";
   switch (e.code) {
-    case Code.UNAVAILABLE: return `The ${where} is not answering right now: ${e.message}. Try again in a moment.`;
+    case Code.UNAVAILABLE: return `The ${where} is not answering right now; try again in a moment. (${e.message})`;
     case Code.DEADLINE_EXCEEDED: return `The ${where} took too long to answer: ${e.message}. Try again.`;
     case Code.UNAUTHENTICATED: return `The ${where} needs a valid token (${e.message}): paste the token you were given above.`;
     case Code.PERMISSION_DENIED: return `Your token may not do this (${e.message}).`;
@@ -59,7 +60,11 @@ const token = () => $("token").value.trim();
 async function rpc(method, request, parseAnswer) {
   const bytes = await unary(method, request, {
     token: token(),
-    onBytes: (up, down) => { state.stats.up = (state.stats.up || 0) + up; state.stats.down = (state.stats.down || 0) + down; },
+    onBytes: (up, down, timing) => {
+      state.stats.up = (state.stats.up || 0) + up;
+      state.stats.down = (state.stats.down || 0) + down;
+      state.lastTiming = timing;
+    },
   });
   return parseAnswer(bytes);
 }
@@ -74,9 +79,7 @@ async function listModel() {
 
 /** Model, layout, keys (made or loaded in the worker), uploaded if the key store lacks them. */
 async function prepare() {
-  if (typeof WebAssembly !== "object" || typeof WebAssembly.instantiate !== "function") {
-    throw new Error("This browser has no WebAssembly, which the page needs to encrypt. Use a current Chrome, Edge, Firefox or Safari.");
-  }
+  if (typeof WebAssembly !== "object" || typeof WebAssembly.instantiate !== "function") throw new Error(NO_WASM);
   show("Asking the inference service about its model…");
   const name = await listModel();
   state.info = await rpc("/encinfer.v1.Inference/GetModelInfo", requests.getModelInfo(name), modelInfo);
@@ -139,6 +142,7 @@ async function predict(pixels, retried = false) {
   const values = state.layout.scores(coefficients);
   Object.assign(state.stats, {
     encryptMs, roundTripMs, decryptMs, serverMs: answer.serverMs, totalMs: performance.now() - t0,
+    gatewayMs: state.lastTiming.gateway, upstreamMs: state.lastTiming.upstream, bridgeMs: state.lastTiming.bridge,
     ciphertextBytes: ciphertext.length, answerBytes: answer.ciphertexts.reduce((n, c) => n + c.length, 0),
   });
   return values;
@@ -232,7 +236,8 @@ function render(values) {
   const s = state.stats, ms = (v) => (v === undefined ? "–" : `${v.toFixed(1)} ms`), kb = (v) => (v === undefined ? "–" : `${(v / 1024).toFixed(1)} KB`);
   const rows = [
     ["SEAL start-up (WebAssembly)", ms(s.initMs)], [s.fresh ? "key generation" : "keys (loaded from this browser)", s.fresh ? ms(s.keygenMs) : "stored"],
-    ["encrypt", ms(s.encryptMs)], ["round trip (as this page sees it)", ms(s.roundTripMs)], ["  of which server compute", ms(s.serverMs)],
+    ["encrypt", ms(s.encryptMs)], ["round trip (as this page sees it)", ms(s.roundTripMs)], ["  at the gateway (of it: the services)", `${ms(s.gatewayMs)} (${ms(s.upstreamMs)})`],
+    ["  server compute", ms(s.serverMs)],
     ["decrypt", ms(s.decryptMs)], ["public keys uploaded", s.uploadedBytes ? kb(s.uploadedBytes) : "none this time"],
     ["ciphertext up / answer down", `${kb(s.ciphertextBytes)} / ${kb(s.answerBytes)}`], ["all bytes up / down", `${kb(s.up)} / ${kb(s.down)}`],
   ];
@@ -244,6 +249,7 @@ async function run(pixels) {
   $("go").disabled = true;
   state.busy = true;
   try {
+    if (typeof WebAssembly !== "object") throw new Error(NO_WASM);
     if (!pixels) { show("Draw a digit first.", "warn"); return null; }
     state.pixels = pixels;
     showPixels(pixels);
@@ -268,7 +274,7 @@ $("go").addEventListener("click", () => run(preprocess(canvas)));
 $("clear").addEventListener("click", () => { clearPad(); $("result").hidden = true; show("Draw a digit (0–9) in the black square."); });
 $("token").value = localStorage.getItem("encinfer-token") || new URLSearchParams(location.hash.slice(1)).get("token") || "";
 $("token").addEventListener("change", () => localStorage.setItem("encinfer-token", token()));
-if (typeof WebAssembly !== "object") show("This browser has no WebAssembly, which the page needs to encrypt. Use a current Chrome, Edge, Firefox or Safari.", "error");
+if (typeof WebAssembly !== "object") show(NO_WASM, "error");
 clearPad();
 
 // For the browser tests (and the curious): draw a 28x28 image onto the pad, run, read the state.

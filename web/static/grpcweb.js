@@ -175,6 +175,16 @@ export class RpcError extends Error {
   }
 }
 
+/** {name: ms} from a Server-Timing header. */
+function serverTiming(header) {
+  const out = {};
+  for (const part of (header || "").split(",")) {
+    const m = /^\s*([\w-]+)\s*;\s*dur=([\d.]+)/.exec(part);
+    if (m) out[m[1]] = Number(m[2]);
+  }
+  return out;
+}
+
 /** One unary call through the gateway (same origin). Returns the response message's bytes. */
 export async function unary(method, request, { token = "", timeoutSeconds = 30, onBytes } = {}) {
   const body = new Uint8Array(5 + request.length);
@@ -191,7 +201,7 @@ export async function unary(method, request, { token = "", timeoutSeconds = 30, 
   }
   if (!response.ok) throw new RpcError(Code.UNAVAILABLE, `the page's server answered HTTP ${response.status}`, method);
   const bytes = new Uint8Array(await response.arrayBuffer());
-  if (onBytes) onBytes(body.length, bytes.length);
+  if (onBytes) onBytes(body.length, bytes.length, serverTiming(response.headers.get("server-timing")));
   let message = null, code = Number(response.headers.get("grpc-status") ?? Code.UNKNOWN);
   let details = decodeURIComponent(response.headers.get("grpc-message") || "");
   const view = new DataView(bytes.buffer);

@@ -56,6 +56,17 @@ const ops = {
       };
     })) };
   },
+  async noWasm({ url }) {
+    const other = await browser.newContext();
+    await other.addInitScript(() => { delete globalThis.WebAssembly; });
+    const p = await other.newPage();
+    await p.goto(url);
+    await p.waitForFunction(() => window.encinfer);
+    const message = await p.evaluate(async () => { await window.encinfer.run(); return document.getElementById("message").textContent; });
+    const initial = await p.evaluate(() => document.getElementById("message").className);
+    await other.close();
+    return { message, kind: initial };
+  },
   async screenshot({ path }) { await page.screenshot({ path, fullPage: true }); return {}; },
   async requests() { return { requests }; },
   async console() { return { lines: consoleLines }; },
