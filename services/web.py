@@ -23,11 +23,11 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -185,7 +185,7 @@ class Handler(BaseHTTPRequestHandler):
     static: Path
     on_request: Callable[[str, bytes], None] | None = None
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
     def _send(self, status: int, body: bytes, content_type: str, extra: dict | None = None) -> None:
@@ -203,7 +203,7 @@ class Handler(BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):  # the browser went away (a reload)
                 self.close_connection = True
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
         name = "index.html" if path in ("/", "") else path.lstrip("/")
         target = (self.static / name).resolve()
@@ -219,7 +219,7 @@ class Handler(BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
         length = int(self.headers.get("Content-Length") or -1)
         if length < 0 or length > MAX_BODY:
@@ -234,7 +234,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, frames(None, grpc.StatusCode.UNIMPLEMENTED.value[0], f"{path} is not served here"),
                        grpc_web)
             return
-        if not (self.headers.get("Content-Type") or "").startswith(("application/grpc-web", "application/grpc-web+proto")):
+        if not (self.headers.get("Content-Type") or "").startswith("application/grpc-web"):
             self._send(415, b"gRPC-Web requests only\n", "text/plain")
             return
         service = METHODS[path]
@@ -293,10 +293,10 @@ class WebServer:
 
     @property
     def url(self) -> str:
-        host = self.httpd.server_address[0]
+        host = str(self.httpd.server_address[0])
         return f"{'https' if self.cert else 'http'}://{host}:{self.port}/"
 
-    def start(self) -> "WebServer":
+    def start(self) -> WebServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="encinfer-web", daemon=True)
         self._thread.start()
         return self

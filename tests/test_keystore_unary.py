@@ -5,8 +5,8 @@ import hashlib
 
 import grpc
 import pytest
-
 from conftest import fake_inspect, fake_key
+
 from encinfer.common.auth import auth_metadata
 from encinfer.v1 import keystore_pb2 as pb
 from encinfer.v1 import keystore_pb2_grpc as pb_grpc

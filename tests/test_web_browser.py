@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
-from inference_fixtures import ALICE, MODEL, start_stack  # noqa: E402
+from inference_fixtures import ALICE, start_stack  # noqa: E402
 
 from encinfer.web import Upstreams, WebServer  # noqa: E402
 
@@ -147,7 +147,7 @@ def test_the_preprocessed_digits_are_still_the_t10k_digits(predictions, digits):
     pixels = np.array([p["pixels"] for p in predictions])
     assert pixels.shape == (N_DIGITS, 784) and np.all((0 <= pixels) & (pixels <= 1))
     # MNIST digits are already in a centred 20x20 box: re-centring moves them by a pixel at most.
-    assert np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(pixels, X)]) > 0.8
+    assert np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(pixels, X, strict=True)]) > 0.8
 
 
 def test_keys_are_uploaded_once_for_all_predictions(predictions):

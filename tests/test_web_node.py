@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tenseal.sealapi as seal
 
+from encinfer.common.errors import InvalidArgument
 from encinfer.he import serial
 from encinfer.he.keys import inspect_key_bundle
 from encinfer.he.params import CkksParams
@@ -91,7 +92,7 @@ def test_node_objects_carry_the_pages_seal_version(node_encrypted):
 
 def test_the_pages_bundle_is_refused_as_it_is_and_accepted_bridged(node_encrypted, tmp_path):
     work, _ = node_encrypted
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidArgument, match="incompatible version|not a valid SEAL object"):
         inspect_key_bundle(work / "bundle.keys")
     bridged = tmp_path / "bridged.keys"
     bridged.write_bytes(serial.bridge_key_bundle((work / "bundle.keys").read_bytes()))

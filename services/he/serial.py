@@ -10,8 +10,9 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import tenseal.sealapi as seal
 
@@ -111,8 +112,8 @@ def load_ciphertext(data: bytes, context: seal.SEALContext, what: str = "ciphert
 # random polynomial data. Compressed objects are refused on the way in; on the way out they are
 # decompressed within a bound (TenSEAL always saves with zstd) and passed on uncompressed.
 
-import struct as _struct
-from dataclasses import dataclass as _dataclass
+import struct as _struct  # noqa: E402 -- appended section (the top of the file is edited elsewhere)
+from dataclasses import dataclass as _dataclass  # noqa: E402
 
 SEAL_HEADER = _struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr_mode, reserved, size
 _SEAL_MAGIC_U16, _SEAL_HEADER_SIZE = 0xA15E, 0x10
@@ -322,6 +323,7 @@ def decompress_seal(data: bytes, max_bytes: int, what: str = "SEAL object") -> b
             raise InvalidArgument(f"{what} decompresses to more than {max_bytes} bytes")
     else:
         import io
+
         import zstandard
         try:
             with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)) as reader:
