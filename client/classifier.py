@@ -2,8 +2,16 @@
 encrypted inputs by a remote encinfer service.
 
 The secret key never leaves this process (it is saved with mode 0600 so later runs
-reuse it); only public keys are uploaded, and only when the key store says they
-are missing or about to expire.
+reuse it); only public keys are uploaded. A client that remembers its key id (the
+.json next to the secret) predicts at once, without asking the key store first, so
+it keeps working while the key store is down and inference has the key cached; when
+the service says the key is gone (NOT_FOUND: expired, deleted) or corrupted
+(DATA_LOSS), the public keys are uploaded again once and the call is retried once.
+
+Inputs are checked before anything is sent (`ValueError` naming the sample, the
+value and the model's input range); every failure from a service is an
+`encinfer.common.errors.EncinferError` (its `code` is the gRPC status code's name,
+its `message` the server's words), never a grpc type.
 
 Example::
 
@@ -15,6 +23,9 @@ Example::
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
 import json
 import logging
 import os
@@ -28,7 +39,8 @@ from typing import Any, Callable, Iterable, Iterator
 import grpc
 import numpy as np
 
-from encinfer.client.keystore import KeyStoreClient
+from encinfer.client.keystore import KeyStoreClient, error_from_rpc
+from encinfer.common import errors
 from encinfer.common.auth import auth_metadata
 from encinfer.common.rpc import TlsFiles, channel
 from encinfer.he.batch import BatchLayout, decrypt_batch, encrypt_batch
@@ -47,16 +59,49 @@ EXPIRY_MARGIN_SECONDS = 3600
 # it holds, against 2.6 ms and 96 KB per image in the latency layout; time breaks
 # even near 40 images, bytes near 220.
 AUTO_BATCH_FROM = 200
+# Deadlines when the caller gives none: predictions (a stream of many images), and
+# everything small (GetModelInfo, StatKeys).
+PREDICT_TIMEOUT = 600.0
+SMALL_TIMEOUT = 30.0
 
 LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch"}
 
 
-class PredictionError(RuntimeError):
-    """The service refused one input (its status code and message are kept)."""
+class PredictionError(errors.EncinferError):
+    """The service refused one input: its status code's name, the server's message and the request id.
 
-    def __init__(self, request_id: str, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"request {request_id}: {code.name}: {message}")
-        self.request_id, self.code, self.message = request_id, code, message
+    Each is also an instance of the error class of its code, so `except errors.NotFound`
+    catches a refused item whose key is gone as well as a refused call."""
+
+    def __init__(self, request_id: str, code: str, message: str) -> None:
+        super().__init__(f"request {request_id}: {message}", code=code)
+        self.request_id, self.message = request_id, message
+
+
+@functools.lru_cache(maxsize=None)
+def _prediction_error_class(code: str) -> type[PredictionError]:
+    base = type(errors.from_status(code))
+    if base is errors.EncinferError:
+        return PredictionError
+    return type("PredictionError", (PredictionError, base), {"__module__": __name__})
+
+
+def prediction_error(answer: pb.PredictResponse) -> PredictionError:
+    """The error for an answer whose item status is not OK."""
+    code = next((c.name for c in grpc.StatusCode if c.value[0] == answer.status.code), "UNKNOWN")
+    return _prediction_error_class(code)(answer.request_id, code, answer.status.message)
+
+
+def from_service(e: errors.EncinferError) -> errors.EncinferError:
+    """Marks an error as the service's answer (not this process's own, e.g. a failed decryption)."""
+    e.from_service = True
+    return e
+
+
+def key_lost(e: errors.EncinferError) -> bool:
+    """The service says the key itself is gone (expired, deleted) or corrupted: upload it again."""
+    return (getattr(e, "from_service", False) and e.code in ("NOT_FOUND", "DATA_LOSS")
+            and "key" in (e.message or str(e)).lower())
 
 
 @dataclass
@@ -96,26 +141,81 @@ def layout_from_pb(info: pb.ModelInfo, lay: pb.LayoutInfo) -> LatencyLayout | Ba
                        feature_indices=tuple(lay.feature_indices), max_samples=lay.max_samples, **extra)
 
 
+# ---------------------------------------------------------------- input checks
+
+def as_samples(X: Any, n_features: int, first_index: int = 0) -> np.ndarray:
+    """X as a float (n_samples, n_features) array; ValueError saying what is wrong with its shape."""
+    try:
+        arr = np.asarray(X, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"samples must be numbers ({e})") from None
+    if arr.ndim == 1 and arr.shape[0] == n_features:
+        return arr[None, :]
+    if arr.ndim == 2 and arr.shape[1] == n_features:
+        return arr
+    where = f"sample {first_index}: " if first_index else ""
+    message = f"{where}expected {n_features} features per sample; got an array of shape {arr.shape}"
+    if arr.ndim >= 2 and int(np.prod(arr.shape[1:])) == n_features:
+        message += ": flatten images with X.reshape(len(X), -1)"
+    elif arr.ndim >= 2 and int(np.prod(arr.shape)) == n_features:
+        message += ": one image? flatten it with x.reshape(1, -1)"
+    raise ValueError(message)
+
+
+def check_values(X: np.ndarray, input_range: tuple[float, float] | None, layout: str,
+                 first_index: int = 0) -> None:
+    """ValueError naming the first sample and feature that is not finite or outside the model's input range."""
+    lo, hi = input_range if input_range is not None else (-np.inf, np.inf)
+    span = f"[{lo:g}, {hi:g}]" if input_range is not None else "finite"
+    bad = ~np.isfinite(X)
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(f"sample {first_index + i}, feature {j} is {X[i, j]}: inputs must be finite numbers "
+                         f"in {span} ({int(bad.sum())} values are NaN or infinite)")
+    if input_range is None:
+        return
+    outside = (X < lo) | (X > hi)
+    if outside.any():
+        i, j = (int(v) for v in np.argwhere(outside)[0])
+        hint = ""
+        if hi <= 1.0 and 1.0 < X.max() <= 255.0:
+            hint = "; raw 0..255 pixels? divide them by 255"
+        raise ValueError(f"sample {first_index + i}, feature {j} is {X[i, j]:g}, outside {span}, the input range "
+                         f"the model's {layout} layout is sized for ({int(outside.sum())} values outside){hint}")
+
+
 class EncryptedClassifier:
     """A remote linear model that only ever sees ciphertexts.
 
     layout: "auto" (batch from AUTO_BATCH_FROM samples on), "latency" or "batch".
+    timeout: the deadline of every call this client makes, in seconds; None gives
+    predictions PREDICT_TIMEOUT, small calls SMALL_TIMEOUT and key uploads a
+    deadline that grows with the key's size.
     """
 
     def __init__(self, inference: str = "127.0.0.1:50052", keystore: str = "127.0.0.1:50051",
                  model: str = "mnist", token: str | None = None, *, layout: str = "auto",
                  key_dir: str | os.PathLike | None = None, tls: TlsFiles | None = None,
-                 keystore_tls: TlsFiles | None = None, timeout: float = 600.0) -> None:
+                 keystore_tls: TlsFiles | None = None, timeout: float | None = None) -> None:
         if layout not in ("auto", "latency", "batch"):
             raise ValueError("layout must be 'auto', 'latency' or 'batch'")
-        self.model, self.layout, self.timeout = model, layout, timeout
+        self.model, self.layout = model, layout
+        self.timeout = PREDICT_TIMEOUT if timeout is None else timeout
+        self._small_timeout = SMALL_TIMEOUT if timeout is None else min(timeout, SMALL_TIMEOUT)
         self._metadata = auth_metadata(token)
+        # Which tenant a remembered key id was uploaded by (a fingerprint, not the token).
+        self._tenant = hashlib.sha256((token or "").encode()).hexdigest()[:16]
         self._channel = channel(inference, tls)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
-        self._keystore = KeyStoreClient(keystore, token=token, tls=keystore_tls or tls)
+        self._keystore = KeyStoreClient(keystore, token=token, tls=keystore_tls or tls,
+                                        timeout=self._small_timeout, transfer_timeout=timeout)
         self.key_dir = Path(key_dir) if key_dir else default_key_dir()
         self._info: pb.ModelInfo | None = None
+        self._layouts: dict[str, LatencyLayout | BatchLayout] = {}
         self._secrets: dict[str, tuple[SecretKeys, str]] = {}
+        self._generation: dict[str, int] = {}  # uploads per layout: a heal is done once per failure
+        self._refresh: set[str] = set()         # layouts whose key expires soon (or is gone)
+        self._keys_lock = threading.RLock()
         self.stats = CallStats()
 
     # ------------------------------------------------------------ lifecycle
@@ -134,8 +234,11 @@ class EncryptedClassifier:
     def info(self) -> pb.ModelInfo:
         """GetModelInfo, asked once: the parameters every key and input is built from."""
         if self._info is None:
-            self._info = self._stub.GetModelInfo(pb.GetModelInfoRequest(model=self.model),
-                                                 metadata=self._metadata, timeout=30)
+            try:
+                self._info = self._stub.GetModelInfo(pb.GetModelInfoRequest(model=self.model),
+                                                     metadata=self._metadata, timeout=self._small_timeout)
+            except grpc.RpcError as e:
+                raise error_from_rpc(e) from None
         return self._info
 
     @property
@@ -143,38 +246,145 @@ class EncryptedClassifier:
         return np.array(list(self.info.class_labels))
 
     def layout_info(self, layout: str) -> LatencyLayout | BatchLayout:
-        for lay in self.info.layouts:
-            if LAYOUT_NAMES.get(lay.layout) == layout:
-                return layout_from_pb(self.info, lay)
-        raise ValueError(f"model {self.model!r} offers no {layout!r} layout")
+        """The layout as GetModelInfo describes it (built once: every call and check uses it)."""
+        if layout not in self._layouts:
+            lay = next((lay for lay in self.info.layouts if LAYOUT_NAMES.get(lay.layout) == layout), None)
+            if lay is None:
+                raise ValueError(f"model {self.model!r} offers no {layout!r} layout")
+            self._layouts[layout] = layout_from_pb(self.info, lay)
+        return self._layouts[layout]
 
     def _manifest(self, layout: str) -> str:
         return next(l.manifest_sha256 for l in self.info.layouts if LAYOUT_NAMES.get(l.layout) == layout)
 
+    def _paths(self, layout: str) -> tuple[Path, Path]:
+        secret_path = self.key_dir / f"{self.model}-{layout}-{self._manifest(layout)[:16]}.secret"
+        return secret_path, secret_path.with_suffix(".json")
+
     def keys(self, layout: str, progress: Callable[[int], None] | None = None) -> tuple[SecretKeys, str]:
-        """The secret key for this layout (made once, kept on disk) and its uploaded key id."""
-        if layout in self._secrets:
-            return self._secrets[layout]
-        manifest = self._manifest(layout)
-        self.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        secret_path = self.key_dir / f"{self.model}-{layout}-{manifest[:16]}.secret"
-        meta_path = secret_path.with_suffix(".json")
-        if secret_path.exists():
-            secret = SecretKeys.load(secret_path)
-        else:
-            secret = SecretKeys.generate(self.layout_info(layout).params)
-            secret.save(secret_path)
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        key_id = meta.get("key_id", "")
-        record = self._keystore.stat(key_id) if key_id else None
-        if record is None or record.expires_in() < EXPIRY_MARGIN_SECONDS:
-            record = self._keystore.put(secret.public_bundle(), labels={"model": self.model, "layout": layout},
-                                        progress=progress)
-            key_id = record.key_id
-            meta_path.write_text(json.dumps({"key_id": key_id, "model": self.model, "layout": layout}))
-            log.info("public keys uploaded", extra={"fields": {"key_id": key_id, "bytes": record.size_bytes}})
-        self._secrets[layout] = (secret, key_id)
+        """The secret key for this layout (made once, kept on disk) and its uploaded key id.
+
+        A remembered key id is checked with StatKeys (briefly: a key store that cannot be
+        asked leaves it as it is) and the public keys uploaded again when the key is
+        missing or expires soon. Predictions do not wait for that check: they use a
+        remembered key id at once and upload again only when the service says it is lost.
+        """
+        secret, key_id, _ = self._current(layout, progress, verify=True)
         return secret, key_id
+
+    def _current(self, layout: str, progress: Callable[[int], None] | None = None,
+                 verify: bool = False) -> tuple[SecretKeys, str, int]:
+        with self._keys_lock:
+            if layout in self._secrets and layout not in self._refresh:
+                return (*self._secrets[layout], self._generation.get(layout, 0))
+            if layout in self._secrets:  # expires soon: renew, but a key store that is down must not block
+                self._refresh.discard(layout)
+                secret, key_id = self._secrets[layout]
+                try:
+                    self._upload(layout, secret, progress)
+                except (errors.Unavailable, errors.DeadlineExceeded) as e:
+                    log.info("could not renew the public keys; using the remembered key id",
+                             extra={"fields": {"key_id": key_id, "error": f"{e.code}: {e}"}})
+                return (*self._secrets[layout], self._generation.get(layout, 0))
+            self.key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            secret_path, meta_path = self._paths(layout)
+            if secret_path.exists():
+                secret = SecretKeys.load(secret_path)
+            else:
+                secret = SecretKeys.generate(self.layout_info(layout).params)
+                secret.save(secret_path)
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            key_id = meta.get("key_id", "")
+            self._generation[layout] = 0
+            checked = bool(key_id) and (verify or meta.get("tenant") != self._tenant)
+            if checked:  # asked for, or remembered for another tenant (or by an older client)
+                key_id = self._verified(key_id)
+                if key_id and meta.get("tenant") != self._tenant:
+                    self._remember(layout, key_id)
+            if key_id:
+                self._secrets[layout] = (secret, key_id)
+                if not checked:
+                    self._check_expiry_in_background(layout, key_id)
+            else:
+                self._upload(layout, secret, progress)
+            return (*self._secrets[layout], self._generation.get(layout, 0))
+
+    def _verified(self, key_id: str) -> str:
+        """key_id when the key store holds it for this tenant and not about to expire (or
+        cannot be asked within a few seconds), else '' (upload again)."""
+        try:
+            record = self._keystore.stat(key_id, timeout=min(self._small_timeout, 5.0))
+        except (errors.Unavailable, errors.DeadlineExceeded):
+            return key_id
+        except errors.DataLoss:
+            return ""
+        return key_id if record is not None and record.expires_in() >= EXPIRY_MARGIN_SECONDS else ""
+
+    def _upload(self, layout: str, secret: SecretKeys, progress: Callable[[int], None] | None = None) -> str:
+        """Uploads public keys made from the secret (caller holds the keys lock).
+
+        Galois keys are randomized, so each latency upload is new bytes under a new key id
+        (a batch key is the parameters only: the same bytes, stored again); the secret key
+        stays, so nothing the caller holds is invalidated. A store that kept other bytes
+        than were sent (DataLoss) gets one more bundle."""
+        labels = {"model": self.model, "layout": layout}
+        try:
+            record = self._keystore.put(secret.public_bundle(), labels=labels, progress=progress)
+        except errors.DataLoss as e:
+            log.warning("the key store kept other bytes than were sent; uploading fresh public keys",
+                        extra={"fields": {"layout": layout, "error": str(e)}})
+            record = self._keystore.put(secret.public_bundle(), labels=labels, progress=progress)
+        self._remember(layout, record.key_id)
+        self._secrets[layout] = (secret, record.key_id)
+        self._generation[layout] = self._generation.get(layout, 0) + 1
+        log.info("public keys uploaded", extra={"fields": {"key_id": record.key_id, "bytes": record.size_bytes}})
+        return record.key_id
+
+    def _remember(self, layout: str, key_id: str) -> None:
+        """Writes the key id next to the secret (atomically), with the tenant it belongs to."""
+        meta_path = self._paths(layout)[1]
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"key_id": key_id, "model": self.model, "layout": layout, "tenant": self._tenant}))
+        os.replace(tmp, meta_path)
+
+    def _heal(self, layout: str, generation: int, cause: errors.EncinferError) -> None:
+        """The service said the key is lost: upload it again, unless another call already did."""
+        with self._keys_lock:
+            if self._generation.get(layout) != generation:
+                return
+            secret, key_id = self._secrets[layout]
+            log.info("the service lost the key; uploading it again",
+                     extra={"fields": {"key_id": key_id, "error": f"{cause.code}: {cause.message}"}})
+            self._refresh.discard(layout)
+            self._upload(layout, secret)
+
+    def _check_expiry_in_background(self, layout: str, key_id: str) -> None:
+        """Asks the key store whether the remembered key expires soon; the next call renews it if so.
+
+        In the background: an unreachable key store must neither block nor fail a prediction."""
+        generation = self._generation[layout]
+
+        def check() -> None:
+            try:
+                record = self._keystore.stat(key_id)
+            except errors.DataLoss:
+                record = None
+            except Exception as e:  # noqa: BLE001 - a failed check only means no early renewal
+                log.debug("key expiry not checked", extra={"fields": {"key_id": key_id, "error": repr(e)}})
+                return
+            if record is None or record.expires_in() < EXPIRY_MARGIN_SECONDS:
+                with self._keys_lock:
+                    if self._generation.get(layout) == generation:
+                        self._refresh.add(layout)
+
+        threading.Thread(target=check, name="encinfer-key-check", daemon=True).start()
+
+    # ------------------------------------------------------------ input checks
+    def check_samples(self, X: Any, layout: str, first_index: int = 0) -> np.ndarray:
+        """X as (n_samples, n_features) floats, or ValueError naming the sample, the value and the model's range."""
+        arr = as_samples(X, self.info.n_features, first_index)
+        check_values(arr, self.layout_info(layout).input_range, layout, first_index)
+        return arr
 
     # ------------------------------------------------------------ sklearn-style API
     def predict(self, X: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -185,12 +395,11 @@ class EncryptedClassifier:
 
     def decision_function(self, X: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Decrypted scores, one row per sample (n_samples x n_outputs)."""
-        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
-        if X.shape[1] != self.info.n_features:
-            raise ValueError(f"expected {self.info.n_features} features per sample, got {X.shape[1]}")
+        X = as_samples(X, self.info.n_features)
         layout = self.layout
         if layout == "auto":
             layout = "batch" if len(X) >= AUTO_BATCH_FROM else "latency"
+        check_values(X, self.layout_info(layout).input_range, layout)
         self.stats = CallStats(n_samples=len(X))
         start = time.perf_counter()
         out = self._batch(X, progress) if layout == "batch" else self._latency(X, progress)
@@ -204,41 +413,117 @@ class EncryptedClassifier:
         At most `window` samples are in flight: with a window of 2, two worker processes
         stay busy (3.5 ms per image here, against 3.2 ms with 4 in flight) while each
         answer's latency stays compute, not queueing (p50 4.9 ms, against 8 ms).
+        An array or list is checked whole before anything is sent; the samples of any
+        other iterable each before it is sent (a bad one ends the stream with its ValueError).
         """
-        secret, key_id = self.keys("latency")
         layout = self.layout_info("latency")
+        if isinstance(samples, (np.ndarray, list, tuple)):
+            X = self.check_samples(samples, "latency") if len(samples) else np.zeros((0, self.info.n_features))
+            source: Iterator[tuple[int, np.ndarray]] = enumerate(X)
+            check = None
+        else:
+            source = enumerate(samples)
+
+            def check(x: Any, i: int) -> np.ndarray:
+                arr = as_samples(x, self.info.n_features, i)
+                if len(arr) != 1:
+                    raise ValueError(f"sample {i}: expected one sample of {self.info.n_features} features; "
+                                     f"got an array of shape {np.shape(x)}")
+                check_values(arr, layout.input_range, "latency", i)
+                return arr[0]
+        return self._stream(source, check, layout, window)
+
+    def _stream(self, source: Iterator[tuple[int, np.ndarray]], check: Callable | None, layout: LatencyLayout,
+                window: int) -> Iterator[tuple[int, np.ndarray]]:
+        # Samples taken from the source and not yet answered: after the key is uploaded
+        # again they are sent again on a new call (the source cannot be rewound).
+        unanswered: dict[int, np.ndarray] = {}
+        take = threading.Lock()
+        if check is not None:  # the first sample is checked before any call is made
+            first = next(source, None)
+            if first is None:
+                return
+            unanswered[first[0]] = check(first[1], first[0])
+        for attempt in itertools.count():
+            secret, key_id, generation = self._current("latency")
+            with take:
+                resend = sorted(unanswered.items(), key=lambda item: item[0])
+            try:
+                yield from self._stream_call(secret, key_id, source, check, layout, window, unanswered, resend, take)
+                return
+            except errors.EncinferError as e:
+                if attempt or not key_lost(e):
+                    raise
+                self._heal("latency", generation, e)
+
+    def _stream_call(self, secret: SecretKeys, key_id: str, source, check, layout: LatencyLayout, window: int,
+                     unanswered: dict[int, np.ndarray], resend: list[tuple[int, np.ndarray]],
+                     take: threading.Lock) -> Iterator[tuple[int, np.ndarray]]:
         sent: dict[str, float] = {}
         stats = self.stats
         slots = threading.Semaphore(window)
         stopped = threading.Event()
+        failed: list[BaseException] = []  # raised while making requests: re-raised as itself
+        again = iter(resend)
+
+        def next_sample() -> tuple[int, np.ndarray] | None:
+            with take:  # one taker at a time, and nothing taken once this call stopped
+                if stopped.is_set():
+                    return None
+                item = next(again, None)
+                if item is not None:
+                    return item
+                item = next(source, None)
+                if item is None:
+                    return None
+                i, x = item
+                x = check(x, i) if check else x
+                unanswered[i] = x
+                return i, x
 
         def requests() -> Iterator[pb.PredictStreamRequest]:
             yield pb.PredictStreamRequest(header=pb.StreamHeader(model=self.model, key_id=key_id,
                                                                  layout=pb.LAYOUT_LATENCY))
-            for i, x in enumerate(samples):
-                if not slots.acquire(timeout=self.timeout) or stopped.is_set():
-                    return
-                t = time.perf_counter()
-                ct = encrypt_latency(secret, np.asarray(x, dtype=np.float64), layout)
-                stats.encrypt_s += time.perf_counter() - t
-                stats.bytes_up += len(ct)
-                sent[str(i)] = time.perf_counter()
-                yield pb.PredictStreamRequest(item=pb.PredictRequest(request_id=str(i), ciphertext=ct))
+            try:
+                while not stopped.is_set():
+                    if not slots.acquire(timeout=self.timeout):
+                        raise errors.DeadlineExceeded(f"no answer for {window} samples in {self.timeout:g} s")
+                    item = next_sample()
+                    if item is None:
+                        return
+                    i, x = item
+                    t = time.perf_counter()
+                    ct = encrypt_latency(secret, x, layout)
+                    stats.encrypt_s += time.perf_counter() - t
+                    stats.bytes_up += len(ct)
+                    sent[str(i)] = time.perf_counter()
+                    yield pb.PredictStreamRequest(item=pb.PredictRequest(request_id=str(i), ciphertext=ct))
+            except Exception as e:  # noqa: BLE001 - ends the requests; the reader raises it
+                failed.append(e)
 
         call = self._stub.PredictStream(requests(), metadata=self._metadata, timeout=self.timeout)
         try:
-            for answer in call:
-                slots.release()
-                if answer.status.code:
-                    raise PredictionError(answer.request_id, grpc.StatusCode(_code(answer.status.code)),
-                                          answer.status.message)
-                stats.latencies_ms.append((time.perf_counter() - sent[answer.request_id]) * 1000)
-                stats.server_ms.append(answer.server_ms)
-                stats.bytes_down += sum(len(c) for c in answer.ciphertexts)
-                t = time.perf_counter()
-                scores = decrypt_latency(secret, answer.ciphertexts[0], layout)
-                stats.decrypt_s += time.perf_counter() - t
-                yield int(answer.request_id), scores
+            try:
+                for answer in call:
+                    slots.release()
+                    if answer.status.code:
+                        raise from_service(prediction_error(answer))
+                    stats.latencies_ms.append((time.perf_counter() - sent[answer.request_id]) * 1000)
+                    stats.server_ms.append(answer.server_ms)
+                    stats.bytes_down += sum(len(c) for c in answer.ciphertexts)
+                    t = time.perf_counter()
+                    scores = decrypt_latency(secret, answer.ciphertexts[0], layout)
+                    stats.decrypt_s += time.perf_counter() - t
+                    unanswered.pop(int(answer.request_id), None)
+                    yield int(answer.request_id), scores
+                    if failed:
+                        raise failed[0]
+            except grpc.RpcError as e:
+                if failed:
+                    raise failed[0] from None
+                raise from_service(error_from_rpc(e)) from None
+            if failed:
+                raise failed[0]
         finally:
             # On an error, or a caller that stops reading: end the call (the server frees its
             # work) and wake the request thread waiting for a slot, which then returns.
@@ -248,7 +533,7 @@ class EncryptedClassifier:
 
     def _latency(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
         out = np.zeros((len(X), self.info.n_outputs))
-        for i, scores in self.predict_stream(iter(X)):
+        for i, scores in self._stream(enumerate(X), None, self.layout_info("latency"), 2):
             out[i] = scores
             if progress:
                 progress(1)
@@ -256,16 +541,42 @@ class EncryptedClassifier:
 
     def predict_one(self, x: np.ndarray) -> np.ndarray:
         """One sample over the unary Predict call (the simplest path, as ghz uses it)."""
-        secret, key_id = self.keys("latency")
         layout = self.layout_info("latency")
-        ct = encrypt_latency(secret, np.asarray(x, dtype=np.float64), layout)
-        reply = self._stub.Predict(pb.PredictRequest(model=self.model, key_id=key_id, ciphertext=ct),
-                                   metadata=self._metadata, timeout=self.timeout)
-        return decrypt_latency(secret, reply.ciphertexts[0], layout)
+        arr = self.check_samples(x, "latency")
+        if len(arr) != 1:
+            raise ValueError(f"predict_one takes one sample; got an array of shape {np.shape(x)} "
+                             "(use predict or predict_stream for many)")
+        for attempt in itertools.count():
+            secret, key_id, generation = self._current("latency")
+            ct = encrypt_latency(secret, arr[0], layout)
+            try:
+                reply = self._stub.Predict(pb.PredictRequest(model=self.model, key_id=key_id, ciphertext=ct),
+                                           metadata=self._metadata, timeout=self.timeout)
+            except grpc.RpcError as e:
+                err = from_service(error_from_rpc(e))
+                if attempt or not key_lost(err):
+                    raise err from None
+                self._heal("latency", generation, err)
+                continue
+            if reply.status.code:
+                raise prediction_error(reply)
+            return decrypt_latency(secret, reply.ciphertexts[0], layout)
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ batch layout
     def _batch(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
-        secret, key_id = self.keys("batch")
+        for attempt in itertools.count():
+            secret, key_id, generation = self._current("batch")
+            try:
+                return self._batch_call(secret, key_id, X, progress)
+            except errors.EncinferError as e:
+                if attempt or not key_lost(e):
+                    raise
+                self._heal("batch", generation, e)
+        raise AssertionError("unreachable")
+
+    def _batch_call(self, secret: SecretKeys, key_id: str, X: np.ndarray,
+                    progress: Callable[[int], None] | None) -> np.ndarray:
         layout = self.layout_info("batch")
         stats = self.stats
         chunks = [(str(i), X[s:s + layout.max_samples])
@@ -274,27 +585,31 @@ class EncryptedClassifier:
         # within the server's open-batch limit (0: not stated).
         window = min(4, self.info.limits.max_open_batches or 4)
         n_parts = len(layout.feature_indices)
+        failed: list[BaseException] = []  # raised while making requests: re-raised as itself
 
         def requests() -> Iterator[pb.PredictStreamRequest]:
             yield pb.PredictStreamRequest(header=pb.StreamHeader(model=self.model, key_id=key_id,
                                                                  layout=pb.LAYOUT_BATCH))
-            for group_start in range(0, len(chunks), window):
-                group = chunks[group_start:group_start + window]
-                streams = []
-                for rid, chunk in group:
-                    t = time.perf_counter()
-                    streams.append((rid, len(chunk), encrypt_batch(secret, chunk, layout)))
-                    stats.encrypt_s += time.perf_counter() - t
-                for position in range(n_parts):
-                    for rid, n, parts in streams:
+            try:
+                for group_start in range(0, len(chunks), window):
+                    group = chunks[group_start:group_start + window]
+                    streams = []
+                    for rid, chunk in group:
                         t = time.perf_counter()
-                        ct = next(parts)
+                        streams.append((rid, len(chunk), encrypt_batch(secret, chunk, layout)))
                         stats.encrypt_s += time.perf_counter() - t
-                        stats.bytes_up += len(ct)
-                        yield pb.PredictStreamRequest(batch_part=pb.BatchPart(
-                            request_id=rid, position=position, n_samples=n, ciphertext=ct))
-                if done_groups.get() is None:  # wait until this group is answered: bounded memory
-                    return
+                    for position in range(n_parts):
+                        for rid, n, parts in streams:
+                            t = time.perf_counter()
+                            ct = next(parts)
+                            stats.encrypt_s += time.perf_counter() - t
+                            stats.bytes_up += len(ct)
+                            yield pb.PredictStreamRequest(batch_part=pb.BatchPart(
+                                request_id=rid, position=position, n_samples=n, ciphertext=ct))
+                    if done_groups.get() is None:  # wait until this group is answered: bounded memory
+                        return
+            except Exception as e:  # noqa: BLE001 - ends the requests; the reader raises it
+                failed.append(e)
 
         done_groups: queue.Queue = queue.Queue()
         results: dict[str, np.ndarray] = {}
@@ -303,31 +618,33 @@ class EncryptedClassifier:
         pending = {g: sum(1 for r in group_of if group_of[r] == g) for g in set(group_of.values())}
         call = self._stub.PredictStream(requests(), metadata=self._metadata, timeout=self.timeout)
         try:
-            for answer in call:
-                if answer.status.code:
-                    raise PredictionError(answer.request_id, grpc.StatusCode(_code(answer.status.code)),
-                                          answer.status.message)
-                stats.server_ms.append(answer.server_ms)
-                stats.bytes_down += sum(len(c) for c in answer.ciphertexts)
-                t = time.perf_counter()
-                results[answer.request_id] = decrypt_batch(secret, list(answer.ciphertexts),
-                                                           sizes[answer.request_id], layout)
-                stats.decrypt_s += time.perf_counter() - t
-                if progress:
-                    progress(sizes[answer.request_id])
-                g = group_of[answer.request_id]
-                pending[g] -= 1
-                if pending[g] == 0:
-                    done_groups.put(g)
+            try:
+                for answer in call:
+                    if answer.status.code:
+                        raise from_service(prediction_error(answer))
+                    stats.server_ms.append(answer.server_ms)
+                    stats.bytes_down += sum(len(c) for c in answer.ciphertexts)
+                    t = time.perf_counter()
+                    results[answer.request_id] = decrypt_batch(secret, list(answer.ciphertexts),
+                                                               sizes[answer.request_id], layout)
+                    stats.decrypt_s += time.perf_counter() - t
+                    if progress:
+                        progress(sizes[answer.request_id])
+                    g = group_of[answer.request_id]
+                    pending[g] -= 1
+                    if pending[g] == 0:
+                        done_groups.put(g)
+            except grpc.RpcError as e:
+                if failed:
+                    raise failed[0] from None
+                raise from_service(error_from_rpc(e)) from None
+            if failed:
+                raise failed[0]
         finally:
             # On any error: end the call, and release the request thread if it waits for a group.
             call.cancel()
             done_groups.put(None)
+        missing = [rid for rid, _ in chunks if rid not in results]
+        if missing:
+            raise errors.DataLoss(f"the service ended the stream without answering batches {missing}")
         return np.concatenate([results[rid] for rid, _ in chunks]) if chunks else np.zeros((0, self.info.n_outputs))
-
-
-def _code(value: int) -> tuple:
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code.value
-    return grpc.StatusCode.UNKNOWN.value

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from encinfer.client import connection
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,13 +23,7 @@ def register_keys(sub: argparse._SubParsersAction) -> None:
 
     def add(name: str, help_text: str, func) -> argparse.ArgumentParser:
         p = cmds.add_parser(name, help=help_text)
-        p.add_argument("--target", default=os.environ.get("ENCINFER_KEYSTORE_TARGET", "127.0.0.1:50051"),
-                       help="key store host:port (default $ENCINFER_KEYSTORE_TARGET or 127.0.0.1:50051)")
-        p.add_argument("--token", default=os.environ.get("ENCINFER_TOKEN"), help="bearer token (default $ENCINFER_TOKEN)")
-        p.add_argument("--ca", default=os.environ.get("ENCINFER_TLS_CA", ""),
-                       help="CA file: speak TLS to the key store (default $ENCINFER_TLS_CA)")
-        p.add_argument("--cert", default="", help="client certificate for mutual TLS")
-        p.add_argument("--key", default="", help="client private key for mutual TLS")
+        connection.add_arguments(p, inference=False, keystore_flag="--target")
         p.set_defaults(func=func)
         return p
 
@@ -54,29 +49,20 @@ def register_keys(sub: argparse._SubParsersAction) -> None:
 
 def _client(args: argparse.Namespace):
     from encinfer.client.keystore import KeyStoreClient
-    from encinfer.common.rpc import TlsFiles
-    tls = TlsFiles(cert=args.cert, key=args.key, ca=args.ca) if (args.ca or args.cert) else None
-    return KeyStoreClient(args.target, token=args.token, tls=tls)
+    return KeyStoreClient(args.keystore, token=args.token, tls=connection.tls_from(args))
 
 
 def _record_json(record) -> dict:
     from dataclasses import asdict
     d = asdict(record)
-    d["created"], d["expires"] = record.created.isoformat(), record.expires.isoformat()
+    d["created"], d["expires"] = record.created_at.isoformat(), record.expires_at.isoformat()
     return d
 
 
 def _run(args: argparse.Namespace, action) -> int:
-    from encinfer.common.errors import EncinferError
-    try:
-        with _client(args) as client:
-            return action(client)
-    except EncinferError as e:
-        print(f"error: {e.code}: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
-        return 1
+    """Runs action(client); failures become one line and an exit code in `encinfer.cli.main`."""
+    with _client(args) as client:
+        return action(client)
 
 
 def _bar(total: int | None, desc: str):
@@ -119,7 +105,7 @@ def _ls(args: argparse.Namespace) -> int:
                 print(json.dumps(_record_json(r)))
             else:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(r.labels.items()))
-                print(f"{r.key_id}\t{r.size_bytes}\t{r.expires.isoformat(timespec='seconds')}\t{labels}")
+                print(f"{r.key_id}\t{r.size_bytes}\t{r.expires_at.isoformat(timespec='seconds')}\t{labels}")
         return 0
     return _run(args, action)
 
@@ -129,7 +115,10 @@ def _rm(args: argparse.Namespace) -> int:
         if client.delete(args.key_id):
             print(f"deleted {args.key_id}")
             return 0
-        print(f"error: no key {args.key_id} of yours to delete", file=sys.stderr)
+        # What the key store answered: it held no live key by this id for you (the line
+        # says only that; a key store that removed a corrupted record answers deleted).
+        print(f"error: NOT_FOUND: the key store deleted nothing: no live key {args.key_id} of yours "
+              "(unknown, expired, or already deleted)", file=sys.stderr)
         return 1
     return _run(args, action)
 

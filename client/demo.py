@@ -52,13 +52,12 @@ class LocalStack:
         self.tenant_token, self.service_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         service_token = self.service_token
         tokens = {self.tenant_token: Principal("demo", "tenant"), service_token: Principal("inference", "service")}
-        # Both servers read their token table; the inference service reads it from the environment.
-        os.environ["ENCINFER_TOKENS"] = ",".join(f"{t}={p.owner}:{p.role}" for t, p in tokens.items())
         self.keystore = BackgroundKeyStore(KeyStoreConfig(
             address="127.0.0.1:0", backend="fs", data_dir=workdir / "keystore", tokens=TokenTable(tokens)))
         config = InferenceConfig(address="127.0.0.1:0", models=tuple(model_paths),
                                  workers=workers if workers is not None else (os.cpu_count() or 1),
-                                 keystore_target=self.keystore.target, keystore_token=service_token)
+                                 keystore_target=self.keystore.target, keystore_token=service_token,
+                                 tokens=TokenTable(tokens))
         self.inference = None  # inference=False: the caller runs it elsewhere (benchmarks: its own process)
         try:
             if inference:

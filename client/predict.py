@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
+
+from encinfer.client import connection
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None]:
@@ -30,30 +31,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--npy", help=".npy array: (n, features) in [0, 1], or uint8 images")
     p.add_argument("-n", type=int, default=None, help="only the first n samples")
     p.add_argument("--model", default="mnist")
-    p.add_argument("--inference", default=os.environ.get("ENCINFER_INFERENCE_TARGET", "127.0.0.1:50052"))
-    p.add_argument("--keystore", default=os.environ.get("ENCINFER_KEYSTORE_TARGET", "127.0.0.1:50051"))
-    p.add_argument("--token", default=os.environ.get("ENCINFER_TOKEN"), help="bearer token (default $ENCINFER_TOKEN)")
+    connection.add_arguments(p)
     p.add_argument("--layout", choices=("auto", "latency", "batch"), default="auto")
-    p.add_argument("--ca", default=os.environ.get("ENCINFER_TLS_CA", ""), help="CA file: speak TLS to both services")
     p.add_argument("--key-dir", help="where the secret key is kept (default $ENCINFER_KEY_DIR or ~/.local/share/encinfer/keys)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Failures (a service down, inputs out of range) raise; `encinfer.cli.main` prints one line."""
     from tqdm import tqdm
 
-    from encinfer.client.classifier import EncryptedClassifier
-    from encinfer.common.rpc import TlsFiles
+    from encinfer.client.classifier import AUTO_BATCH_FROM, EncryptedClassifier
 
     X, y = load_inputs(args)
     if args.n:
         X, y = X[:args.n], (y[:args.n] if y is not None else None)
-    tls = TlsFiles(ca=args.ca) if args.ca else None
+    tls = connection.tls_from(args)
     with EncryptedClassifier(inference=args.inference, keystore=args.keystore, model=args.model, token=args.token,
-                             layout=args.layout, key_dir=args.key_dir, tls=tls) as clf, \
-            tqdm(total=len(X), unit="img", desc="encrypted predict", file=sys.stderr) as bar:
-        predicted = clf.predict(X, progress=bar.update)
+                             layout=args.layout, key_dir=args.key_dir, tls=tls) as clf:
+        layout = args.layout if args.layout != "auto" else ("batch" if len(X) >= AUTO_BATCH_FROM else "latency")
+        clf.check_samples(X, layout)  # refused before any key is made or sent
+        # The bar only for a person at a terminal, and only once the inference service answered.
+        with tqdm(total=len(X), unit="img", desc="encrypted predict", file=sys.stderr, disable=None,
+                  leave=False) as bar:
+            predicted = clf.predict(X, progress=bar.update)
         stats = clf.stats
     result = {"n": len(X), "predictions": [str(p) for p in predicted],
               "seconds": round(stats.wall_s, 3), "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down}

@@ -8,10 +8,8 @@ Load it as a plugin so its session fixtures are shared by every module:
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,20 +25,6 @@ TOKEN_SPEC = f"{ALICE}=alice:tenant,{BOB}=bob:tenant,{SERVICE}=inference:service
 MODEL = "mnist"
 TOLERANCE = 1e-3
 CALL_TIMEOUT = 20.0  # seconds: every RPC in these tests is bounded
-
-
-@contextmanager
-def token_env(spec: str):
-    """The inference server reads its token table from the environment at start."""
-    saved = {k: os.environ.pop(k, None) for k in ("ENCINFER_TOKENS", "ENCINFER_TOKENS_FILE")}
-    os.environ["ENCINFER_TOKENS"] = spec
-    try:
-        yield
-    finally:
-        del os.environ["ENCINFER_TOKENS"]
-        for k, v in saved.items():
-            if v is not None:
-                os.environ[k] = v
 
 
 @dataclass
@@ -133,10 +117,10 @@ def start_stack(model_stem: Path, model: Any, workdir: Path, backend: str = "fs"
         settings: dict[str, Any] = dict(keystore_timeout=3.0, grace_seconds=1.0)
         settings.update(inference_overrides)
         config = InferenceConfig(address="127.0.0.1:0", models=(str(model_stem),), workers=workers,
-                                 keystore_target=keystore_target, keystore_token=SERVICE, **settings)
+                                 keystore_target=keystore_target, keystore_token=SERVICE,
+                                 tokens=TokenTable(parse_spec(TOKEN_SPEC)), **settings)
         stack.inference_config = config
-        with token_env(TOKEN_SPEC):
-            stack.inference = BackgroundServer(lambda: InferenceServer(config), name="test-inference")
+        stack.inference = BackgroundServer(lambda: InferenceServer(config), name="test-inference")
     except BaseException:
         stack.close()
         raise

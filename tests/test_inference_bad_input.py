@@ -211,6 +211,11 @@ def test_empty_model_name_is_invalid_argument(alice, images, still_serving):
     assert_status(err, Code.INVALID_ARGUMENT, "model name is empty")
 
 
+def test_an_upper_case_key_id_is_the_same_key(alice, images, still_serving):
+    reply = alice.predict(alice.encrypt(images[0]), key_id=alice.key_id.upper())
+    assert reply.ciphertexts
+
+
 def test_unknown_key_id_is_not_found(alice, images, still_serving):
     err = rpc_error(lambda: alice.predict(alice.encrypt(images[0]), key_id="ab" * 32))
     assert_status(err, Code.NOT_FOUND, "not in the key store")

@@ -308,6 +308,21 @@ def test_reflection_lists_the_inference_and_health_services(stack):
     assert {INFERENCE_SERVICE, "grpc.health.v1.Health"} <= names
 
 
+def test_reflection_v1_answers_too_and_without_a_token(stack):
+    """grpcurl and newer tools ask grpc.reflection.v1 first; its messages are v1alpha's."""
+    from grpc_reflection.v1alpha import reflection_pb2
+    call = stack.channel().stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    replies = list(call(iter([reflection_pb2.ServerReflectionRequest(list_services=""),
+                              reflection_pb2.ServerReflectionRequest(file_containing_symbol=INFERENCE_SERVICE)]),
+                        timeout=CALL_TIMEOUT))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {INFERENCE_SERVICE, "grpc.reflection.v1.ServerReflection"} <= names
+    assert replies[1].file_descriptor_response.file_descriptor_proto  # the .proto's descriptor
+
+
 # ---------------------------------------------------------------- key fetching
 
 def keystore_bytes_sent() -> float:

@@ -24,18 +24,19 @@ def test_two_tenants_with_identical_batch_keys_both_predict(fs_stack, test_image
 
 def test_a_tenant_cannot_predict_with_another_tenants_latency_key(fs_stack, test_images, tmp_path):
     from encinfer.client.classifier import PredictionError
+    from encinfer.common.errors import PermissionDenied
 
     x = test_images[0][0]
     with fs_stack.classifier(tmp_path / "alice", ALICE, "latency") as alice, \
             fs_stack.classifier(tmp_path / "bob", BOB, "latency") as bob:
         alice_key = alice.keys("latency")
         bob._secrets["latency"] = alice_key  # bob tries alice's key id
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(PermissionDenied) as err:
             bob.predict_one(x)
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.code == "PERMISSION_DENIED" and not isinstance(err.value, grpc.RpcError)
         with pytest.raises(PredictionError) as item_err:
             bob.decision_function(x[None, :])
-        assert item_err.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert item_err.value.code == "PERMISSION_DENIED" and isinstance(item_err.value, PermissionDenied)
 
 
 def test_key_store_answers_one_owners_record_to_the_service_only(keystore_factory, small_bundle):

@@ -88,7 +88,8 @@ def test_an_unreachable_s3_is_unavailable_not_a_hang(tmp_path):
 
 
 def test_an_invalid_bucket_name_stops_the_service_at_start():
-    with pytest.raises(SystemExit, match="ENCINFER_S3_BUCKET"):
+    from encinfer.common.errors import ConfigError
+    with pytest.raises(ConfigError, match="ENCINFER_S3_BUCKET"):
         S3ObjectStore(S3Settings(bucket="b1"), timeout=1.0)  # too short
 
 
@@ -126,3 +127,53 @@ def test_cleanup_removes_stale_spool_files(ks_with_clock):
     os.utime(stale, (old, old))
     assert ks.call(ks.store.cleanup())["spool_files"] == 1
     assert not stale.exists() and fresh.exists()
+
+
+# ------------------------------------------------------------------ storage requests per operation
+
+class CountingStore:
+    """An ObjectStore that counts every call made to it, by name."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.calls = backend, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.backend, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return attr(*args, **kwargs)
+        return call
+
+
+def test_a_first_fetch_for_a_named_owner_is_two_storage_reads_and_an_upload_reads_its_record_once(tmp_path):
+    import asyncio
+
+    from encinfer.common.auth import Principal
+    from encinfer.keystore.config import KeyStoreConfig
+    from encinfer.keystore.store import KeyStore, PutHeader
+
+    config = KeyStoreConfig(data_dir=tmp_path)
+    counting = CountingStore(FsObjectStore(tmp_path / "objects"))
+    store = KeyStore(counting, config, inspect=fake_inspect)
+    alice, service = Principal("alice", "tenant"), Principal("inference", "service")
+    data = fake_key(10_000)
+
+    async def chunks():
+        yield data
+
+    async def scenario() -> None:
+        await store._io(counting.backend.ensure_ready)
+        counting.calls.clear()
+        record = await store.put(alice, PutHeader(), chunks())
+        assert counting.calls.count("read_bytes") == 1  # the owner's record, once
+        counting.calls.clear()
+        async with await store.fetch(service, record.key_id, "alice") as key:
+            assert b"".join([c async for c in key.chunks()]) == data
+        assert counting.calls == ["read_bytes", "open"], counting.calls  # the record, then the bytes
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()

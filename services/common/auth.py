@@ -11,10 +11,11 @@ from __future__ import annotations
 import hmac
 import json
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterable
 
-from encinfer.common.errors import PermissionDenied, Unauthenticated
+from encinfer.common.errors import ConfigError, PermissionDenied, Unauthenticated
 
 ROLES = ("tenant", "service")
 
@@ -34,6 +35,22 @@ class Principal:
 
 
 ANONYMOUS = Principal(owner="public", role="tenant")
+
+# The caller of the RPC being handled: set once per call by the server interceptor
+# (encinfer.common.rpc) before any handler runs, so a new RPC cannot forget to authenticate.
+_PRINCIPAL: ContextVar[Principal] = ContextVar("encinfer_principal")
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of the current RPC (handlers only)."""
+    try:
+        return _PRINCIPAL.get()
+    except LookupError:
+        raise RuntimeError("no authenticated caller: is this running outside an RPC handler?") from None
+
+
+def set_principal(principal: Principal) -> None:
+    _PRINCIPAL.set(principal)
 
 
 class TokenTable:
@@ -75,14 +92,14 @@ def parse_spec(spec: str) -> dict[str, Principal]:
         token, sep, who = item.partition("=")
         owner, _, role = who.partition(":")
         if not sep or not token or not owner:
-            raise SystemExit("ENCINFER_TOKENS entries look like token=owner:role")
+            raise ConfigError("ENCINFER_TOKENS entries look like token=owner:role")
         tokens[token] = _principal(owner, role or "tenant")
     return tokens
 
 
 def _principal(owner: str, role: str) -> Principal:
     if role not in ROLES:
-        raise SystemExit(f"unknown role {role!r} for owner {owner!r}; roles are {', '.join(ROLES)}")
+        raise ConfigError(f"unknown role {role!r} for owner {owner!r}; roles are {', '.join(ROLES)}")
     return Principal(owner=owner, role=role)
 
 

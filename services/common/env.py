@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from encinfer.common.errors import ConfigError
+
 
 def env_str(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -15,7 +17,7 @@ def env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
 
 
 def env_float(name: str, default: float) -> float:
@@ -25,7 +27,7 @@ def env_float(name: str, default: float) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a number") from None
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -36,7 +38,7 @@ def env_bool(name: str, default: bool) -> bool:
         return True
     if raw.lower() in ("0", "false", "no", "off"):
         return False
-    raise SystemExit(f"{name}={raw!r} is not a boolean (use true or false)")
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
 
 
 def parse_size(text: str) -> int:
@@ -56,4 +58,4 @@ def env_size(name: str, default: int) -> int:
     try:
         return parse_size(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a size (e.g. 256MiB)") from None
+        raise ConfigError(f"{name}={raw!r} is not a size (e.g. 256MiB)") from None

@@ -7,6 +7,7 @@ import os
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from encinfer.common.errors import from_status
 from encinfer.common.rpc import TlsFiles, channel
 
 
@@ -25,9 +26,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             reply = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
-        except grpc.RpcError as e:
-            print(f"{args.address}: {e.code().name}: {e.details()}")
-            return 1
+        except grpc.RpcError as e:  # one line on stderr and exit 1, in `encinfer.cli.main`
+            raise from_status(e.code().name, f"{args.address}: {e.details()}") from None
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.address}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1

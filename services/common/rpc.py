@@ -2,8 +2,11 @@
 reflection, TLS, and client channels.
 
 Errors are decided here and only here: handlers raise `EncinferError`s and the
-interceptor turns each into its status code; anything else is a bug, logged with
-its traceback and answered INTERNAL without details.
+interceptor turns each into its status code; bytes that are no valid request message
+are INVALID_ARGUMENT; a call that went away (client cancel, deadline, server stop) is
+CANCELLED; anything else is a bug, logged with its traceback and answered INTERNAL
+without details. One JSON access-log line per call; a failed call's line has its
+message as `details` (our words, never key or token bytes; capped).
 """
 from __future__ import annotations
 
@@ -14,14 +17,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
-from encinfer.common.errors import EncinferError
+from encinfer.common.auth import TokenTable, set_principal
+from encinfer.common.errors import ConfigError, EncinferError, InvalidArgument
 
 log = logging.getLogger("encinfer.rpc")
 
@@ -51,99 +55,245 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex[:16]
 
 
+# Health checks and reflection answer anyone (probes, ghz, grpcurl); every other method needs a token.
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Maps errors to status codes, logs one JSON line per RPC, counts metrics."""
+    """Authenticates, maps errors to status codes, logs one JSON line per RPC, counts metrics.
+
+    The caller is authenticated here, once per call, and handlers read it with
+    `encinfer.common.auth.current_principal()`.
+
+    grpc.aio builds the handler anew for every call, so each call gets its own
+    `_Decoder`: a request that is not a valid message becomes INVALID_ARGUMENT here,
+    on every method, instead of grpc's UNKNOWN (unary) or a handler's INTERNAL (streams).
+    """
+
+    def __init__(self, tokens: TokenTable | None = None) -> None:
+        self.tokens = tokens if tokens is not None else TokenTable(None)
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
+        tokens = None if method.startswith(UNAUTHENTICATED_PREFIXES) else self.tokens
+        decoder = _Decoder(handler.request_deserializer, tokens)
+        deserializer = decoder if handler.request_deserializer is not None else None
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer)
+                _wrap_unary(handler.unary_unary, method, decoder), deserializer, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer)
+                _wrap_unary(handler.stream_unary, method, decoder, streaming=True), deserializer,
+                handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer)
+                _wrap_stream(handler.unary_stream, method, decoder), deserializer, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer)
+            _wrap_stream(handler.stream_stream, method, decoder, streaming=True), deserializer,
+            handler.response_serializer)
+
+
+class _Undecodable:
+    """What the decoder hands grpc instead of raising: grpc.aio answers a raising
+    request deserializer with UNKNOWN before any handler (or this interceptor) runs."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _Decoder:
+    """A call's request deserializer that never raises; the first failure is kept on it."""
+
+    def __init__(self, deserializer: Callable[[bytes], Any] | None, tokens: TokenTable | None = None) -> None:
+        self.deserializer = deserializer
+        self.tokens = tokens
+        self.error: str | None = None
+        descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+        self.type_name = getattr(descriptor, "full_name", "") or "request"
+
+    def __call__(self, raw: bytes) -> Any:
+        try:
+            return self.deserializer(raw)
+        except Exception as exc:  # noqa: BLE001 - any deserializer failure means these bytes are no such message
+            reason = str(exc)
+            # upb says "Error parsing message with type 'x.Y': <why>": the type is in our own words already.
+            if reason.startswith("Error parsing message") and "': " in reason:
+                reason = reason.split("': ", 1)[1]
+            failure = _Undecodable(f"request is not a valid {self.type_name} message: "
+                                   f"it could not be decoded ({reason or type(exc).__name__})")
+            if self.error is None:
+                self.error = failure.message
+            return failure
+
+    def check(self, request: Any) -> Any:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument(request.message)
+        return request
+
+    def authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        """Sets the call's principal (UNAUTHENTICATED without a known token)."""
+        if self.tokens is not None:
+            set_principal(self.tokens.authenticate(context.invocation_metadata()))
+
+    async def messages(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The request stream; a message that cannot be decoded ends it with InvalidArgument."""
+        async for request in requests:
+            yield self.check(request)
+
+    def raise_if_failed(self) -> None:
+        """A handler that swallowed a decoding failure (or read one with context.read()) still fails the call."""
+        if self.error is not None:
+            raise InvalidArgument(self.error)
+
+
+# A failed call's message in its access-log line: ours (never key or token bytes), but bounded.
+MAX_LOGGED_MESSAGE = 300
+CANCELLED_MESSAGE = "the call was cancelled (by the client, its deadline or the server's shutdown)"
+
+
+# What grpc.aio raises inside a handler whose call is gone: a read or write on a call
+# the client closed (its core batch fails), or on a server that has stopped.
+_CALL_GONE = ("ExecuteBatchError", "_ServerStoppedError")
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """The call went away under the handler: the client cancelled, its deadline passed or
+    the server stopped. GeneratorExit: grpc dropped a streaming handler at a `yield`
+    (a write failed because the client was gone) and it was closed later."""
+    return isinstance(exc, (asyncio.CancelledError, GeneratorExit)) or type(exc).__name__ in _CALL_GONE
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort raises to unwind the handler; its status is already set.
+    return isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError"
 
 
 class _Call:
     """Times one RPC and turns its outcome into a status, a log line and metrics."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        self.method, self.context = method, context
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, decoder: _Decoder) -> None:
+        self.method, self.context, self.decoder = method, context, decoder
         self.rid = request_id(context)
         self.start = time.perf_counter()
+        self.finished = False
+
+    def settle(self, exc: BaseException) -> bool:
+        """Records a cancellation or an abort, which the caller re-raises as is (True).
+
+        Synchronous on purpose: a generator being closed (GeneratorExit) must not await."""
+        if _is_cancellation(exc):
+            echo = "" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
+            self.done(grpc.StatusCode.CANCELLED, CANCELLED_MESSAGE, error=echo)
+            return True
+        if _is_abort(exc):
+            self.done(None)
+            return True
+        return False
 
     async def fail(self, exc: BaseException) -> None:
-        if isinstance(exc, EncinferError):
+        """Ends the call for any other exception with its status (context.abort raises).
+
+        Returns only when the call already has a status; the caller re-raises exc then."""
+        if self.context.done():
+            # The status was sent already (the handler swallowed an abort and went on).
+            self.done(None, error=type(exc).__name__)
+            return
+        if self.context.cancelled():
+            # A handler that set CANCELLED and then raised: the cancellation's echo, not a bug.
+            code, message = grpc.StatusCode.CANCELLED, CANCELLED_MESSAGE
+        elif self.decoder.error is not None:
+            # The request could not be decoded: whatever the handler made of that, this is the answer.
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, self.decoder.error
+        elif isinstance(exc, EncinferError):
             code, message = status_code(exc), str(exc)
         else:
             code = grpc.StatusCode.INTERNAL
             message = f"internal error; the server log has request id {self.rid}"
             log.error("unhandled error", exc_info=exc, extra={"fields": {"method": self.method, "request_id": self.rid}})
-        self.done(code)
+        self.done(code, message)
         await self.context.abort(code, message)
 
-    def done(self, code: grpc.StatusCode | None = None) -> None:
+    def done(self, code: grpc.StatusCode | None = None, message: str = "", error: str = "") -> None:
+        """Counts and logs the call once: the first outcome decided is the call's."""
+        if self.finished:
+            return
+        self.finished = True
         if code is None:
             code = self.context.code() or grpc.StatusCode.OK
             if isinstance(code, int):
                 code = grpc.StatusCode.OK if code == 0 else grpc.StatusCode.UNKNOWN
+            if code is not grpc.StatusCode.OK and not message:
+                message = str(self.context.details() or "")
         elapsed = time.perf_counter() - self.start
         RPCS.labels(self.method, code.name).inc()
         RPC_SECONDS.labels(self.method).observe(elapsed)
         if not self.method.startswith("/grpc.health"):
-            log.info("rpc", extra={"fields": {
-                "method": self.method, "code": code.name, "request_id": self.rid,
-                "duration_ms": round(elapsed * 1000, 3)}})
+            fields = {"method": self.method, "code": code.name, "request_id": self.rid,
+                      "duration_ms": round(elapsed * 1000, 3)}
+            if code is not grpc.StatusCode.OK:
+                fields["details"] = _bounded(message)
+            if error:
+                fields["error"] = error
+            log.info("rpc", extra={"fields": fields})
 
 
-def _passthrough(exc: BaseException) -> bool:
-    # context.abort raises to unwind the handler; cancellation must propagate.
-    import asyncio
-    return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)) or type(exc).__name__ == "AbortError"
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_LOGGED_MESSAGE else message[:MAX_LOGGED_MESSAGE - 3] + "..."
 
 
-def _wrap_unary(behavior: Callable, method: str) -> Callable:
+def _wrap_unary(behavior: Callable, method: str, decoder: _Decoder, streaming: bool = False) -> Callable:
+    """A handler answering one response (unary or stream-unary, or writing with context.write)."""
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(method, context)
+        call = _Call(method, context, decoder)
         try:
+            request = decoder.messages(request) if streaming else decoder.check(request)
+            decoder.authenticate(context)
             response = await behavior(request, context)
-        except BaseException as exc:  # noqa: BLE001 - decided in call.fail
-            if _passthrough(exc):
-                call.done(grpc.StatusCode.CANCELLED if not isinstance(exc, grpc.aio.AbortError) else None)
+            decoder.raise_if_failed()
+        except BaseException as exc:  # noqa: BLE001 - decided in call.settle / call.fail
+            if call.settle(exc):
                 raise
-            await call.fail(exc)
-            raise AssertionError("unreachable")  # abort raised
+            await call.fail(exc)  # raises AbortError, unless the call already had a status
+            raise
         call.done()
         return response
     return wrapper
 
 
-def _wrap_stream(behavior: Callable, method: str) -> Callable:
+def _wrap_stream(behavior: Callable, method: str, decoder: _Decoder, streaming: bool = False) -> Callable:
     if not inspect.isasyncgenfunction(behavior):
         # A handler that writes with context.write() (grpc's HealthServicer.Watch) is a
         # coroutine, not an async generator: wrap it like a unary one.
-        return _wrap_unary(behavior, method)
+        return _wrap_unary(behavior, method, decoder, streaming)
 
     async def wrapper(request: Any, context: grpc.aio.ServicerContext):
-        call = _Call(method, context)
+        call = _Call(method, context, decoder)
+        responses = None
         try:
-            async for response in behavior(request, context):
+            request = decoder.messages(request) if streaming else decoder.check(request)
+            decoder.authenticate(context)
+            responses = behavior(request, context)
+            async for response in responses:
                 yield response
-        except BaseException as exc:  # noqa: BLE001 - decided in call.fail
-            if _passthrough(exc):
-                call.done(grpc.StatusCode.CANCELLED if not isinstance(exc, grpc.aio.AbortError) else None)
+            decoder.raise_if_failed()
+        except BaseException as exc:  # noqa: BLE001 - decided in call.settle / call.fail
+            # GeneratorExit: grpc dropped this generator at a `yield` because the call went away.
+            if call.settle(exc):
                 raise
-            await call.fail(exc)
+            await call.fail(exc)  # raises AbortError, unless the call already had a status
+            raise
         else:
             call.done()
+        finally:
+            if responses is not None:
+                # Close the handler now, where its cleanup (finally blocks) runs in this call,
+                # rather than whenever the garbage collector finalizes it.
+                await responses.aclose()
     return wrapper
 
 
@@ -187,20 +337,41 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def make_server(options: Iterable[tuple[str, Any]] = ()) -> grpc.aio.Server:
+def make_server(tokens: TokenTable | None = None, options: Iterable[tuple[str, Any]] = ()) -> grpc.aio.Server:
+    """A server whose calls are authenticated against `tokens` (None: auth off) and mapped by
+    ServiceInterceptor."""
     merged = dict(SERVER_OPTIONS)
     merged.update(dict(options))
-    return grpc.aio.server(interceptors=[ServiceInterceptor()], options=list(merged.items()))
+    return grpc.aio.server(interceptors=[ServiceInterceptor(tokens)], options=list(merged.items()))
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
     """Health starts NOT_SERVING for every service; the caller flips it when ready."""
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    names = list(service_names)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server,
-                                        pool=MethodAwarePool())
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
+    pool = MethodAwarePool()
+    reflection.enable_server_reflection(names, server, pool=pool)
+    _add_reflection_v1(server, names, pool)
     return servicer
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection_v1(server: grpc.aio.Server, names: list[str], pool: Any) -> None:
+    """Server reflection v1, which grpcurl and newer tools ask for first. grpcio-reflection
+    ships only v1alpha; v1 is the same protocol with the package renamed (identical messages
+    and field numbers), so v1alpha's servicer answers it with v1alpha's message classes."""
+    from grpc_reflection.v1alpha import _async as reflection_aio
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    servicer = reflection_aio.ReflectionServicer(names, pool=pool)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1, {"ServerReflectionInfo": handler}),))
 
 
 class MethodAwarePool:
@@ -238,7 +409,7 @@ def bind(server: grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:
     else:
         port = server.add_insecure_port(address)
     if port == 0:
-        raise SystemExit(f"cannot listen on {address}")
+        raise ConfigError(f"cannot listen on {address}: the port is in use or the TLS files are unusable")
     return port
 
 

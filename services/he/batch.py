@@ -369,7 +369,7 @@ class BatchAccumulator:
     def _load(self, position: int, data: bytes) -> seal.Ciphertext:
         m = self.model
         what = f"batch part {position}"
-        ct = serial.load_ciphertext(data, m.context, what)
+        ct = serial.load_ciphertext(data, m.context, what, parms_id=m._parms_id)  # checked before SEAL
         if ct.parms_id() != m._parms_id:
             raise InvalidArgument(f"{what} is at a lower level than a fresh ciphertext; encrypt it at the "
                                   "first data level of the layout's parameters")

@@ -23,7 +23,6 @@ import io
 import os
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Mapping, TypeVar
 
 import tenseal.sealapi as seal
@@ -39,7 +38,6 @@ _KNOWN = {PARM, PUBK, RELK, GALK, END}
 # Tags a careless writer could use for secret material: named in the refusal.
 _SECRET_TAGS = {b"SECK", b"SKEY", b"SECR", b"PRIV"}
 _SEAL_MAGIC = b"\x5e\xa1"  # SEAL's serialization header starts with 0xA15E (little endian)
-_COPY_CHUNK = 1 << 20
 # PARM, PUBK, RELK and one Galois key per odd element below 2N (N <= 32768).
 _MAX_SECTIONS = 3 + 32768
 _KEYGEN_HINT = "create keys with encinfer's keygen (SecretKeys.public_bundle())"
@@ -275,39 +273,52 @@ def _scheme_name(scheme: seal.SCHEME_TYPE) -> str:
     return {seal.SCHEME_TYPE.BFV: "BFV", seal.SCHEME_TYPE.CKKS: "CKKS"}.get(scheme, str(scheme).split(".")[-1])
 
 
+def _section_check(sec: _Section, context: seal.SEALContext | None, what: str
+                   ) -> tuple[int, Callable[[bytes], bytes]]:
+    """(the most bytes this section may hold, the serial check for it) -- from the parameters alone."""
+    if sec.tag == PARM or context is None:
+        return serial.max_size(serial.PARAMETERS_SIZES), lambda data: serial.check_parameters(data, what)
+    if sec.tag == PUBK:
+        return (serial.max_size(serial.public_key_sizes(context)),
+                lambda data: serial.check_public_key(data, context, what))
+    element = sec.arg if sec.tag == GALK else None
+    outer = context.key_context_data().parms().poly_modulus_degree() if element is not None else 1
+    return (serial.max_size(serial.kswitch_sizes(context, outer)),
+            lambda data: serial.check_kswitch_keys(data, context, what, galois_element=element))
+
+
 def _load_section(f: BinaryIO, sec: _Section, make: Callable[[], T], context: seal.SEALContext | None,
                   what: str) -> T:
-    """Copies one payload to the private scratch directory (SEAL reads files) and loads it."""
-    path = serial.scratch_dir() / "bundle-section"
+    """Checks one payload without SEAL (sizes bounded before it is read), then lets SEAL load it.
+
+    SEAL reads files: the checked, uncompressed object goes through the private scratch directory.
+    """
+    label = f"key bundle's {what}"
+    if sec.length == 0:
+        raise InvalidArgument(f"key bundle's {what} section is empty")
+    limit, check = _section_check(sec, context, label)
+    if sec.length > limit:
+        raise InvalidArgument(f"{label} section claims {sec.length:,} bytes; {what} for these parameters take at "
+                              f"most {limit:,} bytes")
     f.seek(sec.offset)
-    left = sec.length
-    with open(path, "wb") as out:
-        while left:
-            chunk = f.read(min(left, _COPY_CHUNK))
-            if not chunk:
-                raise InvalidArgument(f"key bundle is truncated inside its {what}")
-            out.write(chunk)
-            left -= len(chunk)
+    data = f.read(sec.length)
+    if len(data) != sec.length:
+        raise InvalidArgument(f"key bundle is truncated inside its {what}")
     try:
-        if sec.length == 0:
-            raise InvalidArgument(f"key bundle's {what} section is empty")
-        try:
-            return serial.load_file(make, path, context, f"key bundle's {what}")
-        except InvalidArgument:
-            if context is not None and sec.tag != PARM and _is_secret_key(path, context):
-                raise InvalidArgument(f"key bundle carries a secret key (in its {what} section); never upload "
-                                      f"a secret key: {_KEYGEN_HINT}") from None
-            raise
+        plain = check(data)
+    except InvalidArgument:
+        if context is not None and sec.tag != PARM and serial.looks_like_secret_key(data, context):
+            raise InvalidArgument(f"key bundle carries a secret key (in its {what} section); never upload "
+                                  f"a secret key: {_KEYGEN_HINT}") from None
+        raise
+    del data
+    path = serial.scratch_dir() / "bundle-section"
+    try:
+        path.write_bytes(plain)
+        del plain
+        return serial.load_file(make, path, context, label)
     finally:
         path.unlink(missing_ok=True)
-
-
-def _is_secret_key(path: Path, context: seal.SEALContext) -> bool:
-    try:
-        seal.SecretKey().load(context, str(path))
-    except Exception:  # noqa: BLE001 -- any failure means "not a secret key"; the caller refuses anyway
-        return False
-    return True
 
 
 def _empty_parameters() -> seal.EncryptionParameters:
@@ -390,7 +401,8 @@ def inspect_key_bundle(path: str | os.PathLike) -> KeyInfo:
     a non-CKKS scheme (BFV/BGV), anything carrying a secret key (also a TenSEAL
     context serialized with its secret key), parameters under 128-bit security.
     Works from a file so a 50 MB key set is never one bytes object; peak memory
-    stays under about 2x the largest single key.
+    stays under about 3x the largest single key (its bytes, uncompressed copy, SEAL's
+    object). Every section is checked by encinfer.he.serial before SEAL parses it.
     """
     f, size = _open(path)
     with f:

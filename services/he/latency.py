@@ -393,7 +393,7 @@ class LatencyModel:
         if len(data) > self._max_input_bytes:
             raise InvalidArgument(f"ciphertext of {len(data)} bytes is larger than any fresh ciphertext for these "
                                   f"parameters ({self._max_input_bytes} bytes at most)")
-        ct = serial.load(lambda: seal.Ciphertext(self._context), bytes(data), self._context, "ciphertext")
+        ct = serial.load_ciphertext(bytes(data), self._context, parms_id=self._first_parms_id)
         if ct.size() != _FRESH_SIZE:
             raise InvalidArgument(f"ciphertext has {ct.size()} polynomials; a fresh ciphertext has 2")
         if ct.parms_id() != self._first_parms_id:

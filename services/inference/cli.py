@@ -24,8 +24,7 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from encinfer.inference.server import main
 
-    main(args.model or None)
-    return 0
+    return main(args.model or None)
 
 
 def register_model(sub: argparse._SubParsersAction) -> None:

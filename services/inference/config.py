@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from encinfer.common.auth import TokenTable
+from encinfer.common.errors import ConfigError
 from encinfer.common.env import env_float, env_int, env_size, env_str
 from encinfer.common.rpc import TlsFiles
 
@@ -31,13 +33,21 @@ class InferenceConfig:
     max_inflight_per_stream: int = 8
     max_open_batches: int = 4
     grace_seconds: float = 10.0
+    # Bearer tokens of the callers (ENCINFER_TOKENS / ENCINFER_TOKENS_FILE); the default: auth off.
+    tokens: TokenTable = field(default_factory=lambda: TokenTable(None))
+    # After SIGTERM, health answers NOT_SERVING on the open port this long before it closes,
+    # so pollers and load balancers see the shutdown instead of a refused connection.
+    shutdown_delay: float = 1.0
 
     @classmethod
     def from_env(cls, models: list[str] | None = None) -> "InferenceConfig":
         token = env_str("ENCINFER_KEYSTORE_TOKEN", "")
         token_file = env_str("ENCINFER_KEYSTORE_TOKEN_FILE", "")
         if token_file:
-            token = Path(token_file).read_text(encoding="utf-8").strip()
+            try:
+                token = Path(token_file).read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise ConfigError(f"ENCINFER_KEYSTORE_TOKEN_FILE={token_file} cannot be read ({e.strerror})") from None
         model_list = models or [m for m in env_str("ENCINFER_MODELS", "").split(",") if m.strip()]
         ks_tls = TlsFiles(ca=env_str("ENCINFER_KEYSTORE_TLS_CA", ""), cert=env_str("ENCINFER_KEYSTORE_TLS_CERT", ""),
                           key=env_str("ENCINFER_KEYSTORE_TLS_KEY", ""))
@@ -62,4 +72,6 @@ class InferenceConfig:
             max_inflight_per_stream=env_int("ENCINFER_MAX_INFLIGHT_PER_STREAM", cls.max_inflight_per_stream),
             max_open_batches=env_int("ENCINFER_MAX_OPEN_BATCHES", cls.max_open_batches),
             grace_seconds=env_float("ENCINFER_GRACE_SECONDS", cls.grace_seconds),
+            tokens=TokenTable.from_env(),
+            shutdown_delay=env_float("ENCINFER_SHUTDOWN_DELAY_SECONDS", cls.shutdown_delay),
         )

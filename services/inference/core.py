@@ -12,13 +12,14 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 from encinfer.common.auth import Principal
 from encinfer.common.errors import EncinferError, InvalidArgument, NotFound
+from encinfer.he.keyinfo import check_key_id
 from encinfer.he.params import CkksParams
 from encinfer.inference import workers
-from encinfer.inference.keys import KeySource, check_key_fits
+from encinfer.inference.keys import KeySource, check_key_fits, record_owner
 from encinfer.inference.workers import WorkerPool, check_batch_count, check_position
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,13 @@ class InferenceCore:
             raise InvalidArgument(f"model {model!r} has no {layout!r} layout")
         return params
 
-    async def _checked_key(self, principal: Principal, model: str, key_id: str, layout: str) -> None:
+    async def _checked_key(self, principal: Principal, model: str, key_id: str, layout: str) -> str:
+        """The key id in its canonical form, once the caller's record says the key fits the layout."""
         params = self.params(model, layout)  # NOT_FOUND for an unknown model first
+        key_id = check_key_id(key_id)
         record = await self.keys.record(key_id, principal, self.auth_enabled)
         check_key_fits(record.parameters, params, layout)
+        return key_id
 
     # ------------------------------------------------------------ latency
     async def predict(self, principal: Principal, model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
@@ -82,10 +86,11 @@ class InferenceCore:
         start = time.perf_counter()
         if not ciphertext:
             raise InvalidArgument("ciphertext is empty; send one encrypted input (latency layout)")
-        await self._checked_key(principal, model, key_id, "latency")
+        key_id = await self._checked_key(principal, model, key_id, "latency")
+        owner = record_owner(principal, self.auth_enabled)
         index = self.pool.pick()
-        result, _kernel_ms = await self.pool.with_key(index, lambda: self.keys.data(key_id), workers.predict_latency,
-                                                      (model, key_id), (ciphertext,))
+        result, _kernel_ms = await self.pool.with_key(index, lambda: self.keys.data(key_id, owner),
+                                                      workers.predict_latency, (model, key_id), (ciphertext,))
         return result, (time.perf_counter() - start) * 1000
 
     # ------------------------------------------------------------ streams
@@ -106,8 +111,34 @@ class _Batch:
         self.started = time.perf_counter()
 
 
+@dataclass(frozen=True)
+class StreamHeader:
+    model: str
+    key_id: str
+    layout: str  # "latency" | "batch" | "" (not stated)
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    request_id: str
+    model: str
+    key_id: str
+    ciphertext: bytes
+
+
+@dataclass(frozen=True)
+class StreamBatchPart:
+    request_id: str
+    position: int
+    n_samples: int
+    ciphertext: bytes
+
+
+StreamMessage = StreamHeader | StreamItem | StreamBatchPart
+
+
 class StreamSession:
-    """One PredictStream call. Feed it requests; read answers from `answers`."""
+    """One PredictStream call: `run(messages)` yields its answers as they are ready."""
 
     def __init__(self, core: InferenceCore, principal: Principal) -> None:
         self.core = core
@@ -120,6 +151,48 @@ class StreamSession:
         self._tasks: set[asyncio.Task] = set()
         self._batches: dict[str, _Batch] = {}
         self._failed: set[str] = set()
+
+    async def run(self, messages: AsyncIterator[StreamMessage]) -> AsyncIterator[Answer]:
+        """Reads the messages while answers stream out; a stream-level error (a bad header,
+        an undecodable message) ends the call; an item's error is only its own answer."""
+        reader = asyncio.create_task(self._read(messages))
+        getter: asyncio.Future | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(self.answers.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    answer = getter.result()
+                    if answer is None:
+                        return
+                    yield answer
+                    continue
+                getter.cancel()
+                reader.result()  # raises the stream-level error
+                # The reader ended normally: the None sentinel is queued; keep draining.
+                while (answer := await self.answers.get()) is not None:
+                    yield answer
+                return
+        finally:
+            if not reader.done():
+                reader.cancel()
+            if getter is not None and not getter.done():
+                getter.cancel()  # a cancelled call leaves it waiting on the queue forever otherwise
+            await self.cancel()
+
+    async def _read(self, messages: AsyncIterator[StreamMessage]) -> None:
+        first = True
+        async for msg in messages:
+            if isinstance(msg, StreamHeader):
+                if not first:
+                    raise InvalidArgument("the stream header must be the first message")
+                self.header(msg.model, msg.key_id, msg.layout)
+            elif isinstance(msg, StreamItem):
+                await self.item(msg.request_id, msg.model, msg.key_id, msg.ciphertext)
+            else:
+                await self.batch_part(msg.request_id, msg.position, msg.n_samples, msg.ciphertext)
+            first = False
+        await self.finish()
 
     def header(self, model: str, key_id: str, layout: str) -> None:
         if self.model:
@@ -188,12 +261,13 @@ class StreamSession:
         pending: list[asyncio.Future] = []
         started = False
         try:
-            await core._checked_key(self.principal, self.model, self.key_id, "batch")
+            self.key_id = await core._checked_key(self.principal, self.model, self.key_id, "batch")
             batch.worker = pool.pick()
             # From here on the worker may hold state for this batch, even if we are cancelled
             # while it starts (abort is queued behind the start and is a no-op for unknown ids).
             started = True
-            await pool.with_key(batch.worker, lambda: core.keys.data(self.key_id), workers.batch_start,
+            await pool.with_key(batch.worker, lambda: core.keys.data(self.key_id, record_owner(self.principal, core.auth_enabled)),
+                                workers.batch_start,
                                 (batch.id, self.model, self.key_id), (batch.n_samples,))
             received = 0
             while received < batch.total:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,9 +24,10 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Generic, Hashable, TypeVa
 import grpc
 
 from encinfer.common.auth import Principal, auth_metadata
-from encinfer.common.errors import (DataLoss, EncinferError, FailedPrecondition, InvalidArgument, NotFound,
+from encinfer.common.errors import (DataLoss, EncinferError, FailedPrecondition, NotFound,
                                     PermissionDenied, Unavailable)
 from encinfer.common.rpc import TlsFiles, channel
+from encinfer.he.keyinfo import check_key_id
 from encinfer.he.params import CkksParams
 from encinfer.inference.cache import ByteLRU
 from encinfer.v1 import keystore_pb2, keystore_pb2_grpc
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KEY_ID = re.compile(r"[0-9a-f]{64}")
 
 # gRPC's default reconnect backoff grows toward 120 s: after a long key-store outage the
 # next connection attempt came seconds after the key store was back. Loopback or LAN
@@ -54,11 +53,6 @@ RETRY_SECONDS = 1.0
 # callers that arrive after it, instead of each starting a call and waiting its whole timeout.
 SLOW_SECONDS = 0.5
 HOLD_SECONDS = 1.0
-
-
-def check_key_id(key_id: str) -> None:
-    if not KEY_ID.fullmatch(key_id or ""):  # fullmatch: "$" alone accepts a trailing newline
-        raise InvalidArgument("key_id must be the 64 hex characters the key store returned on upload")
 
 
 def check_key_fits(params: keystore_pb2.KeyParameters, needed: CkksParams, layout: str) -> None:
@@ -185,6 +179,12 @@ class _Records:
         return len(self._items)
 
 
+def record_owner(principal: Principal, auth_enabled: bool) -> str:
+    """Whose record a request is checked against: the tenant's own ("" for the service role,
+    or with auth off: any holder of the key)."""
+    return principal.owner if auth_enabled and not principal.is_service else ""
+
+
 class KeySource:
     def __init__(self, target: str, token: str, tls: TlsFiles | None, timeout: float,
                  cache_bytes: int, recheck_seconds: float, *, max_stale_seconds: float = 3600.0,
@@ -221,8 +221,8 @@ class KeySource:
 
         Asked per (key, owner): identical bytes (a batch-layout key is the parameters
         only) may be held by several tenants, each with its own record and expiry."""
-        check_key_id(key_id)
-        owner = principal.owner if auth_enabled and not principal.is_service else ""
+        key_id = check_key_id(key_id)
+        owner = record_owner(principal, auth_enabled)
         slot = (key_id, owner)
         entry = self._records.get(slot)
         if entry is None:
@@ -312,15 +312,16 @@ class KeySource:
             return False
 
     # ------------------------------------------------------------ bytes
-    async def data(self, key_id: str) -> bytes:
-        """The key bytes; concurrent callers for one key id share one fetch."""
+    async def data(self, key_id: str, owner: str = "") -> bytes:
+        """The key bytes, read through `owner`'s record (record_owner(); "" = any holder);
+        concurrent callers for one key id share one fetch."""
         cached = self._bytes.get(key_id)
         if cached is not None:
             return cached
-        return await asyncio.shield(self._fetches.start(key_id, lambda: self._fetch(key_id)).task)
+        return await asyncio.shield(self._fetches.start(key_id, lambda: self._fetch(key_id, owner)).task)
 
-    async def _fetch(self, key_id: str) -> bytes:
-        call = self._stub.GetKeys(keystore_pb2.GetKeysRequest(key_id=key_id), metadata=self._metadata,
+    async def _fetch(self, key_id: str, owner: str) -> bytes:
+        call = self._stub.GetKeys(keystore_pb2.GetKeysRequest(key_id=key_id, owner=owner), metadata=self._metadata,
                                   timeout=self.timeout)
         record, parts = None, []
         try:

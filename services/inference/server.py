@@ -5,23 +5,30 @@ import asyncio
 import logging
 import os
 import signal
-from typing import AsyncIterator
+import sys
+from typing import Any, AsyncIterator
 
 import grpc
 from prometheus_client import Counter
 
 from encinfer.common import logs
-from encinfer.common.auth import TokenTable
-from encinfer.common.errors import InvalidArgument
+from encinfer.common.auth import current_principal
+from encinfer.common.errors import EncinferError, InvalidArgument
+from encinfer.common.preflight import StartupError, check_client_tls, check_port_free, check_server_tls, split_address
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
 from encinfer.inference.config import InferenceConfig
-from encinfer.inference.core import Answer, InferenceCore
+from encinfer.inference.core import (Answer, InferenceCore, StreamBatchPart, StreamHeader, StreamItem,
+                                     StreamMessage)
 from encinfer.inference.keys import KeySource
-from encinfer.inference.workers import WorkerPool
+from encinfer.inference.model import load_model
+from encinfer.inference.workers import WorkerPool, kill_workers
 from encinfer.v1 import inference_pb2 as pb
 from encinfer.v1 import inference_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# A stop gets the drain delay, the grace period and this much more (workers: 3 s to exit, then SIGKILL).
+STOP_MARGIN_SECONDS = 10.0
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch"}
@@ -65,102 +72,126 @@ def answer_pb(a: Answer, counted: bool = False) -> pb.PredictResponse:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, core: InferenceCore, tokens: TokenTable, worker_name: str) -> None:
-        self.core, self.tokens, self.worker_name = core, tokens, worker_name
+    def __init__(self, core: InferenceCore, worker_name: str) -> None:
+        self.core, self.worker_name = core, worker_name
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        self.tokens.authenticate(context.invocation_metadata())
         return pb.ListModelsResponse(models=[model_info_pb(m, self.worker_name, self.core.max_open_batches)
                                                   for m in self.core.models()])
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
-        self.tokens.authenticate(context.invocation_metadata())
         return model_info_pb(self.core.model_info(request.model), self.worker_name, self.core.max_open_batches)
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         ct, ms = await self.core.predict(principal, request.model, request.key_id, request.ciphertext)
         return answer_pb(Answer(request.request_id, [ct], 1, ms))
 
     async def PredictStream(self, requests: AsyncIterator[pb.PredictStreamRequest], context) -> AsyncIterator[pb.PredictResponse]:
-        principal = self.tokens.authenticate(context.invocation_metadata())
-        session = self.core.stream(principal)
+        async for answer in self.core.stream(current_principal()).run(stream_messages(requests)):
+            yield answer_pb(answer, counted=True)
 
-        async def read() -> None:
-            first = True
-            async for req in requests:
-                kind = req.WhichOneof("msg")
-                if kind == "header":
-                    if not first:
-                        raise InvalidArgument("the stream header must be the first message")
-                    session.header(req.header.model, req.header.key_id, LAYOUT_NAMES.get(req.header.layout, ""))
-                elif kind == "item":
-                    it = req.item
-                    await session.item(it.request_id, it.model, it.key_id, it.ciphertext)
-                elif kind == "batch_part":
-                    bp = req.batch_part
-                    await session.batch_part(bp.request_id, bp.position, bp.n_samples, bp.ciphertext)
-                else:
-                    raise InvalidArgument("empty stream message: send a header, an item or a batch part")
-                first = False
-            await session.finish()
 
-        reader = asyncio.create_task(read())
-        getter: asyncio.Future | None = None
-        try:
-            while True:
-                getter = asyncio.ensure_future(session.answers.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    answer = getter.result()
-                    if answer is None:
-                        break
-                    yield answer_pb(answer, counted=True)
-                    continue
-                getter.cancel()
-                reader.result()  # raises a stream-level error (bad header, ...)
-                # reader ended normally: the None sentinel is queued; keep draining.
-                while (answer := await session.answers.get()) is not None:
-                    yield answer_pb(answer, counted=True)
-                break
-        finally:
-            if not reader.done():
-                reader.cancel()
-            if getter is not None and not getter.done():
-                getter.cancel()  # a cancelled call leaves it waiting on the queue forever otherwise
-            await session.cancel()
+async def stream_messages(requests: AsyncIterator[pb.PredictStreamRequest]) -> AsyncIterator[StreamMessage]:
+    """PredictStream's messages as the core's plain values (header, item or batch part)."""
+    async for req in requests:
+        kind = req.WhichOneof("msg")
+        if kind == "header":
+            h = req.header
+            yield StreamHeader(h.model, h.key_id, LAYOUT_NAMES.get(h.layout, ""))
+        elif kind == "item":
+            it = req.item
+            yield StreamItem(it.request_id, it.model, it.key_id, it.ciphertext)
+        elif kind == "batch_part":
+            bp = req.batch_part
+            yield StreamBatchPart(bp.request_id, bp.position, bp.n_samples, bp.ciphertext)
+        else:
+            raise InvalidArgument("empty stream message: send a header, an item or a batch part")
 
 
 class InferenceServer:
-    """Owns the gRPC server, the worker pool and the key source; start() then stop()."""
+    """Owns the gRPC server, the worker pool and the key source; start() then stop().
+
+    start() checks everything it can before it spawns a worker (models, TLS files, free
+    ports), binds the gRPC port last, and on any failure undoes what it did: no listener
+    and no worker outlives a failed start."""
 
     def __init__(self, config: InferenceConfig) -> None:
         self.config = config
         self.port = 0
+        self.server: grpc.aio.Server | None = None
+        self.health = None
+        self.pool: WorkerPool | None = None
+        self.keys: KeySource | None = None
+        self._metrics: Any = None
 
     async def start(self) -> int:
+        try:
+            return await self._start()
+        except BaseException:
+            await self._undo()
+            raise
+
+    def preflight(self) -> None:
+        """Raises StartupError for what would otherwise fail later, or in a worker."""
         config = self.config
-        tokens = TokenTable.from_env()
+        if not config.models:
+            raise StartupError("no model to serve: pass --model PATH or set ENCINFER_MODELS")
+        names: dict[str, str] = {}
+        for path in config.models:
+            try:
+                name = load_model(path).name
+            except (EncinferError, OSError) as e:
+                raise StartupError(f"model {path!r} cannot be served: {e} (fix --model or ENCINFER_MODELS)") from None
+            if name in names:
+                raise StartupError(f"models {names[name]!r} and {path!r} are both named {name!r}; names must be unique")
+            names[name] = path
+        if config.tls is not None:
+            check_server_tls(config.tls)
+        if config.keystore_tls is not None:
+            check_client_tls(config.keystore_tls, "ENCINFER_KEYSTORE_TLS")
+        host, port = split_address(config.address)
+        check_port_free(host, port, "ENCINFER_INFERENCE_ADDRESS")
+        if config.metrics_port:
+            if config.metrics_port == port:
+                raise StartupError(f"ENCINFER_METRICS_PORT={port} is the gRPC port too: choose another")
+            check_port_free(self._metrics_host(), config.metrics_port, "ENCINFER_METRICS_PORT")
+
+    def _metrics_host(self) -> str:
+        return self.config.address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+
+    async def _start(self) -> int:
+        config = self.config
+        tokens = config.tokens
         if not tokens.enabled:
             log.warning("authentication is OFF (no ENCINFER_TOKENS / ENCINFER_TOKENS_FILE): every caller is 'public'")
-        if not config.models:
-            raise SystemExit("no model to serve: pass --model PATH or set ENCINFER_MODELS")
+        self.preflight()
+        if config.metrics_port:
+            from prometheus_client import start_http_server
+            try:
+                self._metrics = start_http_server(config.metrics_port, addr=self._metrics_host())
+            except OSError as e:
+                raise StartupError(f"cannot serve metrics on port {config.metrics_port} ({e.strerror}): "
+                                   "stop the process that holds it or change ENCINFER_METRICS_PORT") from None
         self.pool = WorkerPool(config.models, config.workers, config.key_cache_bytes)
-        await self.pool.start()
+        try:
+            await self.pool.start()
+        except EncinferError as e:
+            raise StartupError(f"the inference workers cannot start: {e}") from None
+        if config.metrics_port:
+            from encinfer.inference.metrics import export_worker_caches
+            export_worker_caches(self.pool)
         self.keys = KeySource.from_config(config)
         core = InferenceCore(self.pool, self.keys, tokens.enabled, config.max_inflight_per_stream,
                              config.max_open_batches)
-        self.server = make_server()
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(core, tokens, str(os.getpid())), self.server)
+        self.server = make_server(tokens)
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(core, str(os.getpid())), self.server)
         self.health = add_health_and_reflection(self.server, [SERVICE])
-        self.port = bind(self.server, config.address, config.tls)
-        if config.metrics_port:
-            from prometheus_client import start_http_server
-
-            from encinfer.inference.metrics import export_worker_caches
-            export_worker_caches(self.pool)
-            start_http_server(config.metrics_port, addr=config.address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1")
+        try:
+            self.port = bind(self.server, config.address, config.tls)
+        except (RuntimeError, StartupError):  # taken since preflight, or TLS files grpc refuses
+            raise StartupError(f"cannot listen on {config.address}: the port is in use or the TLS files are "
+                               "unusable; fix ENCINFER_INFERENCE_ADDRESS or ENCINFER_TLS_CERT/KEY") from None
         await self.server.start()
         await set_health(self.health, [SERVICE], True)
         log.info("inference serving", extra={"fields": {
@@ -168,31 +199,87 @@ class InferenceServer:
             "tls": config.tls is not None, "models": [m["name"] for m in self.pool.models]}})
         return self.port
 
-    async def stop(self) -> None:
-        """Health turns NOT_SERVING first, then in-flight calls get the grace period."""
-        log.info("inference stopping", extra={"fields": {"grace_seconds": self.config.grace_seconds}})
-        await set_health(self.health, [SERVICE], False)
-        await self.server.stop(self.config.grace_seconds)
-        await self.keys.close()
-        await self.pool.close()
+    async def _undo(self) -> None:
+        """Releases whatever a failed start got: the gRPC port, the workers, the metrics port."""
+        if self.server is not None:
+            await self.server.stop(0)
+        if self.keys is not None:
+            await self.keys.close()
+        if self.pool is not None:
+            await self.pool.close(timeout=1)
+        self._stop_metrics()
+
+    def _stop_metrics(self) -> None:
+        if self._metrics is not None:
+            httpd, _thread = self._metrics
+            httpd.shutdown()
+            httpd.server_close()
+            self._metrics = None
+
+    async def stop(self, delay: float = 0.0) -> None:
+        """Health turns NOT_SERVING first and stays visible on the open port for `delay`
+        seconds; then in-flight calls get the grace period; then the workers stop."""
+        log.info("inference stopping", extra={"fields": {"grace_seconds": self.config.grace_seconds,
+                                                         "delay_seconds": delay}})
+        try:
+            await set_health(self.health, [SERVICE], False)
+            if delay > 0:
+                await asyncio.sleep(delay)  # pollers see NOT_SERVING, not a refused connection
+            await self.server.stop(self.config.grace_seconds)
+            await self.keys.close()
+        finally:
+            await self.pool.close()
+            self._stop_metrics()
 
 
 async def serve(config: InferenceConfig) -> None:
-    """Runs until SIGTERM or SIGINT."""
+    """Runs until SIGTERM or SIGINT; then stops within delay + grace + a few seconds, whatever
+    state the server is in (a stop that overruns that is abandoned, and main() kills the workers).
+    A signal during start-up abandons the start (undone: no worker, no port left)."""
     server = InferenceServer(config)
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        log.info("inference stopped before it was serving")
+        return
+    if starting.exception() is not None:
+        stopping.cancel()
+        raise starting.exception()  # a StartupError, after start() has undone what it did
+    await stopping
+    bound = config.shutdown_delay + config.grace_seconds + STOP_MARGIN_SECONDS
+    try:
+        await asyncio.wait_for(server.stop(config.shutdown_delay), bound)
+    except asyncio.TimeoutError:
+        log.error("inference did not stop in time; killing its workers", extra={"fields": {"seconds": bound}})
+    log.info("inference stopped")
 
 
-def main(models: list[str] | None = None) -> None:
+def main(models: list[str] | None = None) -> int:
+    """The process: 0 after a clean stop, 1 (and one ERROR line) when it cannot start."""
     logs.configure()
-    asyncio.run(serve(InferenceConfig.from_env(models)))
+    try:
+        config = InferenceConfig.from_env(models)
+        asyncio.run(serve(config))
+        return 0
+    except StartupError as e:  # encinfer.common.errors.ConfigError
+        log.error(f"inference cannot start: {e}")
+        return 1
+    except OSError as e:  # a token file that cannot be read, ...
+        log.error(f"inference cannot start: {e}")
+        return 1
+    except Exception:  # noqa: BLE001 - a bug: one JSON line with the traceback, and an exit code
+        log.exception("inference failed")
+        return 1
+    finally:
+        kill_workers()  # no worker outlives the server, whatever happened
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

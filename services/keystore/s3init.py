@@ -28,16 +28,17 @@ import certifi
 import urllib3
 from minio import Minio, MinioAdmin
 from minio.credentials import StaticProvider
-from minio.helpers import check_bucket_name
 from minio.error import MinioAdminException, S3Error
+from minio.helpers import check_bucket_name
 
-from encinfer.common.env import env_bool, env_float, env_str
+from encinfer.common.env import env_float, env_str
 from encinfer.common.errors import EncinferError, FailedPrecondition, InvalidArgument, Unauthenticated, Unavailable
+from encinfer.keystore.config import S3Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "127.0.0.1:9000"
-DEFAULT_BUCKET = "encinfer-keys"
+DEFAULT_ENDPOINT = S3Settings.endpoint
+DEFAULT_BUCKET = S3Settings.bucket
 # MinIO's own limits on IAM users (checked here to fail with a clear message).
 ACCESS_KEY_LENGTH = (3, 20)
 SECRET_KEY_LENGTH = (8, 40)
@@ -67,14 +68,11 @@ class S3InitConfig:
 
     @classmethod
     def from_env(cls) -> "S3InitConfig":
+        """The key store's S3 settings (read by S3Settings, one place), plus the root credentials."""
+        s3 = S3Settings.from_env()
         return cls(
-            endpoint=env_str("ENCINFER_S3_ENDPOINT", DEFAULT_ENDPOINT),
-            secure=env_bool("ENCINFER_S3_SECURE", False),
-            ca_file=env_str("ENCINFER_S3_CA_FILE", ""),
-            region=env_str("ENCINFER_S3_REGION", ""),
-            bucket=env_str("ENCINFER_S3_BUCKET", DEFAULT_BUCKET),
-            access_key=env_str("ENCINFER_S3_ACCESS_KEY", ""),
-            secret_key=env_str("ENCINFER_S3_SECRET_KEY", ""),
+            endpoint=s3.endpoint, secure=s3.secure, ca_file=s3.ca_file, region=s3.region, bucket=s3.bucket,
+            access_key=s3.access_key, secret_key=s3.secret_key,
             root_user=env_str("ENCINFER_S3_ROOT_USER", "") or env_str("MINIO_ROOT_USER", ""),
             root_password=env_str("ENCINFER_S3_ROOT_PASSWORD", "") or env_str("MINIO_ROOT_PASSWORD", ""),
             wait_seconds=env_float("ENCINFER_S3_INIT_WAIT", cls.wait_seconds),

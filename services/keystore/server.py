@@ -13,40 +13,22 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter
 
 from encinfer.common import logs
-from encinfer.common.auth import TokenTable
+from encinfer.common.auth import current_principal
 from encinfer.common.background import BackgroundServer
-from encinfer.common.errors import InvalidArgument
+from encinfer.common.errors import ConfigError, InvalidArgument
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
 from encinfer.keystore.config import KeyStoreConfig
 from encinfer.keystore.storage import open_backend
-from encinfer.keystore.store import KeyRecord, KeyStore, PutHeader
+from encinfer.keystore.store import KeyStore, PutHeader
 from encinfer.v1 import keystore_pb2 as pb
 from encinfer.v1 import keystore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyStore"].full_name
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def record_to_pb(record: KeyRecord) -> pb.KeyRecord:
-    p = record.parameters
-    return pb.KeyRecord(
-        key_id=record.key_id, size_bytes=record.size_bytes, sha256=record.sha256, owner=record.owner,
-        created=_timestamp(record.created), expires=_timestamp(record.expires), labels=record.labels,
-        parameters=pb.KeyParameters(
-            scheme=p.scheme, poly_modulus_degree=p.poly_modulus_degree, coeff_modulus_bits=p.coeff_modulus_bits,
-            has_public_key=p.has_public_key, has_relin_keys=p.has_relin_keys, galois_steps=p.galois_steps,
-            has_conjugation_key=p.has_conjugation_key, format=p.format))
 
 
 async def split_put_stream(requests: AsyncIterator[pb.PutKeysRequest]) -> tuple[PutHeader, AsyncIterator[bytes]]:
@@ -68,15 +50,15 @@ async def split_put_stream(requests: AsyncIterator[pb.PutKeysRequest]) -> tuple[
 
 
 class KeyStoreServicer(pb_grpc.KeyStoreServicer):
-    """Authenticates, converts messages, calls the core; errors are mapped by the interceptor."""
+    """Converts messages and calls the core; the interceptor authenticates and maps errors."""
 
-    def __init__(self, store: KeyStore, tokens: TokenTable) -> None:
-        self.store, self.tokens = store, tokens
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
 
     async def PutKeys(self, request_iterator, context):
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         header, chunks = await split_put_stream(request_iterator)
-        return record_to_pb(await self.store.put(principal, header, chunks))
+        return (await self.store.put(principal, header, chunks)).to_pb()
 
     async def PutKeysUnary(self, request, context):
         """PutKeys for clients that cannot stream (browsers): the same store, checks and limits."""
@@ -89,24 +71,24 @@ class KeyStoreServicer(pb_grpc.KeyStoreServicer):
         return record_to_pb(await self.store.put(principal, header, chunks()))
 
     async def GetKeys(self, request, context):
-        principal = self.tokens.authenticate(context.invocation_metadata())
-        async with await self.store.fetch(principal, request.key_id) as key:
-            yield pb.GetKeysResponse(record=record_to_pb(key.record))
+        principal = current_principal()
+        async with await self.store.fetch(principal, request.key_id, request.owner) as key:
+            yield pb.GetKeysResponse(record=key.record.to_pb())
             async for chunk in key.chunks():
                 yield pb.GetKeysResponse(chunk=chunk)
 
     async def StatKeys(self, request, context):
-        principal = self.tokens.authenticate(context.invocation_metadata())
-        return record_to_pb(await self.store.stat(principal, request.key_id, request.owner))
+        principal = current_principal()
+        return (await self.store.stat(principal, request.key_id, request.owner)).to_pb()
 
     async def DeleteKeys(self, request, context):
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         return pb.DeleteKeysResponse(deleted=await self.store.delete(principal, request.key_id))
 
     async def ListKeys(self, request, context):
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         records, token = await self.store.list(principal, request.page_size, request.page_token)
-        return pb.ListKeysResponse(keys=[record_to_pb(r) for r in records], next_page_token=token)
+        return pb.ListKeysResponse(keys=[r.to_pb() for r in records], next_page_token=token)
 
 
 class KeyStoreServer:
@@ -114,8 +96,8 @@ class KeyStoreServer:
 
     def __init__(self, config: KeyStoreConfig, store: KeyStore) -> None:
         self.config, self.store = config, store
-        self.server = make_server()
-        pb_grpc.add_KeyStoreServicer_to_server(KeyStoreServicer(store, config.tokens), self.server)
+        self.server = make_server(config.tokens)
+        pb_grpc.add_KeyStoreServicer_to_server(KeyStoreServicer(store), self.server)
         self.health = add_health_and_reflection(self.server, [SERVICE_NAME])
         self.port = 0
         self.serving: bool | None = None  # unknown until the first probe
@@ -146,9 +128,12 @@ class KeyStoreServer:
         ok = await self.store.probe()
         if ok != self.serving:
             await set_health(self.health, [SERVICE_NAME], ok)
-            (log.info if ok else log.warning)(
-                "storage backend " + ("reachable: SERVING" if ok else "unreachable: NOT_SERVING"),
-                extra={"fields": {"backend": self.store.backend.kind}})
+            if ok:
+                log.info("storage backend reachable and spool writable: SERVING",
+                         extra={"fields": {"backend": self.store.backend.kind}})
+            else:
+                log.warning(f"{self.store.probe_error}: NOT_SERVING", extra={"fields": {
+                    "backend": self.store.backend.kind, "reason": self.store.probe_error}})
         self.serving = ok
 
     async def _probe_loop(self) -> None:
@@ -173,8 +158,9 @@ class KeyStoreServer:
             except Exception as e:  # noqa: BLE001 - retried next interval
                 log.warning("cleanup failed; retrying next interval", extra={"fields": {"error": str(e)}})
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, stop accepting, let in-flight RPCs finish within the grace period."""
+    async def stop(self, grace: float | None = None, delay: float = 0.0) -> None:
+        """NOT_SERVING (answered on the open port for `delay` seconds, so pollers see it rather
+        than a refused connection), stop accepting, let in-flight RPCs finish within the grace period."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -183,6 +169,8 @@ class KeyStoreServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.serving = False
         await set_health(self.health, [SERVICE_NAME], False)
+        if delay > 0:
+            await asyncio.sleep(delay)
         await self.server.stop(self.config.shutdown_grace if grace is None else grace)
         self.store.close()
         log.info("key store stopped", extra={"fields": {"address": self.address}})
@@ -268,8 +256,9 @@ async def serve(config: KeyStoreConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down", extra={"fields": {"grace_seconds": config.shutdown_grace}})
-    await server.stop()
+    log.info("shutting down", extra={"fields": {"grace_seconds": config.shutdown_grace,
+                                                "delay_seconds": config.shutdown_delay}})
+    await server.stop(delay=config.shutdown_delay)
     return 0
 
 
@@ -290,10 +279,20 @@ def tune_malloc() -> None:
 
 
 def main() -> int:
+    """The process: 0 after a clean stop, 1 (and one ERROR line) when it cannot start."""
     tune_malloc()
-    config = KeyStoreConfig.from_env()
+    try:
+        config = KeyStoreConfig.from_env()
+    except (ConfigError, OSError) as e:
+        logs.configure()
+        log.error(f"key store cannot start: {e}")
+        return 1
     logs.configure(config.log_level)
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except ConfigError as e:
+        log.error(f"key store cannot start: {e}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ so both backends behave the same by construction and one test suite covers both.
 
 The calls are synchronous (the minio SDK is); the core runs them in threads with a
 deadline. Both raise `Unavailable` when the storage cannot be reached, so a dead
-backend is a clear status, never a hang or an INTERNAL.
+backend is a clear status, never a hang or an INTERNAL; `CorruptObject` when the
+storage is fine but one object cannot be read back (a bit flipped on MinIO's disk);
+`ResourceExhausted` when the local disk is full.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from encinfer.common.errors import InvalidArgument, Unavailable
+from encinfer.common.errors import ConfigError, DataLoss, InvalidArgument, ResourceExhausted, Unavailable
 from encinfer.keystore.config import KeyStoreConfig, S3Settings
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,19 @@ log = logging.getLogger(__name__)
 PART_SIZE = 16 * 1024 * 1024
 PARALLEL_PARTS = 1
 READ_SIZE = 1024 * 1024
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class CorruptObject(DataLoss):
+    """The storage answers, but this one object cannot be read back as it was written."""
+
+
+def disk_full(where: str, e: OSError) -> ResourceExhausted:
+    """The error for a write refused by a full disk (or an exhausted quota) under `where`."""
+    return ResourceExhausted(f"key store spool disk full at {where}: {e.strerror or e}; "
+                             f"free space there (or point ENCINFER_KEYSTORE_DATA_DIR at a bigger disk)")
 
 
 @dataclass(frozen=True)
@@ -149,6 +165,8 @@ class FsObjectStore:
         except (InvalidArgument, FileNotFoundError):
             raise
         except OSError as e:
+            if e.errno in DISK_FULL:
+                raise disk_full(str(self.root), e) from None
             raise Unavailable(f"key store directory: {what} failed: {e.strerror or e}") from None
 
     def _put(self, name: str, write_data, metadata: dict[str, str]) -> None:
@@ -263,6 +281,14 @@ class S3ObjectStore:
     Its urllib3 pool has short timeouts and bounded retries, so a stopped or hung
     MinIO turns into Unavailable within about the configured deadline instead of
     minio-py's default 5 minutes with 5 retries.
+
+    A bit flipped in one of MinIO's parts (measured, MinIO single drive): a GET whose
+    first block fails its bitrot check answers `503 SlowDownRead` with `Retry-After: 60`
+    (MinIO's name for "insufficient read quorum"); a later block fails mid-body, after
+    a 200, as a broken connection at the same offset every time. Both are also what
+    lost drives or a dying server look like, so the object is called corrupt only when
+    MinIO's cluster read-health endpoint says the cluster itself can read (200), and a
+    broken body is resumed once from where it broke before it counts.
     """
 
     kind = "s3"
@@ -276,8 +302,8 @@ class S3ObjectStore:
         try:
             check_bucket_name(settings.bucket)
         except ValueError:
-            raise SystemExit(f"ENCINFER_S3_BUCKET={settings.bucket!r} is not a valid bucket name "
-                             "(3-63 characters: a-z 0-9 . -)") from None
+            raise ConfigError(f"ENCINFER_S3_BUCKET={settings.bucket!r} is not a valid bucket name "
+                              "(3-63 characters: a-z 0-9 . -)") from None
         self.settings, self.bucket = settings, settings.bucket
         # urllib3 warns on every retried connection: during an outage the health probe
         # and our own UNAVAILABLE lines already say it, once.
@@ -288,9 +314,12 @@ class S3ObjectStore:
             cert_reqs="CERT_REQUIRED",
             ca_certs=settings.ca_file or certifi.where(),
             # One retry for a refused/reset connection or a 5xx, none after a read timeout:
-            # a retried slow read would double the deadline.
+            # a retried slow read would double the deadline. Never sleep a server's
+            # Retry-After (MinIO says 60 s for a corrupt object) inside our deadline, and
+            # hand the last 5xx to minio-py so its S3 error code can be classified.
             retries=urllib3.Retry(total=2, connect=1, read=0, status=1, backoff_factor=0.1,
-                                  status_forcelist=(500, 502, 503, 504)),
+                                  status_forcelist=(500, 502, 503, 504),
+                                  respect_retry_after_header=False, raise_on_status=False),
         )
         self.client = Minio(
             endpoint=settings.endpoint,
@@ -311,11 +340,25 @@ class S3ObjectStore:
         except S3Error as e:
             if e.code in ("NoSuchKey", "NoSuchObject"):
                 return None
+            if e.code == "SlowDownRead" and self.cluster_readable():
+                raise CorruptObject(f"object storage cannot read {e.object_name or what} back "
+                                    f"({e.code}: {e.message}) although the cluster can read: "
+                                    f"the stored object is corrupted") from None
             raise Unavailable(f"object storage refused {what}: {e.code}: {e.message}") from None
         except (urllib3.exceptions.HTTPError, OSError, MinioException) as e:
             reason = getattr(e, "reason", None) or e
             raise Unavailable(f"object storage at {self.settings.endpoint} unreachable during {what}: "
                               f"{type(reason).__name__}") from None
+
+    def cluster_readable(self) -> bool:
+        """True when MinIO's read-health endpoint says the cluster has read quorum (never retried)."""
+        scheme = "https" if self.settings.secure else "http"
+        try:
+            response = self._http.request("GET", f"{scheme}://{self.settings.endpoint}/minio/health/cluster/read",
+                                          timeout=2.0, retries=False)
+        except Exception:  # noqa: BLE001 - unreachable, or not MinIO: not a proof of corruption
+            return False
+        return response.status == 200
 
     def ensure_ready(self) -> None:
         def ensure() -> None:
@@ -369,7 +412,7 @@ class S3ObjectStore:
 
     def open(self, name: str) -> ObjectReader | None:
         response = self._call("read", self.client.get_object, bucket_name=self.bucket, object_name=name)
-        return None if response is None else _S3Reader(self, response)
+        return None if response is None else _S3Reader(self, name, response)
 
     def delete(self, name: str) -> None:
         self._call("delete", self.client.remove_object, bucket_name=self.bucket, object_name=name)
@@ -390,15 +433,48 @@ class S3ObjectStore:
 
 
 class _S3Reader:
-    """A get_object response that is always closed and its connection released."""
+    """A get_object response that is always closed and its connection released.
 
-    def __init__(self, store: S3ObjectStore, response) -> None:
-        self._store, self._response = store, response
+    A body that breaks off is resumed once from the byte where it broke; breaking
+    again at that byte, with MinIO answering, means the object is corrupt there.
+    """
+
+    def __init__(self, store: S3ObjectStore, name: str, response) -> None:
+        self._store, self._name, self._response = store, name, response
+        self._offset, self._resumed_at = 0, -1
 
     def read(self, n: int) -> bytes:
-        return self._store._call("read", self._response.read, n)
+        import urllib3
+
+        while True:
+            try:
+                data = self._response.read(n)
+            except urllib3.exceptions.ProtocolError:
+                self.close()
+                self._response = None
+                if self._resumed_at == self._offset:
+                    if self._store.cluster_readable():
+                        raise CorruptObject(f"object storage breaks off {self._name} at byte {self._offset} "
+                                            f"every time although the cluster can read: the stored object "
+                                            f"is corrupted") from None
+                    raise Unavailable(f"object storage at {self._store.settings.endpoint} broke off reading "
+                                      f"{self._name}") from None
+                self._resumed_at = self._offset
+                self._response = self._store._call(
+                    "read", self._store.client.get_object, bucket_name=self._store.bucket,
+                    object_name=self._name, offset=self._offset)
+                if self._response is None:
+                    raise Unavailable(f"{self._name} disappeared from object storage while it was read") from None
+                continue
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                raise Unavailable(f"object storage at {self._store.settings.endpoint} unreachable during read: "
+                                  f"{type(e).__name__}") from None
+            self._offset += len(data)
+            return data
 
     def close(self) -> None:
+        if self._response is None:
+            return
         try:
             self._response.close()
         finally:

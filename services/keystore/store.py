@@ -23,25 +23,37 @@ record without its bytes. Within one key-store process, puts and deletes of one
 owner and one key id are serialized by locks (a multi-replica deployment could race
 a delete of one owner against another owner's upload of the same bytes; run one
 replica per bucket).
+
+Damage found on read: bytes that fail their SHA-256, cannot be read back, or are
+missing answer DATA_LOSS, and the key id is then removed for every owner (records,
+refs, bytes), so Stat, List and Get agree that it is gone (NOT_FOUND from then on)
+and the owner's next upload stores good bytes again. A record that is not valid
+JSON answers DATA_LOSS on Stat and Get, is left out of List, is overwritten by an
+upload and removed by DeleteKeys (which then answers deleted=True).
+
+Bounded work per key id: concurrent reads of one key id share one download
+(single flight), so one bad or slow key holds one storage thread, not all of them;
+the health probe has threads of its own.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import errno
 import functools
 import hashlib
 import importlib
-import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable
 from urllib.parse import quote, unquote
@@ -50,9 +62,11 @@ from prometheus_client import Counter, Gauge
 
 from encinfer.common.auth import Principal
 from encinfer.common.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from encinfer.he.keyinfo import KeyInfo
+from encinfer.he.keyinfo import KeyInfo, check_key_id
 from encinfer.keystore.config import KeyStoreConfig
-from encinfer.keystore.storage import READ_SIZE, ObjectStore
+from encinfer.keystore.parser import ParserPool
+from encinfer.keystore.record import KeyRecord
+from encinfer.keystore.storage import DISK_FULL, READ_SIZE, CorruptObject, ObjectStore, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -62,38 +76,18 @@ MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE = 32, 63, 256
 MIN_TRANSFER_RATE = 8 * 1024 * 1024  # bytes/s assumed when sizing a big transfer's deadline
 ORPHAN_GRACE = 600.0             # an object without its record is left alone this long (uploads in flight)
 SPOOL_MAX_AGE = 24 * 3600.0      # spool files older than this are leftovers of a crash
+MIN_SPOOL_FREE = 1024 * 1024     # health is NOT_SERVING while the spool disk has less free than this
 
-KEY_ID = re.compile(r"^[0-9a-f]{64}$")
 LABEL_KEY = re.compile(r"^[A-Za-z0-9._/-]+$")
 
 KEY_BYTES = Counter("encinfer_keystore_bytes_total", "Key bytes received and sent", ["direction"])
 KEYS_REJECTED = Counter("encinfer_keystore_rejected_total", "Uploads refused, by status code", ["code"])
 BACKEND_UP = Gauge("encinfer_keystore_backend_up", "1 while the storage backend answers its health probe")
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    key_id: str
-    size_bytes: int
-    sha256: str
-    parameters: KeyInfo  # what parsing the upload told (encinfer.he.keys)
-    owner: str
-    created: float  # epoch seconds
-    expires: float
-    labels: dict[str, str] = field(default_factory=dict)
-
-    def live(self, now: float) -> bool:
-        return now < self.expires
-
-    def to_bytes(self) -> bytes:
-        return json.dumps({"version": 1, **asdict(self)}, sort_keys=True).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "KeyRecord":
-        d = json.loads(data)
-        d.pop("version", None)
-        d["parameters"] = KeyInfo.from_json(d["parameters"])
-        return cls(**d)
+SPOOL_FULL = Counter("encinfer_keystore_spool_full_total",
+                     "Uploads and downloads refused because the spool disk was full")
+SPOOL_FREE = Gauge("encinfer_keystore_spool_free_bytes", "Free bytes on the spool disk at the last health probe")
+KEYS_DAMAGED = Counter("encinfer_keystore_damaged_total",
+                       "Key ids found damaged in storage (altered, unreadable or missing bytes) and removed")
 
 
 @dataclass(frozen=True)
@@ -116,10 +110,12 @@ class FetchedKey:
 
     Reading everything before sending anything is what makes a tampered object an
     error rather than data: the caller gets DATA_LOSS before the first byte.
+    `release` (default: delete the file) runs once, on close.
     """
 
-    def __init__(self, record: KeyRecord, path: Path) -> None:
+    def __init__(self, record: KeyRecord, path: Path, release: Callable[[], None] | None = None) -> None:
         self.record, self.path = record, path
+        self._release = release or (lambda: path.unlink(missing_ok=True))
 
     async def chunks(self, size: int = MAX_CHUNK) -> AsyncIterator[bytes]:
         with open(self.path, "rb") as f:
@@ -128,13 +124,27 @@ class FetchedKey:
                 yield chunk
 
     def close(self) -> None:
-        self.path.unlink(missing_ok=True)
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     async def __aenter__(self) -> "FetchedKey":
         return self
 
     async def __aexit__(self, *exc) -> None:
         self.close()
+
+
+class _Flight:
+    """One download of a key id, shared by its concurrent readers; the file goes with the last one."""
+
+    def __init__(self, task: asyncio.Future) -> None:
+        self.task, self.readers, self.path = task, 0, None
+
+    def release(self) -> None:
+        self.readers -= 1
+        if self.readers == 0 and self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 class _KeyedLocks:
@@ -164,13 +174,6 @@ class _KeyedLocks:
                 if not self._users[name]:
                     del self._users[name]
                     self._locks.pop(name, None)
-
-
-def check_key_id(key_id: str) -> str:
-    kid = (key_id or "").strip().lower()
-    if not KEY_ID.match(kid):
-        raise InvalidArgument(f"malformed key id {key_id[:80]!r}: expected 64 hex digits (a SHA-256)")
-    return kid
 
 
 def check_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -218,23 +221,29 @@ class KeyStore:
         self._inspect_fn = inspect
         self.spool_dir = config.spool_dir
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        # Storage calls run here, so a hung backend cannot starve the loop's default executor.
+        # Storage calls run here, so a hung backend cannot starve the loop's default executor;
+        # the health probe has its own threads, so it never queues behind requests.
         self._io_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="keystore-io")
-        # One parse at a time: SEAL keeps its memory pool at its peak, so parallel parses would add up.
-        self._inspect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keystore-inspect")
+        self._probe_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="keystore-probe")
+        self._flights: dict[str, _Flight] = {}
+        self._damaged: set[str] = set()  # key ids whose stored bytes an upload must rewrite
+        self.probe_error = ""            # why the last health probe failed ("" = it did not)
+        # One parse at a time, in a child process (encinfer.keystore.parser); injected fakes in a thread.
+        self._inspect_pool = ParserPool(in_process=inspect is not None)
         self._locks = _KeyedLocks()
 
     def close(self) -> None:
         self._io_pool.shutdown(wait=False, cancel_futures=True)
-        self._inspect_pool.shutdown(wait=False, cancel_futures=True)
+        self._probe_pool.shutdown(wait=False, cancel_futures=True)
+        self._inspect_pool.close()
         self.backend.close()
 
     # ------------------------------------------------------------ plumbing
 
-    async def _io(self, fn: Callable, *args, timeout: float | None = None):
+    async def _io(self, fn: Callable, *args, timeout: float | None = None, pool: ThreadPoolExecutor | None = None):
         """One storage call in a thread, bounded by the backend deadline."""
         deadline = timeout or self.config.backend_timeout
-        future = asyncio.get_running_loop().run_in_executor(self._io_pool, functools.partial(fn, *args))
+        future = asyncio.get_running_loop().run_in_executor(pool or self._io_pool, functools.partial(fn, *args))
         try:
             return await asyncio.wait_for(future, deadline)
         except TimeoutError:
@@ -242,6 +251,32 @@ class KeyStore:
 
     def _transfer_deadline(self, size: int) -> float:
         return self.config.backend_timeout + size / MIN_TRANSFER_RATE
+
+    def _spool_error(self, e: OSError) -> Exception:
+        """A spool write that failed: RESOURCE_EXHAUSTED for a full disk, UNAVAILABLE otherwise."""
+        if e.errno in DISK_FULL:
+            SPOOL_FULL.inc()
+            log.error("spool disk full", extra={"fields": {"spool_dir": str(self.spool_dir), "error": str(e)}})
+            return disk_full(str(self.spool_dir), e)
+        return Unavailable(f"key store spool at {self.spool_dir} cannot be written: {e.strerror or e}")
+
+    def _spool_file(self, prefix: str) -> Path:
+        try:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=self.spool_dir)
+        except OSError as e:
+            raise self._spool_error(e) from None
+        os.close(fd)
+        return Path(name)
+
+    def _check_spool_room(self, size: int) -> None:
+        """Refuses a transfer of `size` bytes up front when the spool disk cannot hold it."""
+        try:
+            st = os.statvfs(self.spool_dir)
+        except OSError:
+            return  # the write itself will say what is wrong
+        free = st.f_bavail * st.f_frsize
+        if size > free:
+            raise self._spool_error(OSError(errno.ENOSPC, f"{size} bytes needed, {free} free"))
 
     @staticmethod
     def _blob(kid: str) -> str:
@@ -265,19 +300,24 @@ class KeyStore:
             log.error("unreadable key record", extra={"fields": {"object": name, "error": str(e)}})
             raise DataLoss(f"the record of key {name.rsplit('/', 1)[-1]} is corrupted in storage") from None
 
+    async def _readable_record(self, name: str) -> KeyRecord | None:
+        """The record, or None when it is missing or corrupted (for writers, who replace it)."""
+        try:
+            return await self._read_record(name)
+        except DataLoss:
+            return None
+
     async def _inspect(self, path: Path) -> KeyInfo:
         inspect = self._inspect_fn
         if inspect is None:
             from encinfer.he import keys as he_keys
             inspect = he_keys.inspect_key_bundle
-        info = await asyncio.get_running_loop().run_in_executor(self._inspect_pool, inspect, path)
-        return info
+        return await self._inspect_pool.run(inspect, path)
 
     async def warm_up(self) -> None:
-        """Imports the key parser ahead of the first upload (TenSEAL takes a moment to load)."""
+        """Starts the parser process and imports the parser ahead of the first upload (TenSEAL takes a moment)."""
         if self._inspect_fn is None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._inspect_pool, importlib.import_module, "encinfer.he.keys")
+            await self._inspect_pool.run(importlib.import_module, "encinfer.he.keys")
 
     def _ttl(self, ttl_seconds: int) -> int:
         if ttl_seconds == 0:
@@ -289,17 +329,36 @@ class KeyStore:
     # ------------------------------------------------------------ operations
 
     async def probe(self) -> bool:
-        """True when the backend answers (creating the bucket or directories if needed)."""
+        """True when the backend answers (creating the bucket or directories if needed) and
+        the spool disk can be written; `probe_error` says why not."""
         try:
-            await self._io(self.backend.ensure_ready)
-            await self._io(self.backend.check)
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-        except (Unavailable, OSError) as e:
+            await self._io(self.backend.ensure_ready, pool=self._probe_pool)
+            await self._io(self.backend.check, pool=self._probe_pool)
+        except (Unavailable, ResourceExhausted, OSError) as e:
             BACKEND_UP.set(0)
+            self.probe_error = f"storage backend unreachable: {e}"
             log.debug("backend probe failed", extra={"fields": {"error": str(e)}})
             return False
         BACKEND_UP.set(1)
-        return True
+        self.probe_error = await asyncio.get_running_loop().run_in_executor(self._probe_pool, self._probe_spool)
+        return not self.probe_error
+
+    def _probe_spool(self) -> str:
+        """'' when the spool disk takes a small file and has MIN_SPOOL_FREE free; else why not."""
+        try:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            st = os.statvfs(self.spool_dir)
+            free = st.f_bavail * st.f_frsize
+            SPOOL_FREE.set(free)
+            with tempfile.TemporaryFile(prefix="probe-", dir=self.spool_dir) as f:
+                f.write(b"\0" * 4096)  # no fsync: a probe every 2 s must stay cheap; statvfs says "full"
+                f.flush()
+        except OSError as e:
+            reason = "disk full" if e.errno in DISK_FULL else "cannot be written"
+            return f"key store spool {reason} at {self.spool_dir}: {e.strerror or e}"
+        if free < MIN_SPOOL_FREE:
+            return f"key store spool disk full at {self.spool_dir}: {free} bytes free, need {MIN_SPOOL_FREE}"
+        return ""
 
     async def put(self, principal: Principal, header: PutHeader, chunks: AsyncIterator[bytes]) -> KeyRecord:
         """Spools, hashes and validates an upload, then stores it under its SHA-256.
@@ -313,6 +372,7 @@ class KeyStore:
             if header.expected_size > self.config.max_key_bytes:
                 raise ResourceExhausted(f"expected_size {header.expected_size} is over the key size limit "
                                         f"of {self.config.max_key_bytes} bytes")
+            self._check_spool_room(header.expected_size)
             spool = await self._receive(chunks, header.expected_size)
         except (InvalidArgument, ResourceExhausted) as e:
             KEYS_REJECTED.labels(e.code).inc()
@@ -328,20 +388,23 @@ class KeyStore:
     async def _receive(self, chunks: AsyncIterator[bytes], expected: int) -> _Spooled:
         """Writes the stream to a spool file, hashing as it goes, stopping at the first byte over a limit."""
         limit = self.config.max_key_bytes
-        fd, name = tempfile.mkstemp(prefix="put-", dir=self.spool_dir)
-        path, digest, size, ok, start = Path(name), hashlib.sha256(), 0, False, time.perf_counter()
+        path = self._spool_file("put-")
+        digest, size, ok, start = hashlib.sha256(), 0, False, time.perf_counter()
         try:
-            with os.fdopen(fd, "wb") as f:
-                async for chunk in chunks:
-                    if len(chunk) > MAX_CHUNK:
-                        raise InvalidArgument(f"chunk of {len(chunk)} bytes; chunks are at most {MAX_CHUNK} bytes")
-                    size += len(chunk)
-                    if size > limit:
-                        raise ResourceExhausted(f"key is over the size limit of {limit} bytes")
-                    if expected and size > expected:
-                        raise InvalidArgument(f"more bytes than the expected_size of {expected}")
-                    digest.update(chunk)
-                    f.write(chunk)
+            try:
+                with open(path, "wb") as f:
+                    async for chunk in chunks:
+                        if len(chunk) > MAX_CHUNK:
+                            raise InvalidArgument(f"chunk of {len(chunk)} bytes; chunks are at most {MAX_CHUNK} bytes")
+                        size += len(chunk)
+                        if size > limit:
+                            raise ResourceExhausted(f"key is over the size limit of {limit} bytes")
+                        if expected and size > expected:
+                            raise InvalidArgument(f"more bytes than the expected_size of {expected}")
+                        digest.update(chunk)
+                        f.write(chunk)
+            except OSError as e:  # the close's flush can hit a full disk too
+                raise self._spool_error(e) from None
             if size == 0:
                 raise InvalidArgument("no key bytes were sent")
             if expected and size != expected:
@@ -356,16 +419,17 @@ class KeyStore:
     async def _commit(self, owner: str, spool: _Spooled, labels: dict[str, str], ttl: int) -> KeyRecord:
         kid = spool.sha256
         record_name = self._record_name(owner, kid)
-        known = await self._read_record(record_name)
         async with self._locks.hold(f"owner:{owner}", f"key:{kid}"):
             now = self.clock()
-            existing = await self._read_record(record_name)
+            existing = await self._readable_record(record_name)  # a corrupted record is overwritten
             renewing = existing is not None and existing.live(now)
             if not renewing:
                 await self._check_quota(owner, kid, now)
             await self._io(self.backend.put_bytes, self._ref(kid, owner), b"", {})
             blob = await self._io(self.backend.head, self._blob(kid))
-            new_bytes = blob is None or blob.size != spool.size
+            # Bytes found damaged are rewritten even when an object of the right size is there
+            # (removing them may have failed).
+            new_bytes = blob is None or blob.size != spool.size or kid in self._damaged
             t0 = time.perf_counter()
             # Parsing (CPU here) and storing (I/O, mostly the storage server's CPU) overlap:
             # on S3 that hides most of the parse. Bytes that fail to parse are removed again.
@@ -375,7 +439,7 @@ class KeyStore:
             ) if new_bytes else None
             try:
                 # Parameters are a function of the bytes: an earlier record of these bytes has them.
-                parameters = known.parameters if known else await self._inspect(spool.path)
+                parameters = existing.parameters if existing else await self._inspect(spool.path)
                 t1 = time.perf_counter()
                 if store is not None:
                     await store
@@ -389,6 +453,8 @@ class KeyStore:
                 key_id=kid, size_bytes=spool.size, sha256=kid, parameters=parameters, owner=owner,
                 created=existing.created if renewing else now, expires=now + ttl, labels=labels)
             await self._io(self.backend.put_bytes, record_name, record.to_bytes(), {})
+            if new_bytes:
+                self._damaged.discard(kid)
         log.info("key stored", extra={"fields": {
             "key_id": kid, "owner": owner, "size_bytes": spool.size, "new_bytes": new_bytes, "renewed": renewing,
             "receive_ms": round(spool.seconds * 1000, 1), "parse_ms": round((t1 - t0) * 1000, 1),
@@ -440,7 +506,8 @@ class KeyStore:
         return None
 
     async def stat(self, principal: Principal, key_id: str, owner: str = "") -> KeyRecord:
-        """The record of a live key the caller may see; NOT_FOUND otherwise.
+        """The record of a live key the caller may see; NOT_FOUND otherwise, DATA_LOSS while
+        the record itself is corrupted (an upload overwrites it, a delete removes it).
 
         `owner` (service role): that owner's record only -- identical bytes can be held
         by several tenants, and the inference service checks the caller's own."""
@@ -456,53 +523,119 @@ class KeyStore:
             raise NotFound(f"key {kid} not found (unknown, expired, deleted, or not yours)")
         return record
 
-    async def fetch(self, principal: Principal, key_id: str) -> FetchedKey:
-        """Reads and verifies a key's bytes; use as `async with await store.fetch(...) as key`."""
-        record = await self.stat(principal, key_id)
+    async def fetch(self, principal: Principal, key_id: str, owner: str = "") -> FetchedKey:
+        """Reads and verifies a key's bytes; use as `async with await store.fetch(...) as key`.
+
+        `owner` as in stat(): the inference service names the tenant it fetches for, so a first
+        fetch costs two storage reads (that record, the bytes). Concurrent fetches of one key
+        id share one download (and one spool file)."""
+        record = await self.stat(principal, key_id, owner)
         kid = record.key_id
-        fd, name = tempfile.mkstemp(prefix="get-", dir=self.spool_dir)
-        path, start = Path(name), time.perf_counter()
+        flight = self._flights.get(kid)
+        if flight is None:
+            flight = _Flight(asyncio.ensure_future(self._download_verified(kid, record.size_bytes)))
+            self._flights[kid] = flight
+            flight.task.add_done_callback(functools.partial(self._landed, kid, flight))
+        flight.readers += 1
         try:
-            result = await self._io(self._download, self._blob(kid), fd,
-                                    timeout=self._transfer_deadline(record.size_bytes))
+            path = await asyncio.shield(flight.task)
+        except BaseException:
+            flight.release()
+            raise
+        return FetchedKey(record, path, release=flight.release)
+
+    def _landed(self, kid: str, flight: _Flight, task: asyncio.Future) -> None:
+        """Runs first when a download ends: later fetches start a new one; unclaimed files go."""
+        if self._flights.get(kid) is flight:
+            del self._flights[kid]
+        if task.cancelled() or task.exception() is not None:
+            return
+        flight.path = task.result()
+        if flight.readers == 0:  # every reader gave up while it ran
+            flight.path.unlink(missing_ok=True)
+
+    async def _download_verified(self, kid: str, size: int) -> Path:
+        """The key's bytes in a new spool file, verified against their id and size; DATA_LOSS if damaged."""
+        self._check_spool_room(size)
+        path, stop, start = self._spool_file("get-"), threading.Event(), time.perf_counter()
+        try:
+            try:
+                result = await self._io(self._download, self._blob(kid), path, stop,
+                                        timeout=self._transfer_deadline(size))
+            except CorruptObject as e:
+                removed = await self._discard_damaged(kid, "unreadable", str(e))
+                raise DataLoss(f"key {kid} cannot be read back from storage (the stored object is corrupted)"
+                               f"{removed}; upload the key again") from None
             if result is None:
-                log.error("key bytes missing", extra={"fields": {"key_id": kid}})
-                raise DataLoss(f"the bytes of key {kid} are missing from storage; upload the key again")
-            size, digest = result
-            if digest != kid or size != record.size_bytes:
-                log.error("key failed its integrity check; removing the altered bytes", extra={"fields": {
-                    "key_id": kid, "stored_sha256": digest, "stored_size": size}})
-                # Content-addressed bytes that do not hash to their name are no one's key:
-                # dropping them lets the owner's next upload store good bytes again.
-                async with self._locks.hold(f"key:{kid}"):
-                    await self._io(self.backend.delete, self._blob(kid))
-                raise DataLoss(f"key {kid} failed its SHA-256 check: the stored object was altered; "
+                removed = await self._discard_damaged(kid, "missing", "no object")
+                raise DataLoss(f"the bytes of key {kid} are missing from storage{removed}; upload the key again")
+            got, digest = result
+            if digest != kid or got != size:
+                removed = await self._discard_damaged(kid, "altered", f"stored sha256 {digest}, size {got}")
+                raise DataLoss(f"key {kid} failed its SHA-256 check: the stored object was altered{removed}; "
                                f"upload the key again")
         except BaseException:
+            stop.set()  # a download still running in its thread stops at its next chunk
             path.unlink(missing_ok=True)
             raise
         log.info("key read and verified", extra={"fields": {
-            "key_id": kid, "size_bytes": size, "read_ms": round((time.perf_counter() - start) * 1000, 1)}})
-        return FetchedKey(record, path)
+            "key_id": kid, "size_bytes": got, "read_ms": round((time.perf_counter() - start) * 1000, 1)}})
+        return path
 
-    def _download(self, name: str, fd: int) -> tuple[int, str] | None:
-        """Copies an object into the spool file `fd` (which this call closes), hashing it."""
-        with os.fdopen(fd, "wb") as out:
+    def _download(self, name: str, path: Path, stop: threading.Event) -> tuple[int, str] | None:
+        """Copies an object into the spool file at `path`, hashing it; stops early once `stop` is set."""
+        try:
+            out = open(path, "r+b")  # never re-creates a file the caller already gave up and removed
+        except FileNotFoundError:
+            raise Unavailable("the download was given up before it started") from None
+        with out:
             reader = self.backend.open(name)
             if reader is None:
                 return None
             digest, size = hashlib.sha256(), 0
             try:
-                while chunk := reader.read(READ_SIZE):
+                while not stop.is_set() and (chunk := reader.read(READ_SIZE)):
                     digest.update(chunk)
-                    out.write(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as e:
+                        raise self._spool_error(e) from None
                     size += len(chunk)
+                try:
+                    out.flush()
+                except OSError as e:
+                    raise self._spool_error(e) from None
             finally:
                 reader.close()
         return size, digest.hexdigest()
 
+    async def _discard_damaged(self, kid: str, how: str, detail: str) -> str:
+        """Removes a damaged key id for every owner (records, refs, bytes), so Stat, List and Get
+        agree it is gone and the next upload stores good bytes; says how that went, for the message."""
+        KEYS_DAMAGED.inc()
+        self._damaged.add(kid)
+        owners: list[str] = []
+        try:
+            async with self._locks.hold(f"key:{kid}"):
+                if how == "missing" and await self._io(self.backend.head, self._blob(kid)) is not None:
+                    self._damaged.discard(kid)
+                    return " (it has been uploaded again since)"
+                for ref in await self._io(self.backend.list, f"refs/{kid}/", "", None):
+                    owner = unquote(ref.rsplit("/", 1)[-1])
+                    await self._io(self.backend.delete, self._record_name(owner, kid))
+                    await self._io(self.backend.delete, ref)
+                    owners.append(owner)
+                await self._io(self.backend.delete, self._blob(kid))
+        except (Unavailable, DataLoss) as e:
+            log.error("damaged key found; removing it failed, the next upload rewrites it", extra={"fields": {
+                "key_id": kid, "damage": how, "detail": detail, "error": str(e)}})
+            return " (removing the damaged key failed; an upload rewrites it)"
+        log.error("damaged key found in storage and removed; its owners must upload it again", extra={"fields": {
+            "key_id": kid, "damage": how, "detail": detail, "owners": owners}})
+        return ", and the key was removed"
+
     async def delete(self, principal: Principal, key_id: str) -> bool:
-        """Deletes the caller's own record; True if a live key was deleted.
+        """Deletes the caller's own record; True if a live key (or a corrupted record) was deleted.
 
         Idempotent: an unknown, expired or other owner's key id answers False (and
         the other owner's key is untouched). The bytes go with the last record.
@@ -512,14 +645,14 @@ class KeyStore:
         async with self._locks.hold(f"owner:{owner}", f"key:{kid}"):
             try:
                 record = await self._read_record(self._record_name(owner, kid))
+                corrupted = False
             except DataLoss:
-                record = None  # a corrupted record is removed like any other
-            else:
-                if record is None:
-                    return False
+                record, corrupted = None, True  # a corrupted record is removed like any other
+            if record is None and not corrupted:
+                return False
             await self._remove(owner, kid)
-        log.info("key deleted", extra={"fields": {"key_id": kid, "owner": owner}})
-        return record is not None and record.live(self.clock())
+        log.info("key deleted", extra={"fields": {"key_id": kid, "owner": owner, "corrupted_record": corrupted}})
+        return corrupted or record.live(self.clock())
 
     async def _remove(self, owner: str, kid: str) -> None:
         """Record, then ref, then the bytes if no owner holds them any more (caller holds the locks)."""

@@ -157,10 +157,9 @@ class Topology:
         os.killpg(self.keystore.pid, signal.SIGCONT)
 
     def worker_pids(self) -> list[int]:
-        """The inference service's live worker processes (spawned children; not multiprocessing's
-        resource tracker, not zombies)."""
+        """The inference service's live worker processes (its `encinfer-worker-N` children, not zombies)."""
         return [pid for pid, state, cmd in children_of(self.inference.pid)
-                if state != "Z" and "spawn_main" in cmd]
+                if state != "Z" and "encinfer-worker-" in cmd]
 
     # -------------------------------------------------------- clients
     def classifier(self, key_dir: Path, token: str = ALICE, **kw: Any):

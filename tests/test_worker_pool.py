@@ -1,0 +1,157 @@
+"""The worker pool on its own (real worker processes, no gRPC): one death, one replacement;
+a failed start or a close leaves no process behind; start-up checks name what to fix."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+
+import pytest
+
+from encinfer.common.errors import Unavailable
+from encinfer.common.preflight import StartupError, check_port_free
+from encinfer.inference import workers
+from encinfer.inference.workers import WorkerPool
+
+pytest_plugins = ["inference_fixtures"]
+
+BOUND = 60.0  # seconds: bounded waits on 2 busy cores, never timing assertions
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def exists(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+async def wait_for(predicate, timeout: float = BOUND) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
+def test_many_calls_on_a_dead_worker_start_exactly_one_replacement(mnist_model):
+    async def scenario() -> None:
+        pool = WorkerPool([str(mnist_model[0])], 2, 1 << 24)
+        await pool.start()
+        try:
+            victim = pool.worker_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            # Every call pending on, or arriving at, the dead slot: one replacement serves them all.
+            answers = await asyncio.gather(*(pool.call(0, workers.describe, retry=True) for _ in range(8)),
+                                           return_exceptions=True)
+            assert all(isinstance(a, list) for a in answers), answers
+            assert pool.replacements == 1
+            assert victim not in pool.worker_pids() and len(pool.worker_pids()) == 2
+            assert not exists(victim)  # reaped: no zombie
+        finally:
+            pids = pool.worker_pids()
+            await pool.close()
+        assert not any(exists(p) for p in pids)
+    asyncio.run(scenario())
+
+
+def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_call(mnist_model):
+    async def scenario() -> None:
+        pool = WorkerPool([str(mnist_model[0])], 2, 1 << 24)
+        await pool.start()
+        try:
+            victim = pool.worker_pids()[1]
+            os.kill(victim, signal.SIGKILL)
+            assert await wait_for(lambda: pool.replacements == 1 and victim not in pool.worker_pids())
+            # Not a retried call: it never meets the dead worker.
+            assert await pool.call(1, workers.open_batches) == 0
+            assert pool.replacements == 1
+        finally:
+            await pool.close()
+    asyncio.run(scenario())
+
+
+def test_a_pool_whose_workers_cannot_load_the_model_fails_and_leaves_no_process(tmp_path):
+    async def scenario() -> None:
+        pool = WorkerPool([str(tmp_path / "no-such-model")], 2, 1 << 24)
+        with pytest.raises(Unavailable, match="exited while loading the models"):
+            await pool.start()
+    asyncio.run(scenario())
+    assert not workers._started  # every worker started was reaped
+
+
+def test_close_kills_a_worker_that_does_not_exit_on_eof(mnist_model):
+    async def scenario() -> None:
+        pool = WorkerPool([str(mnist_model[0])], 1, 1 << 24)
+        await pool.start()
+        pid = pool.worker_pids()[0]
+        os.kill(pid, signal.SIGSTOP)  # frozen: it can never read the EOF
+        await asyncio.wait_for(pool.close(timeout=0.5), BOUND)
+        assert not exists(pid)
+    asyncio.run(scenario())
+
+
+def test_a_busy_port_is_a_startup_error_naming_the_setting():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        with pytest.raises(StartupError, match=f"port {port} on 127.0.0.1 is already in use.*ENCINFER_X"):
+            check_port_free("127.0.0.1", port, "ENCINFER_X")
+
+
+def test_a_free_port_and_port_0_pass_the_check():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    check_port_free("127.0.0.1", port, "ENCINFER_X")
+    check_port_free("127.0.0.1", 0, "ENCINFER_X")
+
+
+def test_a_key_the_worker_lacks_goes_with_the_first_call_and_not_again(mnist_model):
+    """One worker trip for a new key (the pool knows the worker has none), none with bytes after."""
+    from encinfer.he.latency import encrypt_latency
+    from encinfer.he.secret import SecretKeys
+
+    stem, model = mnist_model
+
+    async def scenario() -> None:
+        pool = WorkerPool([str(stem)], 1, 1 << 26)
+        await pool.start()
+        try:
+            from encinfer.he.latency import LatencyLayout
+            described = next(m for m in pool.models if m["name"] == model.name)["layouts"]["latency"]
+            lay = LatencyLayout.from_dict({k: v for k, v in described.items() if k != "manifest_sha256"})
+            secret = SecretKeys.generate(lay.params)
+            bundle = secret.public_bundle()
+            ct = encrypt_latency(secret, model_images(1)[0], lay)
+            trips, fetches = [], []
+            real_call = pool.call
+
+            async def counting_call(index, fn, *args, **kw):
+                trips.append(args[2] is not None)  # (model, key id, key bytes or None, ciphertext)
+                return await real_call(index, fn, *args, **kw)
+
+            async def fetch() -> bytes:
+                fetches.append(1)
+                return bundle
+            pool.call = counting_call
+            for _ in range(3):
+                await pool.with_key(0, fetch, workers.predict_latency, (model.name, "k" * 64), (ct,))
+            assert trips == [True, False, False] and len(fetches) == 1
+        finally:
+            await pool.close()
+    asyncio.run(scenario())
+
+
+def model_images(n: int):
+    from encinfer import datasets
+    return datasets.default_test_images(n)[0]
