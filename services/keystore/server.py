@@ -62,13 +62,13 @@ class KeyStoreServicer(pb_grpc.KeyStoreServicer):
 
     async def PutKeysUnary(self, request, context):
         """PutKeys for clients that cannot stream (browsers): the same store, checks and limits."""
-        principal = self.tokens.authenticate(context.invocation_metadata())
+        principal = current_principal()
         h = request.header
         header = PutHeader(labels=dict(h.labels), expected_size=h.expected_size, ttl_seconds=h.ttl_seconds)
 
         async def chunks() -> AsyncIterator[bytes]:
             yield request.bundle
-        return record_to_pb(await self.store.put(principal, header, chunks()))
+        return (await self.store.put(principal, header, chunks())).to_pb()
 
     async def GetKeys(self, request, context):
         principal = current_principal()
