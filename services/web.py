@@ -15,6 +15,7 @@ object). Objects already in the services' version pass untouched, so other clien
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import mimetypes
 import ssl
@@ -127,9 +128,14 @@ def _bundle_version(bundle: bytes) -> tuple[int, int] | None:
 
 
 def _bridge_answer(body: bytes, version: tuple[int, int]) -> bytes:
-    """A PredictResponse with each SEAL ciphertext uncompressed and in `version`."""
+    """A PredictResponse with each SEAL ciphertext uncompressed and in `version`.
+
+    Coefficient-layout answers (encinfer.he.coeff's wire format, magic "EIC1") are not SEAL
+    objects and pass as they are."""
     from encinfer.v1 import inference_pb2 as pb
     answer = pb.PredictResponse.FromString(body)
+    if all(ct[:4] == b"EIC1" for ct in answer.ciphertexts):
+        return body
     out = []
     for ct in answer.ciphertexts:
         plain = serial.decompress_seal(ct, ANSWER_BOUND, "answer")
@@ -137,6 +143,31 @@ def _bridge_answer(body: bytes, version: tuple[int, int]) -> bytes:
     del answer.ciphertexts[:]
     answer.ciphertexts.extend(out)
     return answer.SerializeToString()
+
+
+@functools.lru_cache(maxsize=8)
+def _common_a_bytes(n: int, bits: tuple[int, ...]) -> bytes:
+    from encinfer.he import coeff
+    from encinfer.he.params import CkksParams
+    return coeff.common_a(CkksParams(n, bits, 0, 0)).astype("<u8").tobytes()
+
+
+def _common_a(query: dict[str, list[str]]) -> tuple[int, bytes]:
+    """The public keys' common polynomial a (encinfer.he.coeff) for N and the moduli's bits: public
+    data the page needs to make a public key the services accept. (status, body)."""
+    from encinfer.he.params import check_security
+    try:
+        n = int(query["n"][0])
+        bits = tuple(int(b) for b in query["bits"][0].split(","))
+        check_security(n, bits)
+    except (KeyError, ValueError, IndexError, EncinferError) as e:
+        return 400, f"common-a needs n=<ring degree>&bits=<prime bits,...> of secure parameters ({e})\n".encode()
+    try:
+        return 200, _common_a_bytes(n, bits)
+    except ImportError:
+        return 404, b"these services have no common polynomial (no coefficient layout)\n"
+    except (EncinferError, RuntimeError, ValueError) as e:
+        return 400, f"no common polynomial for N={n}, bits {list(bits)}: {e}\n".encode()
 
 
 # ---------------------------------------------------------------- gRPC-Web framing

@@ -129,3 +129,78 @@ def test_node_refuses_an_answer_in_the_services_version(node_encrypted):
     done = node("decrypt", work)
     assert done.returncode != 0
     assert "incompatible version" in done.stderr or "invalid" in done.stderr, done.stderr[-500:]
+
+
+# ---------------------------------------------------------------- the coefficient layout's keys and answers
+
+@pytest.fixture(scope="module")
+def common_a_encrypted(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Keys whose public key is on a given common polynomial a (random words here)."""
+    work = tmp_path_factory.mktemp("node-common-a")
+    q = PARAMS.context().key_context_data().parms().coeff_modulus()[0].value()
+    a = np.random.default_rng(5).integers(0, q, size=N, dtype=np.uint64)
+    (work / "common-a.bin").write_bytes(a.astype("<u8").tobytes())
+    x = np.random.default_rng(7).random(F)
+    request = {"params": {"polyModulusDegree": N, "coeffModulusBits": [60], "inputScaleBits": SCALE_BITS,
+                          "outputScaleBits": 2 * SCALE_BITS, "galoisSteps": [], "needsRelinKeys": False},
+               "values": x.tolist(), "read": N}
+    (work / "request.json").write_text(json.dumps(request))
+    done = node("encrypt", work)
+    assert done.returncode == 0, done.stderr
+    return work, x, a
+
+
+def _bundle_section(bundle: bytes, tag: bytes) -> bytes:
+    pos = 16
+    while True:
+        t, _, length = struct.unpack_from("<4sIQ", bundle, pos)
+        if t == tag:
+            return bundle[pos + 16:pos + 16 + length]
+        pos += 16 + length
+
+
+def test_the_pages_public_key_is_on_the_given_common_polynomial_and_encrypts(common_a_encrypted):
+    work, x, a = common_a_encrypted
+    pk = _bundle_section((work / "bundle.keys").read_bytes(), b"PUBK")
+    words = np.frombuffer(pk[113:], dtype="<u8")
+    assert len(words) == 2 * N and np.array_equal(words[N:], a)  # (b, a), not seeded
+    assert np.max(np.abs(np.array(json.loads((work / "public-roundtrip.json").read_text())) - x)) < 1e-4
+    bridged = serial.rewrite_seal_version(pk, "public key")
+    serial.load(seal.PublicKey, bridged, PARAMS.context(), "public key")  # the services' SEAL reads it
+
+
+def test_a_coefficient_answer_decrypts_in_node_to_the_scores(common_a_encrypted):
+    """An answer in encinfer.he.coeff's wire format ("EIC1": c0 at the outputs, each product's
+    c1 in full, both switched to 2^bits), made here from a real product of the page's ciphertext."""
+    work, x, _ = common_a_encrypted
+    rng = np.random.default_rng(3)
+    rows = rng.uniform(-0.1, 0.1, size=(10, F))
+    T, bits = N // F, 40
+    ctx = PARAMS.context()
+    q = ctx.first_context_data().parms().coeff_modulus()[0].value()
+    c0_out, c1_all = [], []
+    for g in range(2):
+        w = np.zeros(N)
+        for t in range(T):
+            w[t * F:(t + 1) * F] = rows[g * T + t][::-1]
+        ct = serial.load_ciphertext(serial.rewrite_seal_version((work / "input.ct").read_bytes(), "ciphertext"),
+                                    ctx)
+        ev = seal.Evaluator(ctx)
+        ev.multiply_plain_inplace(ct, plaintext_polynomial(w, 2.0 ** SCALE_BITS))
+        ev.transform_from_ntt_inplace(ct)
+        raw = serial.decompress_seal(serial.dump(ct), 1 << 24)
+        words = np.frombuffer(raw[113:113 + 16 * N], dtype="<u8")
+        switched = (np.rint(words.astype(np.float64) * (2.0 ** bits / q)).astype(np.uint64)) & np.uint64(
+            (1 << bits) - 1)
+        c1_all.append(switched[N:])
+        c0_out += [switched[t * F + F - 1] for t in range(T)]
+    width = bits // 8
+    words = np.concatenate([np.array(c0_out, dtype="<u8"), *c1_all]).astype("<u8")
+    body = words.view(np.uint8).reshape(-1, 8)[:, :width].tobytes()
+    (work / "answer.eic").write_bytes(struct.pack("<4sBBHHHI", b"EIC1", bits, 0, 2, 10, 0, N) + body)
+    request = json.loads((work / "request.json").read_text())
+    request["answerLayout"] = {"nOutputs": 10, "nFeatures": F, "rowsPerProduct": T, "answerBits": bits}
+    (work / "request.json").write_text(json.dumps(request))
+    done = node("decrypt-coeff", work)
+    assert done.returncode == 0, done.stderr
+    assert np.allclose(json.loads(done.stdout)["scores"], rows @ x, atol=1e-3)

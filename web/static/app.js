@@ -85,9 +85,11 @@ async function prepare() {
   state.info = await rpc("/encinfer.v1.Inference/GetModelInfo", requests.getModelInfo(name), modelInfo);
   state.layout = pickLayout(state.info);
   show("Making your keys in this page (the secret key never leaves it)…");
+  const params = { ...state.layout.params };
+  if (params.needsPublicKey) params.commonA = await commonA(params);
   let init;
   try {
-    init = await call("init", { params: state.layout.params, name: `${state.info.name}:${state.layout.layout.manifestSha256}` });
+    init = await call("init", { params, name: `${state.info.name}:${state.layout.layout.manifestSha256}` });
   } catch (e) {
     if (/WebAssembly|wasm|CompileError/i.test(e.message)) {
       throw new Error(`This browser cannot run SEAL's WebAssembly (${e.message}); it needs WebAssembly exception handling (Chrome 95+, Firefox 100+, Safari 15.2+).`);
@@ -97,6 +99,13 @@ async function prepare() {
   Object.assign(state.stats, { initMs: init.initMs, keygenMs: init.keygenMs, fresh: init.fresh, bundleBytes: init.bundleBytes });
   state.keyId = init.keyId;
   await ensureUploaded();
+}
+
+/** The service's common polynomial a for public keys (public data: the gateway computes it). */
+async function commonA(p) {
+  const response = await fetch(`common-a?n=${p.polyModulusDegree}&bits=${p.coeffModulusBits.join(",")}`);
+  if (!response.ok) throw new Error(`the page's server cannot give the public keys' common polynomial (HTTP ${response.status}: ${await response.text()})`);
+  return new BigUint64Array(await response.arrayBuffer());
 }
 
 async function ensureUploaded() {
@@ -126,7 +135,8 @@ async function predict(pixels, retried = false) {
   let answer;
   try {
     answer = await rpc("/encinfer.v1.Inference/Predict",
-      requests.predict(state.info.name, state.keyId, crypto.randomUUID(), ciphertext), predictResponse);
+      requests.predict(state.info.name, state.keyId, crypto.randomUUID(), ciphertext, state.layout.layoutNumber),
+      predictResponse);
   } catch (e) {
     if (!retried && e instanceof RpcError && e.code === Code.NOT_FOUND && /key/i.test(e.message)) {
       show("Your keys expired on the key store; uploading them again…", "warn");
@@ -138,7 +148,9 @@ async function predict(pixels, retried = false) {
   }
   const roundTripMs = performance.now() - t1;
   if (answer.code) throw new RpcError(answer.code, answer.message, "/encinfer.v1.Inference/Predict");
-  const { coefficients, ms: decryptMs } = await call("decrypt", { ciphertexts: answer.ciphertexts });
+  const { coefficients, ms: decryptMs } = state.layout.answer === "coeff"
+    ? await call("decryptCoeff", { answer: answer.ciphertexts[0], layout: state.layout.answerLayout })
+    : await call("decrypt", { ciphertexts: answer.ciphertexts });
   const values = state.layout.scores(coefficients);
   Object.assign(state.stats, {
     encryptMs, roundTripMs, decryptMs, serverMs: answer.serverMs, totalMs: performance.now() - t0,

@@ -88,14 +88,15 @@ function repeated(f, n, signed = false) {
 
 // ---------------------------------------------------------------- messages
 
-const LAYOUTS = { 0: "unspecified", 1: "latency", 2: "batch" };
+const LAYOUTS = { 0: "unspecified", 1: "latency", 2: "batch", 3: "coeff" };
+export const LAYOUT_NUMBERS = { latency: 1, batch: 2, coeff: 3 };
 
 function ckksParameters(b) {
   const f = parse(b);
   return {
     polyModulusDegree: num(f, 1), coeffModulusBits: repeated(f, 2), inputScaleBits: num(f, 3),
     outputScaleBits: num(f, 4), galoisSteps: repeated(f, 5, true), needsRelinKeys: num(f, 6) === 1,
-    needsConjugationKey: num(f, 7) === 1, complexPacking: num(f, 8) === 1,
+    needsConjugationKey: num(f, 7) === 1, complexPacking: num(f, 8) === 1, needsPublicKey: num(f, 9) === 1,
   };
 }
 
@@ -106,7 +107,8 @@ function layoutInfo(b) {
     layout: LAYOUTS[layout] || `layout ${layout}`, layoutNumber: layout,
     parameters: f.has(2) ? ckksParameters(one(f, 2)) : null, blockSize: num(f, 3),
     outputSlots: repeated(f, 4), featureIndices: repeated(f, 5), maxSamples: num(f, 6),
-    manifestSha256: str(f, 7), inputMin: one(f, 8, 0), inputMax: one(f, 9, 0), fields: f,
+    manifestSha256: str(f, 7), inputMin: one(f, 8, 0), inputMax: one(f, 9, 0),
+    rowsPerProduct: num(f, 10), answerBits: num(f, 11),
   };
 }
 
@@ -152,9 +154,9 @@ export const requests = {
     w.bytes(2, bundle);
     return w.finish();
   },
-  predict: (model, keyId, requestId, ciphertext) => {
+  predict: (model, keyId, requestId, ciphertext, layout = 0) => {
     const w = new Writer();
-    w.string(1, model); w.string(2, keyId); w.string(3, requestId); w.bytes(4, ciphertext);
+    w.string(1, model); w.string(2, keyId); w.string(3, requestId); w.bytes(4, ciphertext); w.uint(5, layout);
     return w.finish();
   },
 };

@@ -7,18 +7,14 @@
 //  - the coefficient layout (x(X) = sum_i x_i X^i, scores read at output coefficients) directly;
 //  - the rotation-based latency layout (encinfer/he/latency.py) through slots.js, which turns
 //    its (complex-packed) slot vector into coefficients in SEAL's slot order.
-// A layout is taken as the coefficient layout when GetModelInfo names it so, or states a latency
-// layout that needs no Galois, conjugation or relinearization key (no rotations at all).
+// The coefficient layout (LAYOUT_COEFF) is preferred: no Galois keys, the fastest and smallest.
 
 import { coefficientsToSlots, slotsToCoefficients } from "./slots.js";
 
 const nextPow2 = (n) => { let p = 1; while (p < n) p <<= 1; return p; };
 
 export function isCoefficient(l) {
-  if (l.layout === "coefficient") return true;
-  const p = l.parameters;
-  return l.layout === "latency" && !p.complexPacking && !p.needsConjugationKey && !p.needsRelinKeys &&
-    p.galoisSteps.length === 0;
+  return l.layout === "coeff";
 }
 
 function features(layout, pixels) {
@@ -31,22 +27,19 @@ function features(layout, pixels) {
 function heParams(layout) {
   const p = layout.parameters;
   return { polyModulusDegree: p.polyModulusDegree, coeffModulusBits: p.coeffModulusBits,
-    inputScaleBits: p.inputScaleBits, galoisSteps: p.galoisSteps, needsRelinKeys: p.needsRelinKeys,
-    needsConjugationKey: p.needsConjugationKey };
+    inputScaleBits: p.inputScaleBits, outputScaleBits: p.outputScaleBits, galoisSteps: p.galoisSteps,
+    needsRelinKeys: p.needsRelinKeys, needsConjugationKey: p.needsConjugationKey, needsPublicKey: p.needsPublicKey };
 }
 
-/** The coefficient layout: the features are the coefficients; output p is coefficient p mod N of
- * answer floor(p / N) (answers concatenated). */
-function coefficientAdapter(layout) {
-  const n = layout.parameters.polyModulusDegree;
+/** The coefficient layout (encinfer/he/coeff.py): the features are the input's coefficients; the
+ * answer is one "EIC1" message the worker decrypts itself (decryptCoeffAnswer). */
+function coefficientAdapter(layout, info) {
   return {
-    kind: "coefficient", layout, params: heParams(layout),
+    kind: "coefficient", layout, layoutNumber: 3, params: heParams(layout), answer: "coeff",
+    answerLayout: { nOutputs: info.nOutputs, nFeatures: info.nFeatures, rowsPerProduct: layout.rowsPerProduct,
+      answerBits: layout.answerBits },
     input: (pixels) => features(layout, pixels),
-    scores: (vectors) => layout.outputSlots.map((p) => {
-      const v = vectors[Math.floor(p / n)];
-      if (!v) throw new Error(`the answer has ${vectors.length} ciphertexts; output position ${p} needs more`);
-      return v[p % n];
-    }),
+    scores: (values) => values,
   };
 }
 
@@ -57,7 +50,8 @@ function rotationAdapter(layout, info) {
   const m = nextPow2(info.nOutputs), k = layout.blockSize * m / slots;
   if (!Number.isInteger(k) || k < 1) throw new Error(`block_size ${layout.blockSize} does not fit the latency layout`);
   return {
-    kind: p.complexPacking ? "rotation (complex packing)" : "rotation", layout, params: heParams(layout),
+    kind: p.complexPacking ? "rotation (complex packing)" : "rotation", layout, layoutNumber: 1,
+    params: heParams(layout), answer: "ciphertext",
     input(pixels) {
       const x = features(layout, pixels);
       const packed = p.complexPacking ? Math.ceil(x.length / 2) : x.length;
@@ -80,7 +74,7 @@ function rotationAdapter(layout, info) {
 export function pickLayout(info) {
   const latency = info.layouts.filter((l) => l.parameters && l.layout !== "batch");
   const coefficient = latency.find(isCoefficient);
-  if (coefficient) return coefficientAdapter(coefficient);
+  if (coefficient) return coefficientAdapter(coefficient, info);
   const rotation = latency.find((l) => l.layout === "latency");
   if (rotation) return rotationAdapter(rotation, info);
   throw new Error(`model ${info.name} offers no layout this page can encrypt for (it offers: ` +

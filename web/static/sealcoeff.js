@@ -161,6 +161,18 @@ export class CoeffCodec {
     return plain;
   }
 
+  /** Coefficient-form residues (prime by prime) of NTT-form words, through SEAL's inverse NTT. */
+  inverseNtt(words, scale = 1) {
+    const ct = new this.seal.Ciphertext();
+    try {
+      ct.loadFromArray(this.context, this._ciphertextBytes(words, true, scale));
+      this.evaluator.cipherTransformFromNttInplace(ct);
+      return this._c0(ct);
+    } finally {
+      ct.delete();
+    }
+  }
+
   /**
    * The coefficients of an NTT-form plaintext (a decryption), divided by its scale.
    * Read from the first prime, centred: exact while |coefficient| < q0 / 2.
@@ -172,16 +184,7 @@ export class CoeffCodec {
     const start = HEADER + PARMS_ID + 16 + HEADER + 8;
     const count = (bytes.length - start) / 8;
     if (count !== this.words) throw new Error(`plaintext holds ${count} words, ${this.words} expected`);
-    const words = new BigUint64Array(bytes.slice(start).buffer);
-    const ct = new this.seal.Ciphertext();
-    let coeffs;
-    try {
-      ct.loadFromArray(this.context, this._ciphertextBytes(words, true, scale));
-      this.evaluator.cipherTransformFromNttInplace(ct);
-      coeffs = this._c0(ct);
-    } finally {
-      ct.delete();
-    }
+    const coeffs = this.inverseNtt(new BigUint64Array(bytes.slice(start).buffer), scale);
     const q = this.primes[0];
     const half = q >> 1n;
     const out = new Float64Array(this.n);

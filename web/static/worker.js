@@ -51,6 +51,11 @@ const ops = {
     const coefficients = ciphertexts.map((c) => Array.from(session.decryptCoefficients(c)));
     return { coefficients, ms: now() - t };
   },
+  async decryptCoeff({ answer, layout }) {
+    const t = now();
+    const scores = session.decryptCoeffAnswer(answer, layout);
+    return { coefficients: scores, ms: now() - t };
+  },
 };
 
 self.onmessage = async ({ data: { id, op, args } }) => {
