@@ -235,7 +235,12 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
 
     def do_GET(self) -> None:
-        path = urllib.parse.urlsplit(self.path).path
+        url = urllib.parse.urlsplit(self.path)
+        path = url.path
+        if path == "/common-a":
+            status, body = _common_a(urllib.parse.parse_qs(url.query))
+            self._send(status, body, "application/octet-stream" if status == 200 else "text/plain; charset=utf-8")
+            return
         name = "index.html" if path in ("/", "") else path.lstrip("/")
         target = (self.static / name).resolve()
         if not target.is_relative_to(self.static) or not target.is_file() or target.name == "__init__.py":

@@ -194,8 +194,13 @@ def test_a_drawn_digit_gets_a_prediction_and_the_page_is_saved_as_a_screenshot(p
 
 
 def test_without_webassembly_the_page_says_what_it_needs(browser, web):
-    result = browser("noWasm", url=f"{web.url}#token={ALICE}")
+    result = browser("isolated", url=f"{web.url}#token={ALICE}", noWasm=True)
     assert "no WebAssembly" in result["message"] and result["kind"].endswith("error")
+
+
+def test_an_unknown_token_gets_the_pages_message_about_tokens(browser, web, digits):
+    result = browser("isolated", url=f"{web.url}#token=not-a-token", pixels=[float(v) for v in digits[0][0]])
+    assert "needs a valid token" in result["message"] and result["kind"].endswith("error"), result["message"]
 
 
 def test_a_stopped_key_store_gives_the_pages_message(predictions, browser, digits, stack):

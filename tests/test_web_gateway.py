@@ -175,3 +175,22 @@ def _self_signed(tmp_path):
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def test_the_common_polynomial_is_served_where_the_services_have_one(web):
+    status, _, body = request(web, "GET", "/common-a?n=4096&bits=60")
+    try:
+        from encinfer.he import coeff
+        from encinfer.he.params import CkksParams
+    except ImportError:
+        assert status == 404 and b"no common polynomial" in body
+        return
+    assert status == 200 and body == coeff.common_a(CkksParams(4096, (60,), 0, 0)).astype("<u8").tobytes()
+
+
+@pytest.mark.parametrize("query", ["", "n=4096", "n=4096&bits=200", "n=100&bits=60", "n=x&bits=60"])
+def test_the_common_polynomial_needs_secure_parameters(web, query):
+    status, _, body = request(web, "GET", f"/common-a?{query}")
+    assert status in (400, 404)
+    if status == 400:
+        assert b"common-a needs" in body or b"no common polynomial" in body

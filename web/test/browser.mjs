@@ -56,16 +56,21 @@ const ops = {
       };
     })) };
   },
-  async noWasm({ url }) {
+  async isolated({ url, noWasm, pixels }) {
+    // A fresh browser profile (no stored keys), optionally without WebAssembly.
     const other = await browser.newContext();
-    await other.addInitScript(() => { delete globalThis.WebAssembly; });
+    if (noWasm) await other.addInitScript(() => { delete globalThis.WebAssembly; });
     const p = await other.newPage();
     await p.goto(url);
     await p.waitForFunction(() => window.encinfer);
-    const message = await p.evaluate(async () => { await window.encinfer.run(); return document.getElementById("message").textContent; });
-    const initial = await p.evaluate(() => document.getElementById("message").className);
+    const message = await p.evaluate(async (px) => {
+      if (px) window.encinfer.drawPixels(px);
+      await window.encinfer.run();
+      return document.getElementById("message").textContent;
+    }, pixels || null);
+    const kind = await p.evaluate(() => document.getElementById("message").className);
     await other.close();
-    return { message, kind: initial };
+    return { message, kind };
   },
   async screenshot({ path }) { await page.screenshot({ path, fullPage: true }); return {}; },
   async requests() { return { requests }; },
