@@ -181,4 +181,4 @@ chromium-bin:
 	else echo "chromium-bin: chromium missing and not root with apt-get: the browser tests will skip" >&2; fi
 
 web-test: setup web-deps chromium-bin minio-bin
-	$(PY) -m pytest -q tests/test_seal_bridge.py tests/test_web_node.py tests/test_web_browser.py
+	$(PY) -m pytest -q tests/test_seal_bridge.py tests/test_keystore_unary.py tests/test_web_node.py tests/test_web_gateway.py tests/test_web_browser.py

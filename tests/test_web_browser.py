@@ -182,6 +182,21 @@ def test_a_reload_reuses_the_stored_keys_without_a_new_upload(predictions, brows
     assert any(path.endswith("/StatKeys") for path, _ in web.bodies)
 
 
+def test_keys_the_key_store_no_longer_has_are_uploaded_again(predictions, browser, web, digits, stack):
+    """An expired or deleted key: StatKeys says NOT_FOUND on the next page load, the page uploads
+    the bundle it kept (same key id: the same bytes) and predicts."""
+    from encinfer.client.keystore import KeyStoreClient
+    key_id = predictions[0]["keyId"]
+    with KeyStoreClient(stack.keystore_target, token=ALICE) as ks:
+        assert ks.delete(key_id)
+    browser("reload")
+    result = browser("predict", pixels=[float(v) for v in digits[0][2]])
+    assert result["values"] is not None, result["message"]
+    assert result["uploads"] == 1 and result["keyId"] == key_id
+    with KeyStoreClient(stack.keystore_target, token=ALICE) as ks:
+        assert ks.stat(key_id) is not None
+
+
 def test_a_drawn_digit_gets_a_prediction_and_the_page_is_saved_as_a_screenshot(predictions, browser):
     one = [[60, 60], [220, 60], [150, 250]]  # a seven: across the top, down to the left
     result = browser("draw", strokes=[one])
