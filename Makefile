@@ -180,5 +180,5 @@ chromium-bin:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	else echo "chromium-bin: chromium missing and not root with apt-get: the browser tests will skip" >&2; fi
 
-web-test: setup web-deps chromium-bin minio-bin
+web-test: setup web-deps chromium-bin
 	$(PY) -m pytest -q tests/test_seal_bridge.py tests/test_keystore_unary.py tests/test_web_node.py tests/test_web_gateway.py tests/test_web_browser.py

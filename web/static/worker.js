@@ -28,8 +28,7 @@ async function init({ params, name }) {
     fresh = true;
   }
   const record = await getKeys(name);
-  return { initMs, keygenMs, fresh, keyId: record.keyId, bundleBytes: record.bundle.length,
-    contextMs: stored ? now() - t1 : 0 };
+  return { initMs, keygenMs, fresh, keyId: record.keyId, bundleBytes: record.bundle.length };
 }
 
 const ops = {
@@ -62,7 +61,6 @@ self.onmessage = async ({ data: { id, op, args } }) => {
   try {
     self.postMessage({ id, ok: true, result: await ops[op](args || {}) });
   } catch (e) {
-    const message = typeof e === "number" && seal && seal.getExceptionMessage ? seal.getExceptionMessage(e) : (e && e.message) || String(e);
-    self.postMessage({ id, ok: false, error: message });
+    self.postMessage({ id, ok: false, error: (e && e.message) || String(e) });
   }
 };
