@@ -204,3 +204,27 @@ def test_a_coefficient_answer_decrypts_in_node_to_the_scores(common_a_encrypted)
     done = node("decrypt-coeff", work)
     assert done.returncode == 0, done.stderr
     assert np.allclose(json.loads(done.stdout)["scores"], rows @ x, atol=1e-3)
+
+
+def test_the_pages_complex_slots_are_seals_slot_order_both_ways(tmp_path):
+    """TenSEAL's complex encoder and the page's (slots.js over the coefficient codec) agree:
+    slot j at zeta^(3^j mod 2N), imaginary parts included."""
+    params = CkksParams(N, (58, 51), 30, 30)
+    ctx = params.context()
+    rng = np.random.default_rng(17)
+    z = rng.uniform(-1, 1, N // 2) + 1j * rng.uniform(-1, 1, N // 2)
+    pt = seal.Plaintext()
+    seal.CKKSEncoder(ctx).encode(z.tolist(), 2.0 ** 30, pt)
+    plain = serial.decompress_seal(serial.dump(pt), 1 << 24)
+    (tmp_path / "plain.pt").write_bytes(serial.rewrite_seal_version(plain, "plaintext", PAGE_SEAL))
+    request = {"params": {"polyModulusDegree": N, "coeffModulusBits": [58, 51], "inputScaleBits": 30,
+                          "galoisSteps": [], "needsRelinKeys": False}, "re": z.real.tolist(), "im": z.imag.tolist()}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    done = node("slots", tmp_path)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert np.max(np.abs(np.array(got["re"]) + 1j * np.array(got["im"]) - z)) < 1e-6
+    page = serial.load(seal.Plaintext, serial.rewrite_seal_version((tmp_path / "page.pt").read_bytes(), "plaintext"),
+                       ctx, "plaintext")
+    decoded = np.array(seal.CKKSEncoder(ctx).decode_complex(page))
+    assert np.max(np.abs(decoded - z)) < 1e-6

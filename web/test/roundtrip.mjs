@@ -9,6 +9,7 @@
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import initialize from "node-seal/throws";
 import { HeSession } from "../static/hekeys.js";
+import { coefficientsToSlots, slotsToCoefficients } from "../static/slots.js";
 
 const [command, dir] = process.argv.slice(2);
 const request = JSON.parse(readFileSync(`${dir}/request.json`, "utf8"));
@@ -33,6 +34,15 @@ if (command === "encrypt") {
   session.use(new Uint8Array(readFileSync(`${dir}/secret.key`)), new Uint8Array(readFileSync(`${dir}/bundle.keys`)));
   const coefficients = session.decryptCoefficients(new Uint8Array(readFileSync(`${dir}/answer.ct`)));
   process.stdout.write(JSON.stringify({ coefficients: Array.from(coefficients.subarray(0, request.read)) }));
+} else if (command === "slots") {
+  // A plaintext saved by the services' SEAL (bridged) -> its slots by the page's decoder.
+  const plain = new seal.Plaintext();
+  plain.loadFromArray(session.context, new Uint8Array(readFileSync(`${dir}/plain.pt`)));
+  const { re, im } = coefficientsToSlots(session.codec.decode(plain), request.params.polyModulusDegree);
+  // And the page's encoder: the same slots -> coefficients -> a plaintext for the services to decode.
+  const coeffs = slotsToCoefficients(Float64Array.from(request.re), Float64Array.from(request.im), request.params.polyModulusDegree);
+  writeFileSync(`${dir}/page.pt`, session.codec.encode(coeffs, 2 ** 30).saveToArray(seal.ComprModeType.none));
+  process.stdout.write(JSON.stringify({ re: Array.from(re), im: Array.from(im) }));
 } else if (command === "decrypt-coeff") {
   session.use(new Uint8Array(readFileSync(`${dir}/secret.key`)), new Uint8Array(readFileSync(`${dir}/bundle.keys`)));
   const scores = session.decryptCoeffAnswer(new Uint8Array(readFileSync(`${dir}/answer.eic`)), request.answerLayout);
