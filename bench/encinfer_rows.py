@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from encinfer.client.classifier import EncryptedClassifier
 from encinfer.client.demo import LocalStack
 from encinfer.he.batch import decrypt_batch, encrypt_batch
-from encinfer.he.latency import decrypt_latency, encrypt_latency
+from encinfer.client.classifier import SINGLE_SAMPLE
 from encinfer.inference.model import load_model
 from encinfer.stack import free_port
 from encinfer.v1 import inference_pb2 as pb
@@ -71,7 +71,7 @@ def _session(stem: str, workers: int, layout: str) -> Iterator[EncryptedClassifi
     as a separate process, and a client, torn down afterwards."""
     with tempfile.TemporaryDirectory(prefix="encinfer-bench-") as tmp, \
             LocalStack([stem], Path(tmp), inference=False) as local, \
-            _inference_process(stem, workers, local.keystore.target, os.environ["ENCINFER_TOKENS"],
+            _inference_process(stem, workers, local.keystore.target, local.token_spec,
                                local.service_token) as target, \
             EncryptedClassifier(inference=target, keystore=local.keystore.target,
                                 model=load_model(stem).name, token=local.tenant_token, layout=layout,
@@ -79,28 +79,33 @@ def _session(stem: str, workers: int, layout: str) -> Iterator[EncryptedClassifi
         yield clf
 
 
-def bench_latency(stem: str, X: np.ndarray, y: np.ndarray, workers: int = 2) -> dict:
+def bench_latency(stem: str, X: np.ndarray, y: np.ndarray, workers: int = 2, wire: str | None = None) -> dict:
+    """One sample per request, in the layout the client library picks ("coeff" when the model
+    offers it), or in `wire` ("coeff" or "latency", the rotation layout)."""
     artifact = load_model(stem)
-    with _session(stem, workers, "latency") as clf:
+    with _session(stem, workers, wire or "auto") as clf:
+        wire = clf.single_sample_layout()
+        clf.layout = wire  # the stream below too, whatever its size
+        encrypt_one, decrypt_one, wire_enum = SINGLE_SAMPLE[wire]
         t = time.perf_counter()
-        secret, key_id = clf.keys("latency")
+        secret, key_id = clf.keys(wire)
         keygen_upload_ms = (time.perf_counter() - t) * 1000
         key_bytes = clf._keystore.stat(key_id).size_bytes
-        layout = clf.layout_info("latency")
+        layout = clf.layout_info(wire)
         t = time.perf_counter()
-        cts = [encrypt_latency(secret, x, layout) for x in X]
+        cts = [encrypt_one(secret, x, layout) for x in X]
         encrypt_ms = (time.perf_counter() - t) * 1000 / len(X)
         stub, md = clf._stub, clf._metadata
         rtt, server, outs = [], [], []
         for i, ct in enumerate(cts):
             t = time.perf_counter()
             reply = stub.Predict(pb.PredictRequest(model=artifact.name, key_id=key_id, request_id=str(i),
-                                                   ciphertext=ct), metadata=md, timeout=120)
+                                                   ciphertext=ct, layout=wire_enum), metadata=md, timeout=120)
             rtt.append((time.perf_counter() - t) * 1000)
             server.append(reply.server_ms)
             outs.append(reply.ciphertexts[0])
         t = time.perf_counter()
-        scores = np.array([decrypt_latency(secret, c, layout) for c in outs])
+        scores = np.array([decrypt_one(secret, c, layout) for c in outs])
         decrypt_ms = (time.perf_counter() - t) * 1000 / len(X)
         # Throughput: everything in one stream, every worker busy.
         t = time.perf_counter()
@@ -110,7 +115,7 @@ def bench_latency(stem: str, X: np.ndarray, y: np.ndarray, workers: int = 2) -> 
     warm_server = server[1:] or server
     warm_rtt = rtt[1:] or rtt
     return {
-        "system": "encinfer", "layout": "latency",
+        "system": "encinfer", "layout": "latency", "wire_layout": wire,
         "client_encrypt_ms_per_image": encrypt_ms,
         "server_ms_per_image": statistics.median(warm_server),
         "client_decrypt_ms_per_image": decrypt_ms,

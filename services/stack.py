@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from encinfer.common.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,12 +94,7 @@ def write_secrets(directory: Path, force: bool = False) -> list[Path]:
         if not force and all((directory / n).exists() for n in names):
             continue
         for name, content in generate().items():
-            path = directory / name
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(content, encoding="utf-8")
-            tmp.chmod(0o644)
-            tmp.replace(path)
-            written.append(path)
+            written.append(write_atomic(directory / name, content, mode=0o644))
     return written
 
 

@@ -1,6 +1,7 @@
 """Key bundles (encinfer-keys-v1) and the client's secret key: what is accepted, what is refused and why."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import struct
@@ -23,7 +24,9 @@ SECTION = struct.Struct("<4sIQ")
 
 @pytest.fixture(scope="module")
 def params() -> CkksParams:
-    return choose_latency_params(784, 10)  # MNIST latency layout: steps 1, 16..1024 and conjugation
+    # MNIST latency layout: steps 1, 16..1024 and conjugation (without its public key: these tests
+    # are about the Galois sections; test_he_coeff.py covers the public key).
+    return dataclasses.replace(choose_latency_params(784, 10), needs_public_key=False)
 
 
 @pytest.fixture(scope="module")

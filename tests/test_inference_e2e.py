@@ -222,7 +222,7 @@ def test_uploaded_keys_carry_no_secret_key(stack, clf_factory, tmp_path):
     with KeyStoreClient(stack.keystore_target, token=ALICE) as ks:
         path = ks.get(key_id, dest=tmp_path / "downloaded.bin")
     info = inspect_key_bundle(path)
-    assert not info.has_public_key and info.galois_steps
+    assert info.has_public_key and info.galois_steps  # the public key re-randomizes answers
 
 
 # ---------------------------------------------------------------- model info
@@ -236,7 +236,7 @@ def test_model_info_describes_the_served_model(stack):
     assert info.sha256 == model.sha256
     assert info.limits.max_message_bytes == 4 * 1024 * 1024
     assert info.limits.max_open_batches == stack.inference_config.max_open_batches
-    assert {lay.layout for lay in info.layouts} == {pb.LAYOUT_LATENCY, pb.LAYOUT_BATCH}
+    assert {lay.layout for lay in info.layouts} == {pb.LAYOUT_LATENCY, pb.LAYOUT_BATCH, pb.LAYOUT_COEFF}
 
 
 def params_of(lay: pb.LayoutInfo) -> CkksParams:
@@ -244,7 +244,8 @@ def params_of(lay: pb.LayoutInfo) -> CkksParams:
     return CkksParams(poly_modulus_degree=p.poly_modulus_degree, coeff_modulus_bits=tuple(p.coeff_modulus_bits),
                       input_scale_bits=p.input_scale_bits, output_scale_bits=p.output_scale_bits,
                       galois_steps=tuple(p.galois_steps), needs_conjugation_key=p.needs_conjugation_key,
-                      needs_relin_keys=p.needs_relin_keys, complex_packing=p.complex_packing)
+                      needs_relin_keys=p.needs_relin_keys, complex_packing=p.complex_packing,
+                      needs_public_key=p.needs_public_key)
 
 
 def test_latency_layout_states_its_rotation_steps_and_parameters(stack):
@@ -272,6 +273,7 @@ def test_batch_layout_needs_no_evaluation_keys(stack):
     lay = layout_of(info_of(stack), pb.LAYOUT_BATCH)
     p = lay.parameters
     assert not p.galois_steps and not p.needs_conjugation_key and not p.needs_relin_keys
+    assert p.needs_public_key  # not an evaluation key: answers are re-randomized with it
     assert p.poly_modulus_degree == 4096 and list(p.coeff_modulus_bits) == [60]
     assert lay.max_samples == 4096  # complex packing: two samples per slot
     assert lay.manifest_sha256 == params_of(lay).manifest_sha256()

@@ -15,9 +15,24 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_two_tenants_with_identical_batch_keys_both_predict(fs_stack, test_images, tmp_path):
     X = test_images[0][:5]
+    import shutil
+
     with fs_stack.classifier(tmp_path / "alice", ALICE, "batch") as alice, \
             fs_stack.classifier(tmp_path / "bob", BOB, "batch") as bob:
-        assert alice.keys("batch")[1] == bob.keys("batch")[1]  # same bytes, same key id
+        alice_id = alice.keys("batch")[1]
+        # Batch keys carry a public key (fresh noise each time): identical bytes means bob
+        # uploads alice's very bundle, with a copy of her secret to decrypt.
+        from encinfer.client.keystore import KeyStoreClient
+        (tmp_path / "bob").mkdir()
+        with KeyStoreClient(fs_stack.keystore_target, token=ALICE) as ks:
+            bundle = ks.get(alice_id, dest=tmp_path / "bundle.bin")
+        with KeyStoreClient(fs_stack.keystore_target, token=BOB) as ks:
+            assert ks.put(bundle).key_id == alice_id  # same bytes, same key id, bob's own record
+        for secret in (tmp_path / "alice").glob("*.secret"):
+            shutil.copy(secret, tmp_path / "bob" / secret.name)
+            meta = secret.with_suffix(".json")
+            (tmp_path / "bob" / meta.name).write_text(meta.read_text())
+        assert bob.keys("batch")[1] == alice_id
         assert_matches_plaintext(fs_stack.model, X, alice.decision_function(X))
         assert_matches_plaintext(fs_stack.model, X, bob.decision_function(X))
 

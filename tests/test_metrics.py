@@ -44,7 +44,7 @@ def traffic(inference: str, keystore: str, workdir) -> dict:
     from encinfer.client.classifier import EncryptedClassifier
 
     X = datasets.default_test_images()[0][:N_PREDICT]
-    with EncryptedClassifier(inference=inference, keystore=keystore, model=MODEL, token=ALICE,
+    with EncryptedClassifier(inference=inference, keystore=keystore, model=MODEL, token=ALICE, layout="latency",
                              key_dir=workdir / "keys", timeout=CALL_TIMEOUT) as clf:
         for x in X:
             clf.predict_one(x)

@@ -60,14 +60,22 @@ def _readable(path: str, setting: str) -> None:
         raise StartupError(f"{setting}={path} cannot be read ({e.strerror})") from None
 
 
-def check_server_tls(tls: TlsFiles, prefix: str = "ENCINFER_TLS") -> None:
+# The variables that name a listener's TLS files, and the inference service's to the key store:
+# every message names the one to fix.
+SERVER_TLS_VARS = {"cert": "ENCINFER_TLS_CERT", "key": "ENCINFER_TLS_KEY", "ca": "ENCINFER_TLS_CLIENT_CA"}
+KEYSTORE_CLIENT_TLS_VARS = {"cert": "ENCINFER_KEYSTORE_TLS_CERT", "key": "ENCINFER_KEYSTORE_TLS_KEY",
+                            "ca": "ENCINFER_KEYSTORE_TLS_CA"}
+
+
+def check_server_tls(tls: TlsFiles, names: dict[str, str] = SERVER_TLS_VARS) -> None:
     """The certificate and key parse and belong together; the client CA (if any) parses."""
-    _readable(tls.cert, f"{prefix}_CERT")
-    _readable(tls.key, f"{prefix}_KEY")
+    cert, key = names["cert"], names["key"]
+    _readable(tls.cert, cert)
+    _readable(tls.key, key)
     try:
         ssl.create_default_context(cafile=tls.cert)
     except ssl.SSLError:
-        raise StartupError(f"{prefix}_CERT={tls.cert} holds no PEM certificate: fix the file") from None
+        raise StartupError(f"{cert}={tls.cert} holds no PEM certificate: fix the file") from None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(tls.cert, tls.key, password=lambda: b"")  # an encrypted key fails, never prompts
@@ -75,17 +83,17 @@ def check_server_tls(tls: TlsFiles, prefix: str = "ENCINFER_TLS") -> None:
         what = ("is not the private key of" if e.reason == "KEY_VALUES_MISMATCH"
                 else "is not an unencrypted PEM private key (for")
         close = "" if e.reason == "KEY_VALUES_MISMATCH" else ")"
-        raise StartupError(f"{prefix}_KEY={tls.key} {what} {prefix}_CERT={tls.cert}{close}: fix the files") from None
+        raise StartupError(f"{key}={tls.key} {what} {cert}={tls.cert}{close}: fix the files") from None
     if tls.ca:
-        _check_ca(tls.ca, f"{prefix}_CLIENT_CA")
+        _check_ca(tls.ca, names["ca"])
 
 
-def check_client_tls(tls: TlsFiles, prefix: str) -> None:
+def check_client_tls(tls: TlsFiles, names: dict[str, str] = KEYSTORE_CLIENT_TLS_VARS) -> None:
     """A client's CA, and its certificate and key if it has them."""
     if tls.ca:
-        _check_ca(tls.ca, f"{prefix}_CA")
+        _check_ca(tls.ca, names["ca"])
     if tls.cert or tls.key:
-        check_server_tls(TlsFiles(cert=tls.cert, key=tls.key), prefix)
+        check_server_tls(TlsFiles(cert=tls.cert, key=tls.key), names)
 
 
 def _check_ca(path: str, setting: str) -> None:

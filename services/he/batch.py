@@ -39,9 +39,10 @@ import tenseal.sealapi as seal
 
 from encinfer.common.errors import FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.params import MAX_COEFF_BITS_128, CkksParams
+from encinfer.he.params import MAX_COEFF_BITS_128, CkksParams, score_bound
 
 if TYPE_CHECKING:  # pragma: no cover
+    from encinfer.he.coeff import CoeffKeys
     from encinfer.he.secret import SecretKeys
 
 log = logging.getLogger(__name__)
@@ -123,16 +124,6 @@ class BatchLayout:
             raise InvalidArgument(f"not a batch layout description ({e!r})") from None
 
 
-def score_bound(weights: np.ndarray, bias: np.ndarray, input_range: tuple[float, float] = (0.0, 1.0)) -> float:
-    """The largest |score| any input with every feature in input_range can produce."""
-    lo, hi = input_range
-    W = np.asarray(weights, dtype=np.float64)
-    b = np.asarray(bias, dtype=np.float64)
-    top = b + np.maximum(W * lo, W * hi).sum(axis=1)
-    bottom = b + np.minimum(W * lo, W * hi).sum(axis=1)
-    return float(max(np.abs(top).max(), np.abs(bottom).max()))
-
-
 def choose_batch_params(weights: np.ndarray, bias: np.ndarray, *,
                         input_range: tuple[float, float] = (0.0, 1.0),
                         poly_modulus_degree: int = DEFAULT_POLY_MODULUS_DEGREE,
@@ -187,6 +178,7 @@ def choose_batch_params(weights: np.ndarray, bias: np.ndarray, *,
         input_scale_bits=input_bits,
         output_scale_bits=input_bits + weight_bits,
         complex_packing=complex_packing,
+        needs_public_key=True,  # answers are re-randomized (docs/security.md)
     )
 
 
@@ -320,16 +312,22 @@ class BatchModel:
         """Plaintext multiplies per batch with the seal kernel (whatever the number of samples)."""
         return sum(len(t) for t in self._terms)
 
-    def start(self, n_samples: int) -> "BatchAccumulator":
-        """Opens one batch of n_samples (1..layout.max_samples); feed it with `add`."""
+    def start(self, n_samples: int, zeros: "CoeffKeys | None" = None) -> "BatchAccumulator":
+        """Opens one batch of n_samples (1..layout.max_samples); feed it with `add`.
+
+        zeros: the client's encryptions of zero (encinfer.he.coeff.CoeffKeys); each answer
+        gets a fresh one added before it is serialized, so its c1 is no longer a function of
+        the weights the client could solve for. The service always passes them.
+        """
         _check_n_samples(n_samples, self.layout)
         if self.kernel == "numpy":
-            return _NumpyAccumulator(self, n_samples)
-        return _SealAccumulator(self, n_samples)
+            return _NumpyAccumulator(self, n_samples, zeros)
+        return _SealAccumulator(self, n_samples, zeros)
 
-    def evaluate(self, ciphertexts: Iterable[bytes], n_samples: int) -> list[bytes]:
+    def evaluate(self, ciphertexts: Iterable[bytes], n_samples: int,
+                 zeros: "CoeffKeys | None" = None) -> list[bytes]:
         """One-shot: all feature ciphertexts of a batch, in order -> one ciphertext per output."""
-        acc = self.start(n_samples)
+        acc = self.start(n_samples, zeros)
         for position, ct in enumerate(ciphertexts):
             acc.add(position, ct)
         return acc.finish()
@@ -341,8 +339,9 @@ class BatchAccumulator:
     `add(position, ciphertext)` for positions 0..total-1 in order, then `finish()`.
     """
 
-    def __init__(self, model: BatchModel, n_samples: int) -> None:
+    def __init__(self, model: BatchModel, n_samples: int, zeros: "CoeffKeys | None" = None) -> None:
         self.model = model
+        self.zeros = zeros
         self.n_samples = n_samples
         self.total = len(model.layout.feature_indices)
         self.received = 0
@@ -399,8 +398,12 @@ class BatchAccumulator:
         raise NotImplementedError
 
     def _to_last_level(self, answer: seal.Ciphertext) -> bytes:
-        """The answer at the last level: fewer primes, fewer bytes down (scale unchanged)."""
+        """The answer, re-randomized, at the last level: fewer primes, fewer bytes down (scale unchanged)."""
         m = self.model
+        if self.zeros is not None:
+            zero = self.zeros.zero()
+            zero.scale = answer.scale  # an encryption of zero has no scale of its own
+            m.evaluator.add_inplace(answer, zero)
         if answer.parms_id() != m._last_parms_id:
             m.evaluator.mod_switch_to_inplace(answer, m._last_parms_id)
         return serial.dump(answer)
@@ -409,8 +412,8 @@ class BatchAccumulator:
 class _SealAccumulator(BatchAccumulator):
     """SEAL's multiply_plain + add_inplace: n_outputs + 1 ciphertexts."""
 
-    def __init__(self, model: BatchModel, n_samples: int) -> None:
-        super().__init__(model, n_samples)
+    def __init__(self, model: BatchModel, n_samples: int, zeros: "CoeffKeys | None" = None) -> None:
+        super().__init__(model, n_samples, zeros)
         self._sums = [seal.Ciphertext(model.context) for _ in range(model.layout.n_outputs)]
         self._started = [False] * model.layout.n_outputs
         self._product = seal.Ciphertext(model.context)
@@ -453,8 +456,8 @@ class _NumpyAccumulator(BatchAccumulator):
     ciphertext that gives the answers their SEAL metadata.
     """
 
-    def __init__(self, model: BatchModel, n_samples: int) -> None:
-        super().__init__(model, n_samples)
+    def __init__(self, model: BatchModel, n_samples: int, zeros: "CoeffKeys | None" = None) -> None:
+        super().__init__(model, n_samples, zeros)
         width = 4 * model._words
         self._sums = np.zeros((model.layout.n_outputs, width))
         self._chunk = np.empty((min(NUMPY_CHUNK, self.total), width))

@@ -31,6 +31,7 @@ from encinfer.common.errors import FailedPrecondition, InvalidArgument
 from encinfer.he import serial
 from encinfer.he.keyinfo import FORMAT, KeyInfo
 from encinfer.he.params import CkksParams, check_security
+
 MAGIC = FORMAT.encode()  # exactly 16 bytes
 _HEADER = struct.Struct("<4sIQ")
 PARM, PUBK, RELK, GALK, END = b"PARM", b"PUBK", b"RELK", b"GALK", b"END_"

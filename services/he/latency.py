@@ -48,9 +48,10 @@ import tenseal.sealapi as seal
 
 from encinfer.common.errors import DataLoss, EncinferError, FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.params import CkksParams
+from encinfer.he.params import CkksParams, score_bound
 
 if TYPE_CHECKING:  # pragma: no cover
+    from encinfer.he.coeff import CoeffKeys
     from encinfer.he.keys import ServerKeys
     from encinfer.he.secret import SecretKeys
 
@@ -128,7 +129,8 @@ def choose_latency_params(n_features: int, n_outputs: int, *, score_bound: float
     input_bits, output_bits = _scales(primes[0], score_bound)
     return CkksParams(poly_modulus_degree=n, coeff_modulus_bits=primes, input_scale_bits=input_bits,
                       output_scale_bits=output_bits, galois_steps=rotation_steps(row_period, diagonals, n // 2),
-                      needs_conjugation_key=complex_packing, complex_packing=complex_packing)
+                      needs_conjugation_key=complex_packing, complex_packing=complex_packing,
+                      needs_public_key=True)  # answers are re-randomized (docs/security.md)
 
 
 def _scales(prime_bits: int, score_bound: float) -> tuple[int, int]:
@@ -272,14 +274,6 @@ class LatencyLayout:
             raise InvalidArgument(f"not a latency layout description ({e!r})") from None
 
 
-def score_bound(weights: np.ndarray, bias: np.ndarray, input_range: tuple[float, float]) -> float:
-    """The largest |score| any input with every feature in input_range can produce."""
-    lo, hi = input_range
-    top = bias + np.maximum(weights * lo, weights * hi).sum(axis=1)
-    bottom = bias + np.minimum(weights * lo, weights * hi).sum(axis=1)
-    return float(max(np.abs(top).max(), np.abs(bottom).max()))
-
-
 # ---------------------------------------------------------------- server side
 
 def diagonal_values(weights: np.ndarray, bias: np.ndarray,
@@ -416,8 +410,12 @@ class LatencyModel:
             raise FailedPrecondition("these keys were loaded for other parameters than this model's latency "
                                      "layout; load the bundle with load_key_bundle(data, model.layout.params)")
 
-    def evaluate(self, keys: "ServerKeys", ciphertext: bytes) -> bytes:
-        """Scores for one encrypted sample, as one ciphertext at the last prime (serialized)."""
+    def evaluate(self, keys: "ServerKeys", ciphertext: bytes, zeros: "CoeffKeys | None" = None) -> bytes:
+        """Scores for one encrypted sample, as one ciphertext at the last prime (serialized).
+
+        zeros: the client's encryptions of zero (encinfer.he.coeff.CoeffKeys); one is added to
+        the answer, so its c1 is no longer a function of the weights. The service always passes them.
+        """
         self._check_keys(keys)
         ct = self._input(ciphertext)
         ev = self._evaluator
@@ -445,6 +443,10 @@ class LatencyModel:
                 ev.complex_conjugate(acc, keys.conjugation_key(), conjugate)
                 ev.add_inplace(acc, conjugate)
             ev.add_plain_inplace(acc, self._bias)
+            if zeros is not None:
+                zero = zeros.zero()
+                zero.scale = acc.scale  # an encryption of zero has no scale of its own
+                ev.add_inplace(acc, zero)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:  # validated input: a bug, not the caller's
             raise EncinferError(f"latency evaluation failed: {e}") from e
         return serial.dump(acc)

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import tenseal.sealapi as seal
 
 from encinfer.common.errors import InvalidArgument
@@ -54,6 +55,8 @@ class CkksParams:
     needs_conjugation_key: bool = False
     needs_relin_keys: bool = False
     complex_packing: bool = False
+    # The client uploads a public key: the server re-randomizes answers with it (coefficient layout).
+    needs_public_key: bool = False
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +75,8 @@ class CkksParams:
             "galois_steps": sorted(self.galois_steps),
             "needs_conjugation_key": self.needs_conjugation_key,
             "needs_relin_keys": self.needs_relin_keys,
+            # Only when set, so the hashes of layouts without it stay what they were.
+            **({"needs_public_key": True} if self.needs_public_key else {}),
         }
 
     def manifest_sha256(self) -> str:
@@ -113,3 +118,14 @@ def _context(n: int, bits: tuple[int, ...]) -> seal.SEALContext:
     parms.set_coeff_modulus(seal.CoeffModulus.Create(n, list(bits)))
     # expand_mod_chain=True so mod switching works; TC128 makes SEAL refuse weaker sets too.
     return seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+
+
+def score_bound(weights, bias, input_range: tuple[float, float] = (0.0, 1.0)) -> float:
+    """The largest |score| a linear model can produce for any input with every feature in
+    input_range: what a layout's scales must leave room for (every layout asks this)."""
+    lo, hi = input_range
+    W = np.asarray(weights, dtype=np.float64)
+    b = np.asarray(bias, dtype=np.float64)
+    top = b + np.maximum(W * lo, W * hi).sum(axis=1)
+    bottom = b + np.minimum(W * lo, W * hi).sum(axis=1)
+    return float(max(np.abs(top).max(), np.abs(bottom).max()))

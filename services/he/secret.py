@@ -17,9 +17,11 @@ import stat
 import struct
 from pathlib import Path
 
+import numpy as np
 import tenseal.sealapi as seal
 
 from encinfer.common.errors import InvalidArgument
+from encinfer.common.files import write_atomic
 from encinfer.he import serial
 from encinfer.he.keys import build_key_bundle
 from encinfer.he.params import CkksParams
@@ -65,18 +67,7 @@ class SecretKeys:
         path = Path(path)
         meta = json.dumps({"format": FORMAT, "params": self.params.to_json()}, sort_keys=True).encode()
         key = _secret_key_bytes(self._secret_key)
-        tmp = path.with_name(f".{path.name}.{_random.token_hex(6)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + _U32.pack(len(meta)) + meta + _U64.pack(len(key)) + key)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, _MAGIC + _U32.pack(len(meta)) + meta + _U64.pack(len(key)) + key, mode=0o600)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SecretKeys":
@@ -111,18 +102,24 @@ class SecretKeys:
         return cls(params, _secret_key_from(data[pos:], params))
 
     # ------------------------------------------------------------ public material
-    def public_bundle(self, *, include_public_key: bool = False) -> bytes:
+    def public_bundle(self, *, include_public_key: bool | None = None) -> bytes:
         """The encinfer-keys-v1 bundle to upload: parameters and the evaluation keys they need.
 
         Galois keys only for params.galois_steps (plus conjugation when asked for),
-        one per section, seeded; relinearization keys only when needed. No public
-        key by default: the client encrypts with the secret key (seeded, half size).
+        one per section, seeded; relinearization keys only when needed. A public key
+        only when the parameters ask for one (the server re-randomizes answers with it):
+        the client itself encrypts with the secret key (seeded, half size).
         """
+        if include_public_key is None:
+            include_public_key = self.params.needs_public_key
         keygen = seal.KeyGenerator(self.context, self._secret_key)
         galois = {elt: serial.dump(keygen.create_galois_keys([elt])) for elt in self.params.galois_elements()}
         relin = serial.dump(keygen.create_relin_keys()) if self.params.needs_relin_keys else None
         public = None
-        if include_public_key:  # sealapi does not expose the seeded form of a public key
+        if include_public_key and self.params.needs_public_key:
+            from encinfer.he.coeff import make_public_key  # with the common `a` the server insists on
+            public = make_public_key(self.params, self._secret_key)
+        elif include_public_key:  # sealapi does not expose the seeded form of a public key
             public_key = seal.PublicKey()
             keygen.create_public_key(public_key)
             public = serial.dump(public_key)
@@ -136,6 +133,19 @@ class SecretKeys:
             return serial.dump(self._encryptor.encrypt_symmetric(plaintext))
         except (RuntimeError, ValueError, TypeError) as e:
             raise InvalidArgument(f"cannot encrypt this plaintext: {e}") from None
+
+    def coefficients(self) -> np.ndarray:
+        """The secret polynomial's coefficients (int8 in {-1, 0, 1}, one prime's worth).
+
+        For layouts whose answers the client decrypts itself from coefficient arrays
+        (encinfer.he.coeff). SEAL keeps the key in NTT form; it is turned back through a
+        ciphertext's memory (c0 = the key, c1 = 1) and transform_from_ntt. Computed once.
+        """
+        cached = getattr(self, "_coefficients", None)
+        if cached is None:
+            from encinfer.he.coeff import secret_coefficients
+            cached = self._coefficients = secret_coefficients(self.context, self._secret_key)
+        return cached
 
     def decrypt(self, data: bytes) -> seal.Plaintext:
         """Decrypts a serialized ciphertext at any level; InvalidArgument when it is not one."""

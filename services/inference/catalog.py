@@ -1,7 +1,10 @@
-"""Served models: a safe artifact plus its two precomputed HE layouts.
+"""Served models: a safe artifact plus its precomputed HE layouts.
 
 Built once per process (SEAL objects cannot cross processes), so each worker
-loads the artifacts itself and pre-encodes the weights for both layouts.
+loads the artifacts itself and pre-encodes the weights for every layout.
+Single samples: "coeff" (coefficient encoding, no rotation) is what the client
+library uses; "latency" (rotations) stays for callers without a complex encoder
+and as the basis of non-linear models. Many samples: "batch".
 """
 from __future__ import annotations
 
@@ -12,13 +15,14 @@ from typing import Any
 
 from encinfer.common.errors import InvalidArgument, NotFound
 from encinfer.he.batch import BatchModel
+from encinfer.he.coeff import CoeffModel, common_a
 from encinfer.he.latency import LatencyModel
 from encinfer.he.params import CkksParams
 from encinfer.inference.model import ModelArtifact, load_model
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("latency", "batch")
+LAYOUTS = ("latency", "batch", "coeff")
 
 
 @dataclass
@@ -26,13 +30,18 @@ class ServedModel:
     artifact: ModelArtifact
     latency: LatencyModel
     batch: BatchModel
+    coeff: CoeffModel
 
     @classmethod
     def load(cls, path: str) -> "ServedModel":
         artifact = load_model(path)
-        return cls(artifact=artifact,
-                   latency=LatencyModel(artifact.weights, artifact.bias),
-                   batch=BatchModel(artifact.weights, artifact.bias))
+        served = cls(artifact=artifact,
+                     latency=LatencyModel(artifact.weights, artifact.bias),
+                     batch=BatchModel(artifact.weights, artifact.bias),
+                     coeff=CoeffModel(artifact.weights, artifact.bias))
+        for layout in LAYOUTS:  # expanded now, not on the first request of a key (it checks keys against it)
+            common_a(served.params(layout))
+        return served
 
     @property
     def name(self) -> str:
@@ -46,11 +55,13 @@ class ServedModel:
         """Each layout's parameter hash, computed once: every request's key lookup uses it."""
         return {layout: self.params(layout).manifest_sha256() for layout in LAYOUTS}
 
-    def kernel(self, layout: str) -> LatencyModel | BatchModel:
+    def kernel(self, layout: str) -> LatencyModel | BatchModel | CoeffModel:
         if layout == "latency":
             return self.latency
         if layout == "batch":
             return self.batch
+        if layout == "coeff":
+            return self.coeff
         raise InvalidArgument(f"unknown layout {layout!r}; this model accepts {', '.join(LAYOUTS)}")
 
     def describe(self) -> dict[str, Any]:
@@ -63,6 +74,7 @@ class ServedModel:
             "layouts": {
                 "latency": {**self.latency.layout.to_dict(), "manifest_sha256": self.manifests["latency"]},
                 "batch": {**self.batch.layout.to_dict(), "manifest_sha256": self.manifests["batch"]},
+                "coeff": {**self.coeff.layout.to_dict(), "manifest_sha256": self.manifests["coeff"]},
             },
         }
 

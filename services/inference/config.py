@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encinfer.common.auth import TokenTable
-from encinfer.common.errors import ConfigError
 from encinfer.common.env import env_float, env_int, env_size, env_str
+from encinfer.common.errors import ConfigError
 from encinfer.common.rpc import TlsFiles
 
 

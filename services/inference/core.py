@@ -24,6 +24,8 @@ from encinfer.inference.workers import WorkerPool, check_batch_count, check_posi
 
 log = logging.getLogger(__name__)
 
+# The worker function for each one-sample layout.
+SINGLE_SAMPLE_LAYOUTS = {"latency": workers.predict_latency, "coeff": workers.predict_coeff}
 # Batch parts handed to a worker per call: a call's round trip costs about one part's work.
 PARTS_PER_CALL = 16
 
@@ -80,17 +82,20 @@ class InferenceCore:
         return key_id
 
     # ------------------------------------------------------------ latency
-    async def predict(self, principal: Principal, model: str, key_id: str, ciphertext: bytes) -> tuple[bytes, float]:
-        """One latency-layout input; the time returned is the handler's (key checks, the hop
-        to a worker, deserialization, compute, serialization), not the kernel's alone."""
+    async def predict(self, principal: Principal, model: str, key_id: str, ciphertext: bytes,
+                      layout: str = "latency") -> tuple[bytes, float]:
+        """One single-sample input (latency or coeff layout); the time returned is the handler's
+        (key checks, the hop to a worker, deserialization, compute, serialization), not the kernel's alone."""
         start = time.perf_counter()
         if not ciphertext:
-            raise InvalidArgument("ciphertext is empty; send one encrypted input (latency layout)")
-        key_id = await self._checked_key(principal, model, key_id, "latency")
+            raise InvalidArgument(f"ciphertext is empty; send one encrypted input ({layout} layout)")
+        if layout not in SINGLE_SAMPLE_LAYOUTS:
+            raise InvalidArgument(f"Predict takes the latency or coeff layout, not {layout or 'none'!r}")
+        key_id = await self._checked_key(principal, model, key_id, layout)
         owner = record_owner(principal, self.auth_enabled)
         index = self.pool.pick()
         result, _kernel_ms = await self.pool.with_key(index, lambda: self.keys.data(key_id, owner),
-                                                      workers.predict_latency, (model, key_id), (ciphertext,))
+                                                      SINGLE_SAMPLE_LAYOUTS[layout], (model, key_id), (ciphertext,))
         return result, (time.perf_counter() - start) * 1000
 
     # ------------------------------------------------------------ streams
@@ -197,8 +202,8 @@ class StreamSession:
     def header(self, model: str, key_id: str, layout: str) -> None:
         if self.model:
             raise InvalidArgument("the stream header was sent twice; send it once, first")
-        if layout not in ("latency", "batch"):
-            raise InvalidArgument("the stream header needs layout LAYOUT_LATENCY or LAYOUT_BATCH")
+        if layout not in ("latency", "batch", "coeff"):
+            raise InvalidArgument("the stream header needs layout LAYOUT_COEFF, LAYOUT_LATENCY or LAYOUT_BATCH")
         self.core.params(model, layout)
         self.model, self.key_id, self.layout = model, key_id, layout
 
@@ -211,7 +216,8 @@ class StreamSession:
 
     async def _run_item(self, request_id: str, model: str, key_id: str, ciphertext: bytes) -> None:
         try:
-            ct, ms = await self.core.predict(self.principal, model, key_id, ciphertext)
+            ct, ms = await self.core.predict(self.principal, model, key_id, ciphertext,
+                                             "coeff" if self.layout == "coeff" else "latency")
             await self.answers.put(Answer(request_id, [ct], 1, ms))
         except EncinferError as e:
             await self.answers.put(Answer(request_id, error=e))

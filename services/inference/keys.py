@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Generic, Hashable, TypeVa
 import grpc
 
 from encinfer.common.auth import Principal, auth_metadata
-from encinfer.common.errors import (DataLoss, EncinferError, FailedPrecondition, NotFound,
-                                    PermissionDenied, Unavailable)
+from encinfer.common.errors import DataLoss, EncinferError, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from encinfer.common.rpc import TlsFiles, channel
 from encinfer.he.keyinfo import check_key_id
 from encinfer.he.params import CkksParams
@@ -69,6 +68,9 @@ def check_key_fits(params: keystore_pb2.KeyParameters, needed: CkksParams, layou
                                  "needs; generate keys from GetModelInfo")
     if needed.needs_conjugation_key and not params.has_conjugation_key:
         raise FailedPrecondition(f"key lacks the conjugation key the {layout} layout needs")
+    if needed.needs_public_key and not params.has_public_key:
+        raise FailedPrecondition(f"key lacks the public key the {layout} layout needs (answers are re-randomized "
+                                 "with it); generate keys from GetModelInfo")
     if needed.needs_relin_keys and not params.has_relin_keys:
         raise FailedPrecondition(f"key lacks relinearization keys the {layout} layout needs")
 

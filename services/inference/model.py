@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from encinfer.common.errors import DataLoss, InvalidArgument, NotFound
+from encinfer.common.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +231,8 @@ def _sha256_file(path: Path) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Artifacts are written owner-only (the image makes them world-readable for its user).
+    write_atomic(path, data, mode=0o600)
 
 
 def _npz_bytes(weights: np.ndarray, bias: np.ndarray) -> bytes:

@@ -17,8 +17,7 @@ from encinfer.common.errors import EncinferError, InvalidArgument
 from encinfer.common.preflight import StartupError, check_client_tls, check_port_free, check_server_tls, split_address
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
 from encinfer.inference.config import InferenceConfig
-from encinfer.inference.core import (Answer, InferenceCore, StreamBatchPart, StreamHeader, StreamItem,
-                                     StreamMessage)
+from encinfer.inference.core import Answer, InferenceCore, StreamBatchPart, StreamHeader, StreamItem, StreamMessage
 from encinfer.inference.keys import KeySource
 from encinfer.inference.model import load_model
 from encinfer.inference.workers import WorkerPool, kill_workers
@@ -31,7 +30,7 @@ log = logging.getLogger(__name__)
 STOP_MARGIN_SECONDS = 10.0
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
-LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch"}
+LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch", pb.LAYOUT_COEFF: "coeff"}
 LAYOUT_ENUM = {v: k for k, v in LAYOUT_NAMES.items()}
 # A stream's RPC status says nothing of its items: each answer carries its own.
 STREAM_ANSWERS = Counter("encinfer_stream_answers_total", "PredictStream answers (items and batches), by status code",
@@ -49,12 +48,14 @@ def model_info_pb(info: dict, worker: str = "", max_open_batches: int = 0) -> pb
                 input_scale_bits=p["input_scale_bits"], output_scale_bits=p["output_scale_bits"],
                 galois_steps=p.get("galois_steps", ()), needs_relin_keys=p.get("needs_relin_keys", False),
                 needs_conjugation_key=p.get("needs_conjugation_key", False),
-                complex_packing=p.get("complex_packing", False)),
+                complex_packing=p.get("complex_packing", False),
+                needs_public_key=p.get("needs_public_key", False)),
             block_size=lay.get("block_size", 0), output_slots=lay.get("output_slots", ()),
             feature_indices=lay.get("feature_indices", ()), max_samples=lay.get("max_samples", 0),
             manifest_sha256=lay["manifest_sha256"],
             input_min=(lay.get("input_range") or (0.0, 0.0))[0],
-            input_max=(lay.get("input_range") or (0.0, 0.0))[1]))
+            input_max=(lay.get("input_range") or (0.0, 0.0))[1],
+            rows_per_product=lay.get("rows_per_product", 0), answer_bits=lay.get("answer_bits", 0)))
     return pb.ModelInfo(
         name=info["name"], version=info["version"], kind=info["kind"], n_features=info["n_features"],
         n_outputs=info["n_outputs"], class_labels=info["class_labels"], layouts=layouts, sha256=info["sha256"],
@@ -84,7 +85,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
         principal = current_principal()
-        ct, ms = await self.core.predict(principal, request.model, request.key_id, request.ciphertext)
+        ct, ms = await self.core.predict(principal, request.model, request.key_id, request.ciphertext,
+                                         LAYOUT_NAMES.get(request.layout, "latency"))
         return answer_pb(Answer(request.request_id, [ct], 1, ms))
 
     async def PredictStream(self, requests: AsyncIterator[pb.PredictStreamRequest], context) -> AsyncIterator[pb.PredictResponse]:
@@ -149,7 +151,7 @@ class InferenceServer:
         if config.tls is not None:
             check_server_tls(config.tls)
         if config.keystore_tls is not None:
-            check_client_tls(config.keystore_tls, "ENCINFER_KEYSTORE_TLS")
+            check_client_tls(config.keystore_tls)
         host, port = split_address(config.address)
         check_port_free(host, port, "ENCINFER_INFERENCE_ADDRESS")
         if config.metrics_port:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import json
+import logging
 import os
 import pickle
 import socket
@@ -101,8 +101,61 @@ def predict_latency(model_name: str, key_id: str, key_bytes: bytes | None, ciphe
     start = time.perf_counter()
     model = find(_models, model_name)
     keys = _server_keys(model, "latency", key_id, key_bytes)
-    result = model.latency.evaluate(keys, ciphertext)
+    zeros = _public_keys(model, "latency", key_id, key_bytes)
+    result = model.latency.evaluate(keys, ciphertext, zeros)
+    _drew_from(zeros)
     return result, (time.perf_counter() - start) * 1000
+
+
+def _public_keys(model: Any, layout: str, key_id: str, key_bytes: bytes | None) -> Any:
+    """The public key and its pool of encryptions of zero (answers are re-randomized with them)."""
+    from encinfer.he.coeff import POOL_SIZE, load_coeff_keys
+
+    slot = (key_id, model.manifests[layout], "public")  # apart from ServerKeys: manifests may coincide
+    keys = _keys.get(slot)
+    if keys is None:
+        if key_bytes is None:
+            raise KeyMissing(key_id)
+        # A batch takes one per output; a coefficient answer one per product, a rotation answer one.
+        pool = 2 * model.artifact.n_outputs if layout == "batch" else POOL_SIZE
+        keys = load_coeff_keys(key_bytes, model.params(layout), pool_size=pool)
+        _keys.put(slot, keys)
+    return keys
+
+
+def _drew_from(keys: Any) -> None:
+    if keys in _refill:
+        _refill.remove(keys)
+    _refill.append(keys)
+    del _refill[:-_REFILL_KEYS]
+
+
+def predict_coeff(model_name: str, key_id: str, key_bytes: bytes | None, ciphertext: bytes) -> tuple[bytes, float]:
+    """The coefficient layout: the answer is re-randomized with encryptions of zero that
+    `refill_idle` prepared while the worker had nothing else to do."""
+    from encinfer.inference.catalog import find
+
+    start = time.perf_counter()
+    model = find(_models, model_name)
+    keys = _public_keys(model, "coeff", key_id, key_bytes)
+    result = model.coeff.evaluate(keys, ciphertext)
+    _drew_from(keys)
+    return result, (time.perf_counter() - start) * 1000
+
+
+# Key sets whose pools of encryptions of zero were drawn from, most recent last (a few).
+_refill: list = []
+_REFILL_KEYS = 16
+
+
+def zero_pools() -> list[tuple[int, int]]:
+    """(ready, wanted) encryptions of zero of each recently used key: tests and metrics."""
+    return [(keys.pooled(), keys.pool_size) for keys in _refill]
+
+
+def refill_idle() -> bool:
+    """One step of idle work: one encryption of zero for the most recently used key; False when none is due."""
+    return any(keys.refill(1) for keys in reversed(_refill))
 
 
 def batch_start(batch_id: str, model_name: str, key_id: str, key_bytes: bytes | None, n_samples: int) -> None:
@@ -110,7 +163,8 @@ def batch_start(batch_id: str, model_name: str, key_id: str, key_bytes: bytes | 
 
     model = find(_models, model_name)
     _server_keys(model, "batch", key_id, key_bytes)  # parameters checked before any compute
-    _batches[batch_id] = (model.batch.start(n_samples), time.perf_counter(), [0.0])
+    zeros = _public_keys(model, "batch", key_id, key_bytes)
+    _batches[batch_id] = (model.batch.start(n_samples, zeros), time.perf_counter(), [0.0])
 
 
 def batch_add(batch_id: str, parts: list[tuple[int, bytes]]) -> None:
@@ -137,6 +191,7 @@ def batch_finish(batch_id: str) -> tuple[list[bytes], float]:
     start = time.perf_counter()
     out = acc.finish()
     busy[0] += time.perf_counter() - start
+    _drew_from(acc.zeros)
     return out, busy[0] * 1000
 
 
@@ -176,6 +231,10 @@ def worker_main(conn: Any, model_paths: list[str], key_cache_bytes: int, name: s
         log.error("inference worker cannot start", extra={"fields": {"worker": name, "error": str(e)}})
         os._exit(1)
     while True:
+        # Idle: prepare encryptions of zero (bounded: each pool fills up), one at a time so a
+        # call that arrives waits at most one encryption (~0.2 ms).
+        while not conn.poll(0) and refill_idle():
+            pass
         try:
             call_id, fn, args = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
@@ -360,6 +419,7 @@ class WorkerPool:
         self.models: list[dict] = []
         self.replacements = 0
         self._inline_holds = KeysHeld()
+        self._spawned: set[subprocess.Popen] = set()  # every process this pool started
 
     async def start(self) -> None:
         if self.n == 0:
@@ -380,6 +440,7 @@ class WorkerPool:
 
     async def _spawn(self, index: int) -> _Worker:
         worker = _Worker(index, self.model_paths, self.key_cache_bytes, on_exit=self._worker_exited)
+        self._spawned.add(worker.process)
         try:
             await worker.open()
         except BaseException:
@@ -462,7 +523,11 @@ class WorkerPool:
         return [w.pid for w in self._workers]
 
     def pick(self) -> int:
-        return min(range(len(self.load)), key=self.load.__getitem__)
+        """The least-loaded worker; ties go round-robin, so a worker that just answered (and is
+        making encryptions of zero for the next answers) is the last one asked."""
+        n = len(self.load)
+        self._turn = (getattr(self, "_turn", -1) + 1) % n
+        return min(((self._turn + k) % n for k in range(n)), key=self.load.__getitem__)
 
     async def call(self, index: int, fn: Callable[..., Any], *args: Any, retry: bool = False) -> Any:
         """Runs fn(*args) on worker `index`. A dead worker is replaced; with `retry` (for
@@ -488,7 +553,7 @@ class WorkerPool:
         """Calls fn(*head, key_bytes, *tail) (head ends with the model and the key id), sending
         the key bytes only when the worker lacks them: one trip when the pool knows it does
         (a new key, a new worker), two only when the worker evicted it."""
-        retry = fn is predict_latency  # stateless: safe to run again on a replaced worker
+        retry = fn in (predict_latency, predict_coeff)  # stateless: safe to run again on a replaced worker
         holds = self._workers[index].holds if self.n else self._inline_holds
         slot = (fn.__name__, *head[-2:])
         if slot in holds:
@@ -509,6 +574,13 @@ class WorkerPool:
         await asyncio.gather(*replacing, return_exceptions=True)
         await asyncio.gather(*(w.close(timeout) for w in self._workers), return_exceptions=True)
         self._workers = []
+        # Whatever a failed start or replacement left (a worker not yet in the list): kill, reap.
+        left = [p for p in self._spawned if p.poll() is None]
+        for process in left:
+            process.kill()
+        for process in self._spawned:
+            await asyncio.to_thread(_reaped, process, 5.0)
+        self._spawned.clear()
 
 
 def check_batch_count(open_batches: int, limit: int) -> None:
