@@ -19,7 +19,7 @@ page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
 const view = () => page.evaluate(() => {
   const s = window.encinfer.state;
   return { message: document.getElementById("message").textContent, messageKind: document.getElementById("message").className,
-    keyId: s.keyId, uploads: s.uploads, stats: s.stats, pixels: s.pixels ? Array.from(s.pixels) : null,
+    keyId: s.keyId, uploads: s.uploads, stats: s.stats, layout: s.layout ? s.layout.kind : null, pixels: s.pixels ? Array.from(s.pixels) : null,
     digit: document.getElementById("digit").textContent };
 });
 
