@@ -148,6 +148,17 @@ def test_the_page_uses_the_coefficient_layout_where_the_model_offers_it(predicti
     assert {p["layout"] for p in predictions} == {expected}
 
 
+def test_the_rotation_layout_works_from_the_page_too(browser, web, digits, stack):
+    """#layout=latency: today's other one-sample layout (complex packing through slots.js, Galois
+    keys, a public key on the common polynomial at the key level)."""
+    result = browser("isolated", url=f"{web.url}#token={ALICE}&layout=latency",
+                     pixels=[float(v) for v in digits[0][3]], timeout=120)
+    assert result["values"] is not None, result["message"]
+    assert result["layout"] == "rotation (complex packing)"
+    plain = stack.model.scores(np.array([result["pixels"]]))[0]
+    assert np.max(np.abs(np.array(result["values"]) - plain)) < 1e-3
+
+
 def test_the_pages_scores_are_the_models_within_tolerance(predictions, stack):
     pixels = np.array([p["pixels"] for p in predictions])
     plain = stack.model.scores(pixels)
@@ -267,6 +278,8 @@ def test_measurements_in_the_browser_are_recorded(predictions, browser, web):
         "gateway_ms": float(np.median([s["gatewayMs"] for s in rest])),
         "gateway_upstream_ms": float(np.median([s["upstreamMs"] for s in rest])),
         "gateway_bridge_ms": float(np.median([s["bridgeMs"] for s in rest])),
+        # The browser's own Resource Timing of the Predict fetches (request sent to last byte).
+        "fetch_ms": float(np.median([e["total"] for e in browser("timing")["entries"]])),
         "decrypt_ms": float(np.median([s["decryptMs"] for s in rest])),
         "ciphertext_bytes": rest[0]["ciphertextBytes"], "answer_bytes": rest[0]["answerBytes"],
         "request_bytes": rest[0]["up"], "response_bytes": rest[0]["down"], "images": len(rest),

@@ -83,7 +83,7 @@ async function prepare() {
   show("Asking the inference service about its model…");
   const name = await listModel();
   state.info = await rpc("/encinfer.v1.Inference/GetModelInfo", requests.getModelInfo(name), modelInfo);
-  state.layout = pickLayout(state.info);
+  state.layout = pickLayout(state.info, new URLSearchParams(location.hash.slice(1)).get("layout") || "");
   show("Making your keys in this page (the secret key never leaves it)…");
   const params = { ...state.layout.params };
   if (params.needsPublicKey) params.commonA = await commonA(params);

@@ -70,11 +70,12 @@ function rotationAdapter(layout, info) {
   };
 }
 
-/** The fastest layout of `info` this page can encrypt for, as an adapter. */
-export function pickLayout(info) {
+/** The fastest layout of `info` this page can encrypt for, as an adapter ("latency" asks for the
+ * rotation layout even where the coefficient layout is offered). */
+export function pickLayout(info, wanted = "") {
   const latency = info.layouts.filter((l) => l.parameters && l.layout !== "batch");
   const coefficient = latency.find(isCoefficient);
-  if (coefficient) return coefficientAdapter(coefficient, info);
+  if (coefficient && wanted !== "latency") return coefficientAdapter(coefficient, info);
   const rotation = latency.find((l) => l.layout === "latency");
   if (rotation) return rotationAdapter(rotation, info);
   throw new Error(`model ${info.name} offers no layout this page can encrypt for (it offers: ` +

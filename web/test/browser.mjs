@@ -63,17 +63,24 @@ const ops = {
     const p = await other.newPage();
     await p.goto(url);
     await p.waitForFunction(() => window.encinfer);
-    const message = await p.evaluate(async (px) => {
+    const { message, values, layout } = await p.evaluate(async (px) => {
       if (px) window.encinfer.drawPixels(px);
-      await window.encinfer.run();
-      return document.getElementById("message").textContent;
+      const values = await window.encinfer.run();
+      const s = window.encinfer.state;
+      return { message: document.getElementById("message").textContent, values, layout: s.layout && s.layout.kind,
+        pixels: s.pixels && Array.from(s.pixels) };
     }, pixels || null);
     const kind = await p.evaluate(() => document.getElementById("message").className);
+    const seen = await p.evaluate(() => window.encinfer.state.pixels && Array.from(window.encinfer.state.pixels));
     await other.close();
-    return { message, kind };
+    return { message, kind, values, layout, pixels: seen };
   },
   async screenshot({ path }) { await page.screenshot({ path, fullPage: true }); return {}; },
   async requests() { return { requests }; },
+  async timing() {
+    return { entries: await page.evaluate(() => performance.getEntriesByType("resource").filter((e) => e.name.includes("Predict")).map((e) => ({
+      start: e.startTime, connect: e.connectEnd - e.connectStart, request: e.responseStart - e.requestStart, response: e.responseEnd - e.responseStart, total: e.duration, proto: e.nextHopProtocol }))) };
+  },
   async console() { return { lines: consoleLines }; },
   async close() { await browser.close(); return {}; },
 };
