@@ -247,6 +247,7 @@ function render(values) {
   }));
   const s = state.stats, ms = (v) => (v === undefined ? "–" : `${v.toFixed(1)} ms`), kb = (v) => (v === undefined ? "–" : `${(v / 1024).toFixed(1)} KB`);
   const rows = [
+    ["layout", `${state.layout.kind} (model ${state.info.name} ${state.info.version})`],
     ["SEAL start-up (WebAssembly)", ms(s.initMs)], [s.fresh ? "key generation" : "keys (loaded from this browser)", s.fresh ? ms(s.keygenMs) : "stored"],
     ["encrypt", ms(s.encryptMs)], ["round trip (as this page sees it)", ms(s.roundTripMs)], ["  at the gateway (of it: the services)", `${ms(s.gatewayMs)} (${ms(s.upstreamMs)})`],
     ["  server compute", ms(s.serverMs)],
