@@ -24,11 +24,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from encinfer.client.classifier import EncryptedClassifier
+from encinfer.client.classifier import SINGLE_SAMPLE, EncryptedClassifier
 from encinfer.client.demo import LocalStack
 from encinfer.he.batch import decrypt_batch, encrypt_batch
-from encinfer.client.classifier import SINGLE_SAMPLE
-from encinfer.inference.model import load_model
+from encinfer.inference.artifact import load_model
 from encinfer.stack import free_port
 from encinfer.v1 import inference_pb2 as pb
 

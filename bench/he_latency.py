@@ -33,12 +33,12 @@ WARMUP = 5
 
 def load_model(path: str | None) -> tuple[np.ndarray, np.ndarray, str]:
     if path:
-        from encinfer.inference.model import load_model as load_artifact
+        from encinfer.inference.artifact import load_model as load_artifact
         a = load_artifact(path)
         return np.asarray(a.weights), np.asarray(a.bias), a.name
     from threadpoolctl import threadpool_limits
 
-    from encinfer.inference.model import train_mnist
+    from encinfer.inference.mnist import train_mnist
     with threadpool_limits(1):  # two BLAS threads on two shared cores can be far slower
         model, _ = train_mnist()
     return model.coef_, model.intercept_, "mnist-default (trained now)"

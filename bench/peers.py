@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from encinfer import datasets
-    from encinfer.inference.model import train_mnist
+    from encinfer.inference.mnist import train_mnist
 
     estimator, accuracy = train_mnist()
     if args.idx_dir:

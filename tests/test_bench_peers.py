@@ -12,7 +12,7 @@ from encinfer import datasets
 
 @pytest.fixture(scope="module")
 def model_and_images():
-    from encinfer.inference.model import train_mnist
+    from encinfer.inference.mnist import train_mnist
 
     estimator, _ = train_mnist()
     X, y = datasets.default_test_images(20)

@@ -11,6 +11,7 @@ import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
 from inference_fixtures import ALICE, BOB, assert_matches_plaintext, start_stack, wait_for
+
 from encinfer.client.classifier import EncryptedClassifier, PredictionError
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common.errors import Unavailable

@@ -16,10 +16,11 @@ import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
 from conftest import MINIO_BIN, REPO  # noqa: E402
+from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, start_stack  # noqa: E402
+
 from encinfer.client import ghzdata  # noqa: E402
 from encinfer.common.auth import auth_metadata  # noqa: E402
 from encinfer.v1 import inference_pb2 as pb  # noqa: E402
-from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, start_stack  # noqa: E402
 
 pytest_plugins = ["inference_fixtures"]
 

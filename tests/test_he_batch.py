@@ -11,8 +11,16 @@ from threadpoolctl import threadpool_limits
 from bench.data import shared_mnist_dir
 from encinfer.common.errors import FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.batch import (KERNELS, NUMPY_CHUNK, BatchLayout, BatchModel, choose_batch_params, decrypt_batch,
-                               encrypt_batch, split_batches)
+from encinfer.he.batch import (
+    KERNELS,
+    NUMPY_CHUNK,
+    BatchLayout,
+    BatchModel,
+    choose_batch_params,
+    decrypt_batch,
+    encrypt_batch,
+    split_batches,
+)
 from encinfer.he.params import CkksParams
 from encinfer.he.secret import SecretKeys
 

@@ -5,15 +5,25 @@ import numpy as np
 import pytest
 import tenseal.sealapi as seal
 from sklearn.linear_model import LogisticRegression
+from test_he_latency import TOLERANCE, fit, mnist
 
 from encinfer.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from encinfer.he import serial
 from encinfer.he.batch import _CiphertextMemory
-from encinfer.he.coeff import (MAGIC, CoeffLayout, CoeffModel, choose_coeff_params, coefficient_slots, decrypt_coeff,
-                               encrypt_coeff, load_coeff_keys, secret_coefficients, unpack_answer)
+from encinfer.he.coeff import (
+    MAGIC,
+    CoeffLayout,
+    CoeffModel,
+    choose_coeff_params,
+    coefficient_slots,
+    decrypt_coeff,
+    encrypt_coeff,
+    load_coeff_keys,
+    secret_coefficients,
+    unpack_answer,
+)
 from encinfer.he.params import CkksParams
 from encinfer.he.secret import SecretKeys
-from test_he_latency import TOLERANCE, fit, mnist
 
 
 class Served:
@@ -174,7 +184,7 @@ def test_an_answers_c1_is_not_the_unrandomized_product(mnist_served):
     seal.Evaluator(served.layout.params.context()).transform_from_ntt_inplace(product)
     n = served.layout.params.poly_modulus_degree
     raw = np.array(_CiphertextMemory.view(product, 2 * n)[n:])
-    from encinfer.he.coeff import switch_modulus, _modulus
+    from encinfer.he.coeff import _modulus, switch_modulus
     unrandomized = switch_modulus(raw, _modulus(served.layout.params), served.layout.answer_bits)
     _, c1 = unpack_answer(served.model.evaluate(served.keys, ct), served.layout)
     assert np.mean(c1[0] == unrandomized) < 0.01

@@ -13,8 +13,7 @@ import tenseal.sealapi as seal
 
 from encinfer.common.errors import FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.keys import (END, GALK, MAGIC, PARM, KeyInfo, build_key_bundle, inspect_key_bundle,
-                              load_key_bundle)
+from encinfer.he.keys import END, GALK, MAGIC, PARM, KeyInfo, build_key_bundle, inspect_key_bundle, load_key_bundle
 from encinfer.he.latency import choose_latency_params
 from encinfer.he.params import CkksParams, galois_element
 from encinfer.he.secret import SecretKeys

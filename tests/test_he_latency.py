@@ -15,8 +15,16 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from encinfer.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from encinfer.he import serial
 from encinfer.he.keys import load_key_bundle
-from encinfer.he.latency import (LatencyLayout, LatencyModel, choose_latency_params, decrypt_latency,
-                                 diagonal_values, encrypt_latency, fold_steps, plan)
+from encinfer.he.latency import (
+    LatencyLayout,
+    LatencyModel,
+    choose_latency_params,
+    decrypt_latency,
+    diagonal_values,
+    encrypt_latency,
+    fold_steps,
+    plan,
+)
 from encinfer.he.params import CkksParams
 from encinfer.he.secret import SecretKeys
 

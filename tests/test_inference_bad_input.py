@@ -17,8 +17,18 @@ import pytest
 import tenseal.sealapi as seal
 
 pytest.register_assert_rewrite("inference_fixtures")
-from inference_fixtures import (ALICE, BOB, CALL_TIMEOUT, MODEL, assert_matches_plaintext, assert_status,
-                                rpc_error, start_stack, wait_for)
+from inference_fixtures import (
+    ALICE,
+    BOB,
+    CALL_TIMEOUT,
+    MODEL,
+    assert_matches_plaintext,
+    assert_status,
+    rpc_error,
+    start_stack,
+    wait_for,
+)
+
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common.errors import DataLoss, InvalidArgument
 from encinfer.he.batch import encrypt_batch

@@ -8,7 +8,8 @@ import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
 from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, assert_matches_plaintext, assert_status, rpc_error
-from encinfer.client.classifier import layout_from_pb
+
+from encinfer.modelinfo import ModelDescription
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.he.coeff import CoeffLayout, decrypt_coeff, encrypt_coeff
 from encinfer.he.latency import encrypt_latency
@@ -42,7 +43,7 @@ def test_model_info_states_the_coefficient_layout(fs_stack):
     assert (p.poly_modulus_degree, list(p.coeff_modulus_bits)) == (4096, [60])
     assert p.needs_public_key and not p.galois_steps and not p.needs_conjugation_key and not p.needs_relin_keys
     assert (lay.rows_per_product, lay.answer_bits) == (5, 40)
-    assert isinstance(layout_from_pb(info_of(fs_stack), lay), CoeffLayout)
+    assert isinstance(ModelDescription.from_pb(info_of(fs_stack)).layouts["coeff"], CoeffLayout)
 
 
 def test_client_picks_the_coefficient_layout_from_getmodelinfo(clf):
@@ -119,14 +120,15 @@ def test_rotation_layout_key_is_refused_for_the_coefficient_layout(fs_stack, clf
 def test_encryptions_of_zero_are_prepared_while_the_workers_are_idle(fs_stack, clf, test_images):
     import asyncio
 
-    from encinfer.inference import workers
     from inference_fixtures import wait_for
+
+    from encinfer.inference import worker
     clf.decision_function(test_images[0][:4])
     pool = fs_stack.inference.server.pool
 
     def pools() -> list[tuple[int, int]]:
         async def ask():
-            return await asyncio.gather(*(pool.call(i, workers.zero_pools) for i in range(len(pool.load))))
+            return await asyncio.gather(*(pool.call(i, worker.zero_pools) for i in range(len(pool.load))))
         return [p for per_worker in fs_stack.on_server_loop(ask()) for p in per_worker]
     assert pools()  # the workers drew from a pool
     assert wait_for(lambda: all(ready == wanted for ready, wanted in pools()))

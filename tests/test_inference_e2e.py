@@ -13,7 +13,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.register_assert_rewrite("inference_fixtures")
-from inference_fixtures import (ALICE, CALL_TIMEOUT, MODEL, assert_matches_plaintext, start_stack)
+from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, assert_matches_plaintext, start_stack
+
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.he.batch import BatchModel
 from encinfer.he.params import CkksParams
@@ -79,7 +80,16 @@ def test_latency_layout_scores_match_the_plaintext_model(stack, clf_factory, tes
 def test_predict_returns_the_plaintext_models_labels(stack, clf_factory, test_images):
     X = test_images[0][:8]
     clf = clf_factory("latency")
-    np.testing.assert_array_equal(clf.predict(X), stack.model.predict(X).astype(str))
+    np.testing.assert_array_equal(clf.predict(X), stack.model.predict(X))
+
+
+def test_predicted_labels_keep_the_training_labels_dtype(stack, clf_factory, test_images):
+    """scikit-learn gives back the labels it was trained on: integer digits stay integers."""
+    X, y = test_images[0][:5], test_images[1][:5]
+    clf = clf_factory("coeff")
+    predicted = clf.predict(X)
+    assert predicted.dtype == y.dtype == np.int64 and clf.classes_.dtype == np.int64
+    np.testing.assert_array_equal(predicted, stack.model.predict(X))
 
 
 def test_unary_predict_scores_match_the_plaintext_model(stack, clf_factory, test_images):

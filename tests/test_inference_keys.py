@@ -9,6 +9,7 @@ import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
 from inference_fixtures import start_stack, wait_for
+
 from encinfer.common.errors import NotFound, Unavailable
 from encinfer.inference.keys import SharedCalls
 

@@ -26,7 +26,6 @@ from typing import Callable, Iterable
 import kubernetes_validate
 import pytest
 import yaml
-
 from test_deploy import CACHE, entrypoint_file_variables, go_tool, load_compose, variables_read_by_code
 
 REPO = Path(__file__).resolve().parent.parent

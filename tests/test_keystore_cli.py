@@ -5,8 +5,8 @@ import hashlib
 import json
 
 import pytest
-
 from conftest import fake_inspect, fake_key
+
 from encinfer.cli import main
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import MINIO_BIN, MinioServer, fake_key, unique_bucket, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import MINIO_BIN, MinioServer, fake_key, unique_bucket, wait_until
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common import errors
 from encinfer.common.auth import auth_metadata
@@ -150,6 +150,7 @@ def test_encinfer_keystore_serve_runs_the_service(keystore_process):
 
 def test_metrics_are_served_on_loopback_when_asked(keystore_process):
     import urllib.request
+
     from conftest import free_port
     port = free_port()
     ks = keystore_process({**FAST, "ENCINFER_METRICS_PORT": str(port)}, fake_parser=True)

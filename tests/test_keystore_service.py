@@ -10,9 +10,9 @@ import threading
 
 import grpc
 import pytest
+from conftest import FakeClock, fake_inspect, fake_key, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import FakeClock, fake_inspect, fake_key, wait_until
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common import errors
 from encinfer.common.auth import auth_metadata

@@ -6,8 +6,8 @@ import os
 import time
 
 import pytest
-
 from conftest import FakeClock, fake_inspect, fake_key, unique_bucket
+
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common.errors import InvalidArgument, Unavailable
 from encinfer.keystore.config import S3Settings

@@ -5,8 +5,8 @@ import datetime
 import ipaddress
 
 import pytest
-
 from conftest import fake_inspect, fake_key
+
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common import errors
 from encinfer.common.rpc import TlsFiles

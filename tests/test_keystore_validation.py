@@ -12,7 +12,6 @@ import pytest
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common import errors
 
-
 TOKENS = "alice-t=alice:tenant,svc-t=inference:service"
 
 
@@ -40,6 +39,7 @@ def refused(ks, alice, data: bytes) -> str:
 
 def seal_parameters(n: int, bits: list[int], scheme: str = "CKKS") -> bytes:
     import tenseal.sealapi as seal
+
     from encinfer.he import serial
     parms = seal.EncryptionParameters(getattr(seal.SCHEME_TYPE, scheme))
     parms.set_poly_modulus_degree(n)

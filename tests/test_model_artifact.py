@@ -11,12 +11,19 @@ from sklearn.decomposition import PCA, TruncatedSVD
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge, RidgeClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import (MaxAbsScaler, MinMaxScaler, Normalizer, PolynomialFeatures, RobustScaler,
-                                   StandardScaler)
+from sklearn.preprocessing import (
+    MaxAbsScaler,
+    MinMaxScaler,
+    Normalizer,
+    PolynomialFeatures,
+    RobustScaler,
+    StandardScaler,
+)
 from sklearn.svm import LinearSVC
 
 from encinfer.common.errors import DataLoss, InvalidArgument, NotFound
-from encinfer.inference.model import artifact_paths, export_model, fold, load_model, write_layouts
+from encinfer.inference.artifact import artifact_paths, export_model, load_model
+from encinfer.inference.fold import fold
 
 RTOL = 1e-9
 
@@ -123,20 +130,14 @@ def test_multi_target_regressor_keeps_every_output(digits, tmp_path):
     assert_scores_equal(estimator.predict(X), artifact.predict(X))
 
 
-def test_metadata_describes_the_model_and_leaves_layouts_to_fill(digits, tmp_path):
+def test_metadata_describes_the_model_and_its_labels_dtype(digits, tmp_path):
     X, y = digits
     export_model(fit(LogisticRegression(max_iter=100), X, y), tmp_path / "m", "digits", "3")
     metadata = json.loads((tmp_path / "m.json").read_text())
     assert metadata["classes"] == [str(c) for c in range(10)]
     assert (metadata["name"], metadata["version"], metadata["kind"]) == ("digits", "3", "classifier")
-    assert (metadata["n_features"], metadata["n_outputs"], metadata["layouts"]) == (64, 10, {})
-
-
-def test_layouts_written_later_keep_the_artifact_loadable(digits, tmp_path):
-    X, y = digits
-    export_model(fit(LogisticRegression(max_iter=100), X, y), tmp_path / "m", "m")
-    write_layouts(tmp_path / "m", {"latency": {"galois_steps": [1, 2]}})
-    assert load_model(tmp_path / "m.npz").metadata["layouts"]["latency"]["galois_steps"] == [1, 2]
+    assert (metadata["n_features"], metadata["n_outputs"], metadata["classes_dtype"]) == (64, 10, "int64")
+    assert "layouts" not in metadata  # the HE layouts are derived at serving, never stored
 
 
 def test_tampered_weights_are_detected(digits, tmp_path):

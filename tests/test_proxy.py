@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import sys
 import socket
 import subprocess
+import sys
 import time
 from concurrent import futures
 from pathlib import Path

@@ -27,6 +27,7 @@ import zstandard
 
 pytest.register_assert_rewrite("inference_fixtures")
 from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, assert_status, rpc_error  # noqa: E402
+
 from encinfer.common.errors import InvalidArgument, Unavailable  # noqa: E402
 from encinfer.he import keys as he_keys  # noqa: E402
 from encinfer.he import serial  # noqa: E402

@@ -16,11 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.register_assert_rewrite("inference_fixtures")
 from conftest import wait_until  # noqa: E402
+from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, SERVICE, TOKEN_SPEC  # noqa: E402
+from service_procs import ServiceProcs  # noqa: E402
+
 from encinfer.common.auth import auth_metadata  # noqa: E402
 from encinfer.v1 import inference_pb2 as pb  # noqa: E402
 from encinfer.v1 import inference_pb2_grpc  # noqa: E402
-from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, SERVICE, TOKEN_SPEC  # noqa: E402
-from service_procs import ServiceProcs  # noqa: E402
 
 pytest_plugins = ["inference_fixtures"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import signal
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 import urllib3
+from conftest import MINIO_BIN, free_port, unique_bucket
 from minio import Minio
 from minio.error import S3Error
 
-from conftest import MINIO_BIN, free_port, unique_bucket
 from encinfer import stack as stack_mod
 from encinfer.cli import build_parser
 from encinfer.common.auth import auth_metadata
@@ -373,7 +373,7 @@ def test_stack_predicts_on_encrypted_images_end_to_end(tmp_path):
 
     from encinfer.client.classifier import EncryptedClassifier
     from encinfer.datasets import load_mnist
-    from encinfer.inference.model import load_model
+    from encinfer.inference.artifact import load_model
 
     X, _ = load_mnist(split="test")
     X = X[:3]

@@ -20,12 +20,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.register_assert_rewrite("inference_fixtures")
+from inference_fixtures import CALL_TIMEOUT, MODEL  # noqa: E402
+from service_procs import ServiceProcs  # noqa: E402
+
 from encinfer.common.auth import auth_metadata  # noqa: E402
 from encinfer.common.rpc import TlsFiles  # noqa: E402
 from encinfer.v1 import inference_pb2 as pb  # noqa: E402
 from encinfer.v1 import inference_pb2_grpc, keystore_pb2, keystore_pb2_grpc  # noqa: E402
-from inference_fixtures import CALL_TIMEOUT, MODEL  # noqa: E402
-from service_procs import ServiceProcs  # noqa: E402
 
 pytest_plugins = ["inference_fixtures"]
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any
 
-from encinfer.common.errors import InvalidArgument, NotFound
+from encinfer.modelinfo import ModelDescription
+from encinfer.common.errors import ConfigError, InvalidArgument, NotFound
 from encinfer.he.batch import BatchModel
 from encinfer.he.coeff import CoeffModel, common_a
 from encinfer.he.latency import LatencyModel
 from encinfer.he.params import CkksParams
-from encinfer.inference.model import ModelArtifact, load_model
+from encinfer.inference.artifact import ModelArtifact, load_model
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +64,15 @@ class ServedModel:
             return self.coeff
         raise InvalidArgument(f"unknown layout {layout!r}; this model accepts {', '.join(LAYOUTS)}")
 
-    def describe(self) -> dict[str, Any]:
-        """Everything GetModelInfo tells a client, as plain values."""
+    def describe(self) -> ModelDescription:
+        """Everything GetModelInfo tells a client."""
         a = self.artifact
-        return {
-            "name": a.name, "version": a.version, "kind": a.kind, "sha256": a.sha256,
-            "n_features": int(a.weights.shape[1]), "n_outputs": int(a.weights.shape[0]),
-            "class_labels": [str(c) for c in a.classes],
-            "layouts": {
-                "latency": {**self.latency.layout.to_dict(), "manifest_sha256": self.manifests["latency"]},
-                "batch": {**self.batch.layout.to_dict(), "manifest_sha256": self.manifests["batch"]},
-                "coeff": {**self.coeff.layout.to_dict(), "manifest_sha256": self.manifests["coeff"]},
-            },
-        }
+        return ModelDescription(
+            name=a.name, version=a.version, kind=a.kind, sha256=a.sha256,
+            n_features=int(a.weights.shape[1]), n_outputs=int(a.weights.shape[0]),
+            class_labels=tuple(str(c) for c in a.classes),
+            class_labels_dtype=a.metadata.get("classes_dtype", "str") if a.kind == "classifier" else "str",
+            layouts={name: self.kernel(name).layout for name in LAYOUTS}, manifests=dict(self.manifests))
 
 
 def load_catalog(paths: list[str] | tuple[str, ...]) -> dict[str, ServedModel]:
@@ -84,7 +80,7 @@ def load_catalog(paths: list[str] | tuple[str, ...]) -> dict[str, ServedModel]:
     for path in paths:
         model = ServedModel.load(path)
         if model.name in models:
-            raise SystemExit(f"two models are named {model.name!r}; names must be unique")
+            raise ConfigError(f"two models are named {model.name!r}; names must be unique")
         models[model.name] = model
         log.info("model loaded", extra={"fields": {"model": model.name, "path": path}})
     return models

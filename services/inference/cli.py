@@ -60,7 +60,8 @@ def _fail(err: Exception) -> int:
 
 def _train_mnist(args: argparse.Namespace) -> int:
     from encinfer.common.errors import EncinferError
-    from encinfer.inference.model import export_model, train_mnist
+    from encinfer.inference.artifact import export_model
+    from encinfer.inference.mnist import train_mnist
 
     try:
         estimator, accuracy = train_mnist(args.idx_dir)
@@ -77,7 +78,7 @@ def _export(args: argparse.Namespace) -> int:
     import joblib
 
     from encinfer.common.errors import EncinferError
-    from encinfer.inference.model import export_model
+    from encinfer.inference.artifact import export_model
 
     print(f"warning: loading {args.pickle} runs any code it contains; only export pickles you trust. "
           f"The artifact written holds plain arrays and JSON and is safe to serve.", file=sys.stderr)
@@ -99,7 +100,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from encinfer.common.errors import EncinferError
-    from encinfer.inference.model import load_model
+    from encinfer.inference.artifact import load_model
 
     try:
         artifact = load_model(args.path)

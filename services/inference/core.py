@@ -12,20 +12,21 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from encinfer.common.auth import Principal
-from encinfer.common.errors import EncinferError, InvalidArgument, NotFound
+from encinfer.common.errors import EncinferError, InvalidArgument, NotFound, ResourceExhausted
 from encinfer.he.keyinfo import check_key_id
 from encinfer.he.params import CkksParams
-from encinfer.inference import workers
+from encinfer.inference import worker
 from encinfer.inference.keys import KeySource, check_key_fits, record_owner
-from encinfer.inference.workers import WorkerPool, check_batch_count, check_position
+from encinfer.inference.pool import WorkerPool
+from encinfer.modelinfo import ModelDescription
 
 log = logging.getLogger(__name__)
 
 # The worker function for each one-sample layout.
-SINGLE_SAMPLE_LAYOUTS = {"latency": workers.predict_latency, "coeff": workers.predict_coeff}
+SINGLE_SAMPLE_LAYOUTS = {"latency": worker.predict_latency, "coeff": worker.predict_coeff}
 # Batch parts handed to a worker per call: a call's round trip costs about one part's work.
 PARTS_PER_CALL = 16
 
@@ -49,22 +50,21 @@ class InferenceCore:
         self.auth_enabled = auth_enabled
         self.max_inflight = max_inflight_per_stream
         self.max_open_batches = max_open_batches
-        # Parsed once: every request checks its key against these.
-        self._params = {(m["name"], layout): CkksParams.from_json(lay["params"])
-                        for m in pool.models for layout, lay in m["layouts"].items()}
+        # Every request checks its key against these.
+        self._params = {(m.name, name): lay.params for m in pool.models for name, lay in m.layouts.items()}
 
     # ------------------------------------------------------------ models
-    def models(self) -> list[dict[str, Any]]:
+    def models(self) -> list[ModelDescription]:
         return self.pool.models
 
-    def model_info(self, name: str) -> dict[str, Any]:
+    def model_info(self, name: str) -> ModelDescription:
         if not name:
             raise InvalidArgument("model name is empty; ListModels shows the served models")
         for m in self.pool.models:
-            if m["name"] == name:
+            if m.name == name:
                 return m
         raise NotFound(f"model {name!r} is not served here; served: "
-                       f"{', '.join(m['name'] for m in self.pool.models) or 'none'}")
+                       f"{', '.join(m.name for m in self.pool.models) or 'none'}")
 
     def params(self, model: str, layout: str) -> CkksParams:
         params = self._params.get((model, layout))
@@ -234,7 +234,7 @@ class StreamSession:
             if self.layout != "batch":
                 raise InvalidArgument("batch parts need a stream header with layout LAYOUT_BATCH first")
             if batch is None:
-                total = len(self.core.model_info(self.model)["layouts"]["batch"]["feature_indices"])
+                total = len(self.core.model_info(self.model).layouts["batch"].feature_indices)
                 check_position(position, 0, total)
                 check_batch_count(len(self._batches), self.core.max_open_batches)
                 if n_samples <= 0:
@@ -273,7 +273,7 @@ class StreamSession:
             # while it starts (abort is queued behind the start and is a no-op for unknown ids).
             started = True
             await pool.with_key(batch.worker, lambda: core.keys.data(self.key_id, record_owner(self.principal, core.auth_enabled)),
-                                workers.batch_start,
+                                worker.batch_start,
                                 (batch.id, self.model, self.key_id), (batch.n_samples,))
             received = 0
             while received < batch.total:
@@ -282,13 +282,13 @@ class StreamSession:
                     group.append(batch.parts.get_nowait())
                 received += len(group)
                 # The worker runs calls in order, so groups are pipelined, not awaited one by one.
-                pending.append(asyncio.ensure_future(pool.call(batch.worker, workers.batch_add, batch.id, group)))
+                pending.append(asyncio.ensure_future(pool.call(batch.worker, worker.batch_add, batch.id, group)))
                 if len(pending) >= 4:
                     await pending.pop(0)
             for fut in pending:
                 await fut
             pending.clear()
-            cts, _ = await pool.call(batch.worker, workers.batch_finish, batch.id)
+            cts, _ = await pool.call(batch.worker, worker.batch_finish, batch.id)
             started = False
             elapsed = (time.perf_counter() - batch.started) * 1000
             self._batches.pop(batch.request_id, None)
@@ -303,7 +303,7 @@ class StreamSession:
             for fut in pending:
                 fut.cancel()
             if started:
-                await _quietly(pool.call(batch.worker, workers.batch_abort, batch.id))
+                await _quietly(pool.call(batch.worker, worker.batch_abort, batch.id))
 
     async def finish(self) -> None:
         """The client closed its side: wait for every item, fail incomplete batches."""
@@ -337,3 +337,15 @@ async def _quietly(coro) -> None:
         await coro
     except Exception:  # noqa: BLE001 - best-effort clean-up of a batch that already failed
         log.debug("batch clean-up failed", exc_info=True)
+
+
+def check_batch_count(open_batches: int, limit: int) -> None:
+    if open_batches >= limit:
+        raise ResourceExhausted(f"at most {limit} batches may be open at once on one stream; "
+                                "finish one (send its last part) before starting another")
+
+
+def check_position(position: int, expected: int, total: int) -> None:
+    if position != expected:
+        raise InvalidArgument(f"batch part {position} arrived, expected part {expected} of {total} "
+                              "(parts of a batch are sent in order)")

@@ -16,11 +16,12 @@ from encinfer.common.auth import current_principal
 from encinfer.common.errors import EncinferError, InvalidArgument
 from encinfer.common.preflight import StartupError, check_client_tls, check_port_free, check_server_tls, split_address
 from encinfer.common.rpc import add_health_and_reflection, bind, make_server, set_health
+from encinfer.inference.artifact import load_model
 from encinfer.inference.config import InferenceConfig
 from encinfer.inference.core import Answer, InferenceCore, StreamBatchPart, StreamHeader, StreamItem, StreamMessage
 from encinfer.inference.keys import KeySource
-from encinfer.inference.model import load_model
-from encinfer.inference.workers import WorkerPool, kill_workers
+from encinfer.inference.pool import WorkerPool, kill_workers
+from encinfer.modelinfo import LAYOUT_NAMES
 from encinfer.v1 import inference_pb2 as pb
 from encinfer.v1 import inference_pb2_grpc
 
@@ -30,36 +31,9 @@ log = logging.getLogger(__name__)
 STOP_MARGIN_SECONDS = 10.0
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
-LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch", pb.LAYOUT_COEFF: "coeff"}
-LAYOUT_ENUM = {v: k for k, v in LAYOUT_NAMES.items()}
 # A stream's RPC status says nothing of its items: each answer carries its own.
 STREAM_ANSWERS = Counter("encinfer_stream_answers_total", "PredictStream answers (items and batches), by status code",
                          ["code"])
-
-
-def model_info_pb(info: dict, worker: str = "", max_open_batches: int = 0) -> pb.ModelInfo:
-    layouts = []
-    for name, lay in info["layouts"].items():
-        p = lay["params"]
-        layouts.append(pb.LayoutInfo(
-            layout=LAYOUT_ENUM[name],
-            parameters=pb.CkksParameters(
-                poly_modulus_degree=p["poly_modulus_degree"], coeff_modulus_bits=p["coeff_modulus_bits"],
-                input_scale_bits=p["input_scale_bits"], output_scale_bits=p["output_scale_bits"],
-                galois_steps=p.get("galois_steps", ()), needs_relin_keys=p.get("needs_relin_keys", False),
-                needs_conjugation_key=p.get("needs_conjugation_key", False),
-                complex_packing=p.get("complex_packing", False),
-                needs_public_key=p.get("needs_public_key", False)),
-            block_size=lay.get("block_size", 0), output_slots=lay.get("output_slots", ()),
-            feature_indices=lay.get("feature_indices", ()), max_samples=lay.get("max_samples", 0),
-            manifest_sha256=lay["manifest_sha256"],
-            input_min=(lay.get("input_range") or (0.0, 0.0))[0],
-            input_max=(lay.get("input_range") or (0.0, 0.0))[1],
-            rows_per_product=lay.get("rows_per_product", 0), answer_bits=lay.get("answer_bits", 0)))
-    return pb.ModelInfo(
-        name=info["name"], version=info["version"], kind=info["kind"], n_features=info["n_features"],
-        n_outputs=info["n_outputs"], class_labels=info["class_labels"], layouts=layouts, sha256=info["sha256"],
-        limits=pb.Limits(max_message_bytes=4 * 1024 * 1024, max_open_batches=max_open_batches), worker=worker)
 
 
 def answer_pb(a: Answer, counted: bool = False) -> pb.PredictResponse:
@@ -77,11 +51,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.core, self.worker_name = core, worker_name
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info_pb(m, self.worker_name, self.core.max_open_batches)
-                                                  for m in self.core.models()])
+        return pb.ListModelsResponse(models=[m.to_pb(self.worker_name, self.core.max_open_batches)
+                                             for m in self.core.models()])
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
-        return model_info_pb(self.core.model_info(request.model), self.worker_name, self.core.max_open_batches)
+        return self.core.model_info(request.model).to_pb(self.worker_name, self.core.max_open_batches)
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
         principal = current_principal()
@@ -198,7 +172,7 @@ class InferenceServer:
         await set_health(self.health, [SERVICE], True)
         log.info("inference serving", extra={"fields": {
             "address": config.address, "port": self.port, "workers": config.workers,
-            "tls": config.tls is not None, "models": [m["name"] for m in self.pool.models]}})
+            "tls": config.tls is not None, "models": [m.name for m in self.pool.models]}})
         return self.port
 
     async def _undo(self) -> None:

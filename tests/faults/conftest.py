@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import MINIO_BIN, MinioServer, free_port, unique_bucket, wait_until
 from service_procs import ServiceProcess, ServiceProcs
 
@@ -183,7 +182,8 @@ class Topology:
 @pytest.fixture(scope="session")
 def fault_model(tmp_path_factory) -> Path:
     """The artifact stem of a small MNIST model, trained once for the suite."""
-    from encinfer.inference.model import export_model, train_mnist
+    from encinfer.inference.artifact import export_model
+    from encinfer.inference.mnist import train_mnist
 
     estimator, _ = train_mnist(max_iter=50)
     stem = tmp_path_factory.mktemp("fault-model") / MODEL

@@ -17,14 +17,25 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import free_port, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import free_port, wait_until
 from encinfer.common.auth import auth_metadata
 from encinfer.v1 import inference_pb2 as pb
 from encinfer.v1 import inference_pb2_grpc
-from faults.conftest import (ALICE, CALL_TIMEOUT, EXIT_BOUND, MODEL, TOKEN_SPEC, assert_group_gone, children_of,
-                             exits_within, listening, port_of, process_group)
+from faults.conftest import (
+    ALICE,
+    CALL_TIMEOUT,
+    EXIT_BOUND,
+    MODEL,
+    TOKEN_SPEC,
+    assert_group_gone,
+    children_of,
+    exits_within,
+    listening,
+    port_of,
+    process_group,
+)
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]

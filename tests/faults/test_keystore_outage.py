@@ -13,11 +13,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import free_port, wait_until
-from faults.conftest import ALICE, CALL_TIMEOUT, MODEL, Topology, timed
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_procs import metric_value
+
+from faults.conftest import ALICE, CALL_TIMEOUT, MODEL, Topology, timed
 
 pytestmark = pytest.mark.timeout(240)
 

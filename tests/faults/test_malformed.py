@@ -17,10 +17,10 @@ from typing import Callable, Iterator
 import grpc
 import numpy as np
 import pytest
-
 from conftest import MINIO_BIN, MinioServer, free_port, wait_until
-from faults.conftest import ALICE, CALL_TIMEOUT, Topology
 from service_procs import ServiceProcess, ServiceProcs, metric_value
+
+from faults.conftest import ALICE, CALL_TIMEOUT, Topology
 
 GARBAGE = b"\xff\xff\xff garbage"  # an invalid wire type in the first tag: no message decodes it
 AUTH = (("authorization", f"Bearer {ALICE}"),)

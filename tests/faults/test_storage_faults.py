@@ -21,11 +21,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import wait_until
-from faults.conftest import ALICE, BOB, CALL_TIMEOUT, timed
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_procs import metric_value
+
+from faults.conftest import ALICE, BOB, CALL_TIMEOUT, timed
 
 BACKEND_DEADLINE = 5.0   # ENCINFER_KEYSTORE_BACKEND_TIMEOUT in the topology
 SLACK = 5.0              # 2 busy cores
@@ -253,6 +253,7 @@ class GatedFsStore:
 def gated_keystore(tmp_path):
     """An in-process key store (fs backend, fake key parser) over a GatedFsStore."""
     from conftest import fake_inspect
+
     from encinfer.keystore.config import KeyStoreConfig
     from encinfer.keystore.server import BackgroundKeyStore
     from encinfer.keystore.store import KeyStore

