@@ -138,7 +138,7 @@ def test_the_pages_decrypted_labels_are_the_python_clients_for_the_same_pixels(p
 
 
 def test_the_page_uses_the_coefficient_layout_where_the_model_offers_it(predictions, stack):
-    from encinfer.client.classifier import LAYOUT_NAMES
+    from encinfer.modelinfo import LAYOUT_NAMES
     stub = stack.stub()
     from encinfer.v1 import inference_pb2 as pb
     info = stub.GetModelInfo(pb.GetModelInfoRequest(model=MODEL), metadata=(("authorization", f"Bearer {ALICE}"),),
