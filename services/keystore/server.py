@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from prometheus_client import Counter
 
@@ -59,6 +59,16 @@ class KeyStoreServicer(pb_grpc.KeyStoreServicer):
         principal = current_principal()
         header, chunks = await split_put_stream(request_iterator)
         return (await self.store.put(principal, header, chunks)).to_pb()
+
+    async def PutKeysUnary(self, request, context):
+        """PutKeys for clients that cannot stream (browsers): the same store, checks and limits."""
+        principal = current_principal()
+        h = request.header
+        header = PutHeader(labels=dict(h.labels), expected_size=h.expected_size, ttl_seconds=h.ttl_seconds)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield request.bundle
+        return (await self.store.put(principal, header, chunks())).to_pb()
 
     async def GetKeys(self, request, context):
         principal = current_principal()
@@ -131,13 +141,13 @@ class KeyStoreServer:
             await asyncio.sleep(self.config.health_interval)
             try:
                 await self._probe_once()
-            except Exception:  # noqa: BLE001 - the probe must outlive any one failure
+            except Exception:
                 log.exception("health probe failed")
 
     async def _warm_up(self) -> None:
         try:
             await self.store.warm_up()
-        except Exception:  # noqa: BLE001 - the first upload will report it
+        except Exception:
             log.exception("cannot load the key parser")
 
     async def _cleanup_loop(self) -> None:

@@ -1,0 +1,1 @@
+"""The browser page served by `encinfer web` (package data only)."""
