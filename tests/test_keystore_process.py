@@ -160,3 +160,14 @@ def test_metrics_are_served_on_loopback_when_asked(keystore_process):
         text = r.read().decode()
     assert 'encinfer_rpcs_total{code="OK",method="/encinfer.v1.KeyStore/PutKeys"} 1.0' in text
     assert 'encinfer_keystore_bytes_total{direction="in"} 4096.0' in text
+
+
+def test_a_started_key_store_warms_its_parser_without_an_error(keystore_process):
+    ks = keystore_process({})
+    with KeyStoreClient(ks.target) as client:  # a call answered: the service is up
+        assert list(client.list()) == []
+    assert wait_until(lambda: any(e.get("message") == "key store listening" for e in ks.log_lines()), timeout=30)
+    import time
+    time.sleep(3.0)  # the parser process starts and imports TenSEAL in the background
+    errors_logged = [e for e in ks.log_lines() if e.get("severity") in ("ERROR", "CRITICAL")]
+    assert errors_logged == []

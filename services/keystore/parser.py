@@ -30,6 +30,11 @@ def _ignore_stop_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def preload() -> None:
+    """Imports the bundle parser (and TenSEAL) in the parser process; returns nothing to pickle."""
+    import encinfer.he.keys  # noqa: F401
+
+
 class ParserPool:
     """Runs one parse at a time in a child process (in_process=True: in a thread, for injected fakes)."""
 

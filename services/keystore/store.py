@@ -43,7 +43,6 @@ import binascii
 import errno
 import functools
 import hashlib
-import importlib
 import logging
 import os
 import re
@@ -317,7 +316,8 @@ class KeyStore:
     async def warm_up(self) -> None:
         """Starts the parser process and imports the parser ahead of the first upload (TenSEAL takes a moment)."""
         if self._inspect_fn is None:
-            await self._inspect_pool.run(importlib.import_module, "encinfer.he.keys")
+            from encinfer.keystore.parser import preload
+            await self._inspect_pool.run(preload)
 
     def _ttl(self, ttl_seconds: int) -> int:
         if ttl_seconds == 0:
