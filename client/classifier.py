@@ -30,6 +30,7 @@ import numpy as np
 
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common.auth import auth_metadata
+from encinfer.common.routing import client_options, key_id_metadata
 from encinfer.common.rpc import TlsFiles, channel
 from encinfer.he.batch import BatchLayout, decrypt_batch, encrypt_batch
 from encinfer.he.latency import LatencyLayout, decrypt_latency, encrypt_latency
@@ -100,23 +101,34 @@ class EncryptedClassifier:
     """A remote linear model that only ever sees ciphertexts.
 
     layout: "auto" (batch from AUTO_BATCH_FROM samples on), "latency" or "batch".
+    routing: "default" (one connection, e.g. to a proxy that hashes on the key id), or
+    "ring_hash": grpcio's ring hash on the key id over several addresses, no proxy
+    (inference="ipv4:10.0.0.1:50052,10.0.0.2:50052" or a DNS name with many records;
+    docs/scaling.md). Idempotent calls are retried on UNAVAILABLE either way.
     """
 
     def __init__(self, inference: str = "127.0.0.1:50052", keystore: str = "127.0.0.1:50051",
                  model: str = "mnist", token: str | None = None, *, layout: str = "auto",
                  key_dir: str | os.PathLike | None = None, tls: TlsFiles | None = None,
-                 keystore_tls: TlsFiles | None = None, timeout: float = 600.0) -> None:
+                 keystore_tls: TlsFiles | None = None, timeout: float = 600.0,
+                 routing: str = "default") -> None:
         if layout not in ("auto", "latency", "batch"):
             raise ValueError("layout must be 'auto', 'latency' or 'batch'")
         self.model, self.layout, self.timeout = model, layout, timeout
         self._metadata = auth_metadata(token)
-        self._channel = channel(inference, tls)
+        self._channel = channel(inference, tls, options=client_options(routing))
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._keystore = KeyStoreClient(keystore, token=token, tls=keystore_tls or tls)
         self.key_dir = Path(key_dir) if key_dir else default_key_dir()
         self._info: pb.ModelInfo | None = None
         self._secrets: dict[str, tuple[SecretKeys, str]] = {}
         self.stats = CallStats()
+        # ring_hash connects lazily: a first call must wait for its replica's connection.
+        self._wait_for_ready = routing == "ring_hash"
+
+    def _keyed(self, key_id: str) -> list[tuple[str, str]]:
+        """The call's metadata with its key id, for routing (encinfer.common.routing)."""
+        return [*self._metadata, *key_id_metadata(key_id)]
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> "EncryptedClassifier":
@@ -193,7 +205,7 @@ class EncryptedClassifier:
             layout = "batch" if len(X) >= AUTO_BATCH_FROM else "latency"
         self.stats = CallStats(n_samples=len(X))
         start = time.perf_counter()
-        out = self._batch(X, progress) if layout == "batch" else self._latency(X, progress)
+        out = self._batch_retried(X, progress) if layout == "batch" else self._latency(X, progress)
         self.stats.wall_s = time.perf_counter() - start
         return out
 
@@ -225,7 +237,7 @@ class EncryptedClassifier:
                 sent[str(i)] = time.perf_counter()
                 yield pb.PredictStreamRequest(item=pb.PredictRequest(request_id=str(i), ciphertext=ct))
 
-        call = self._stub.PredictStream(requests(), metadata=self._metadata, timeout=self.timeout)
+        call = self._stub.PredictStream(requests(), metadata=self._keyed(key_id), timeout=self.timeout)
         try:
             for answer in call:
                 slots.release()
@@ -260,10 +272,31 @@ class EncryptedClassifier:
         layout = self.layout_info("latency")
         ct = encrypt_latency(secret, np.asarray(x, dtype=np.float64), layout)
         reply = self._stub.Predict(pb.PredictRequest(model=self.model, key_id=key_id, ciphertext=ct),
-                                   metadata=self._metadata, timeout=self.timeout)
+                                   metadata=self._keyed(key_id), timeout=self.timeout,
+                                   wait_for_ready=self._wait_for_ready)
         return decrypt_latency(secret, reply.ciphertexts[0], layout)
 
     # ------------------------------------------------------------ batch layout
+    def _batch_retried(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
+        """_batch, once more when the service answered UNAVAILABLE (a worker or replica died).
+
+        A stream cannot be retried by gRPC's policy (its requests are not buffered), and
+        every batch in it is independent: sending the whole call again is safe.
+        """
+        try:
+            return self._batch(X, progress)
+        except PredictionError as e:
+            if e.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            reason = e.message
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            reason = e.details() or ""
+        log.warning("batch stream retried once", extra={"fields": {"reason": reason[:200]}})
+        self.stats = CallStats(n_samples=len(X))
+        return self._batch(X, progress)
+
     def _batch(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
         secret, key_id = self.keys("batch")
         layout = self.layout_info("batch")
@@ -301,7 +334,7 @@ class EncryptedClassifier:
         sizes = dict((rid, len(chunk)) for rid, chunk in chunks)
         group_of = {rid: i // window for i, (rid, _) in enumerate(chunks)}
         pending = {g: sum(1 for r in group_of if group_of[r] == g) for g in set(group_of.values())}
-        call = self._stub.PredictStream(requests(), metadata=self._metadata, timeout=self.timeout)
+        call = self._stub.PredictStream(requests(), metadata=self._keyed(key_id), timeout=self.timeout)
         try:
             for answer in call:
                 if answer.status.code:

@@ -29,6 +29,7 @@ import grpc
 
 from encinfer.common import errors
 from encinfer.common.auth import auth_metadata
+from encinfer.common.routing import client_options, key_id_metadata
 from encinfer.common.rpc import TlsFiles, channel
 from encinfer.he.keyinfo import KeyInfo
 from encinfer.v1 import keystore_pb2 as pb
@@ -93,13 +94,17 @@ class KeyStoreClient:
     def __init__(self, target: str, token: str | None = None, tls: TlsFiles | None = None, *,
                  timeout: float = 30.0, transfer_timeout: float | None = None) -> None:
         self.target = target
-        self._channel = channel(target, tls)
+        self._channel = channel(target, tls, options=client_options())
         self._stub = pb_grpc.KeyStoreStub(self._channel)
         self._metadata = auth_metadata(token)
         self.timeout, self.transfer_timeout = timeout, transfer_timeout
 
     def close(self) -> None:
         self._channel.close()
+
+    def _keyed(self, key_id: str) -> list[tuple[str, str]]:
+        """The call's metadata with its key id for routing (encinfer.common.routing)."""
+        return [*self._metadata, *key_id_metadata(key_id)]
 
     def __enter__(self) -> "KeyStoreClient":
         return self
@@ -175,7 +180,7 @@ class KeyStoreClient:
 
     def _download(self, kid: str, sink: Callable[[bytes], object], progress: Progress | None) -> KeyRecord:
         digest, size, record = hashlib.sha256(), 0, None
-        call = self._stub.GetKeys(pb.GetKeysRequest(key_id=kid), metadata=self._metadata,
+        call = self._stub.GetKeys(pb.GetKeysRequest(key_id=kid), metadata=self._keyed(kid),
                                   timeout=self.transfer_timeout)
         try:
             for message in call:
@@ -210,7 +215,7 @@ class KeyStoreClient:
         """
         try:
             return KeyRecord.from_pb(self._stub.StatKeys(pb.StatKeysRequest(key_id=key_id),
-                                                         metadata=self._metadata, timeout=self.timeout))
+                                                         metadata=self._keyed(key_id), timeout=self.timeout))
         except grpc.RpcError as e:
             exc = error_from_rpc(e)
             if isinstance(exc, errors.NotFound):
@@ -220,7 +225,7 @@ class KeyStoreClient:
     def delete(self, key_id: str) -> bool:
         """Deletes your key; False when there was no live key of yours by this id."""
         try:
-            return self._stub.DeleteKeys(pb.DeleteKeysRequest(key_id=key_id), metadata=self._metadata,
+            return self._stub.DeleteKeys(pb.DeleteKeysRequest(key_id=key_id), metadata=self._keyed(key_id),
                                          timeout=self.timeout).deleted
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
