@@ -157,7 +157,11 @@ def haproxy(t: ProxyTopology) -> str:
             lines.append("    balance roundrobin")
         # A replica that cannot be reached: retry once on another (the call never started).
         lines += ["    retries 2", "    option redispatch 1", "    retry-on conn-failure empty-response"]
+        # A refused connection marks the replica down at once (not only after two failed checks):
+        # the retry is then hashed over the remaining replicas like every later call, so a
+        # dead replica's keys move to one new owner each, not first to a redispatch target.
         lines += [f"    server {name}-{i} {s} proto h2 check inter 2s fall 2 rise 1"
+                  " observe layer4 error-limit 1 on-error mark-down"
                   for i, s in enumerate(servers, 1)]
         return "\n".join(lines)
 
