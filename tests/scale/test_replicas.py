@@ -13,6 +13,7 @@ import time
 import grpc
 import pytest
 
+from encinfer.client import EncryptedClassifier
 from encinfer.common import errors
 from encinfer.common.routing import KEY_ID_HEADER
 from encinfer.scaling import Scale
@@ -73,6 +74,23 @@ def test_key_ids_spread_over_the_replicas(stack, tenants):
     fetches = fetches_by_replica(stack)
     used = {next(iter(owners(fetches, key_id(clf)))) for clf in tenants}
     assert len(used) >= 2, fetches
+
+
+def test_ring_hash_clients_keep_each_key_on_one_replica_without_a_proxy(stack, tmp_path):
+    replicas = "ipv4:" + ",".join(stack.address(r) for r in stack.replicas("inference"))
+    clients = [EncryptedClassifier(inference=replicas, keystore=stack.client_address, token=stack.token("demo"),
+                                   key_dir=tmp_path / f"rh{i}", layout="latency", routing="ring_hash",
+                                   timeout=30) for i in range(3)]
+    try:
+        for clf in clients:
+            for j in range(3):
+                clf.predict_one(sample(j))
+        fetches = fetches_by_replica(stack)
+        for clf in clients:
+            assert list(owners(fetches, key_id(clf)).values()) == [1], (key_id(clf), fetches)
+    finally:
+        for clf in clients:
+            clf.close()
 
 
 def test_killing_an_inference_replica_mid_load_fails_no_prediction(stack, tenants):
