@@ -212,7 +212,8 @@ def markdown(r: dict) -> str:
     rows = [("key-store fetches per key id (mean / max)", f"{a['fetches_per_key']} / {a['fetches_max']}",
              f"{b['fetches_per_key']} / {b['fetches_max']}"),
             ("key-cache hit rate (all caches)", f"{a['cache_hit_rate']:.1%}", f"{b['cache_hit_rate']:.1%}"),
-            ("cache hits / misses", f"{a['cache_hits']} / {a['cache_misses']}", f"{b['cache_hits']} / {b['cache_misses']}"),
+            ("cache hits / misses", f"{a['cache_hits']} / {a['cache_misses']}",
+             f"{b['cache_hits']} / {b['cache_misses']}"),
             ("tenant's first Predict p50 / p99 ms", f"{a['first_p50_ms']} / {a['first_p99_ms']}",
              f"{b['first_p50_ms']} / {b['first_p99_ms']}"),
             ("later Predicts p50 / p99 ms", f"{a['warm_p50_ms']} / {a['warm_p99_ms']}",
@@ -223,7 +224,8 @@ def markdown(r: dict) -> str:
              f"{b['cache_bytes_added'] / 1e6:.1f} MB"),
             ("calls / errors", f"{a['calls']} / {a['errors']}", f"{b['calls']} / {b['errors']}")]
     lines = [BEGIN,
-             f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `make bench-scale`: {r['replicas']} inference "
+             f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `make bench-scale`: "
+             f"{r['replicas']} inference "
              f"replicas ({r['workers_per_replica']} workers each), one key store, MinIO, all on this machine's "
              f"{r['cores']} cores with the client; {r['tenants_per_phase']} tenants per phase, each with its own key, "
              f"{r['requests_per_tenant']} Predicts each, {r['tenants_in_flight']} tenants in flight. Same HAProxy "
@@ -264,10 +266,10 @@ def plot(r: dict, path: Path) -> None:
               ("key-cache hit rate", [100 * p["cache_hit_rate"] for p in phases], "{:.1f} %"),
               ("tenant's first Predict, p99 ms", [p["first_p99_ms"] for p in phases], "{:.0f}"),
               ("throughput, calls/s (2 cores)", [p["calls_per_s"] for p in phases], "{:.0f}")]
-    for ax, (title, values, fmt) in zip(axes, panels):
+    for ax, (title, values, fmt) in zip(axes, panels, strict=True):
         bars = ax.bar(names, values, color=colors)
         ax.set_title(title, fontsize=10)
-        for bar, v in zip(bars, values):
+        for bar, v in zip(bars, values, strict=True):
             ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=9)
         ax.margins(y=0.2)

@@ -24,10 +24,10 @@ import copy
 import importlib.util
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Mapping
 
 REPO = Path(__file__).resolve().parent.parent
 RENDER = REPO / "deploy" / "proxy" / "render.py"

@@ -32,9 +32,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 from encinfer.scaling import PROXY, PROXY_PORT, Scale, expand, minio_endpoints, proxy_argv, proxy_config, replica_ports
 
@@ -351,7 +351,7 @@ class Stack:
         running = self._running.get(service)
         return running.process.pid if running and running.process.poll() is None else None
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         self.start()
         return self
 
@@ -516,7 +516,8 @@ class Stack:
         (runtime / "run").mkdir(parents=True, exist_ok=True)
 
         def grpc(service: str, port: int) -> list[str]:
-            return [f"127.0.0.1:{self.services[r].ports[port]}" for r in self.groups.get(service, []) if r in self.services]
+            return [f"127.0.0.1:{self.services[r].ports[port]}"
+                    for r in self.groups.get(service, []) if r in self.services]
 
         minio = ([f"{self.scale.minio_host}:{self.services[n].ports[next(iter(published_ports(self.spec['minio'])))]}"
                   for n in self.groups["minio"]] if "s3" in proxy_ports else [])

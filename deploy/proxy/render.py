@@ -166,7 +166,8 @@ def haproxy(t: ProxyTopology) -> str:
         return "\n".join(lines)
 
     routes = ["    use_backend keystore if { path_beg /encinfer.v1.KeyStore/ }"] if t.keystore else []
-    backends = [backend("inference", t.inference, True)] + ([backend("keystore", t.keystore, False)] if t.keystore else [])
+    backends = [backend("inference", t.inference, True)]
+    backends += [backend("keystore", t.keystore, False)] if t.keystore else []
     return HEADER + f"""\
 # Key-id affinity for encinfer: every call hashed on its {KEY_ID_HEADER} metadata.
 global

@@ -12,8 +12,8 @@ import shutil
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parent))  # tests/conftest.py's helpers (MINIO_BIN)
 from conftest import MINIO_BIN  # noqa: E402
 
 from encinfer.client import EncryptedClassifier  # noqa: E402
-from encinfer.scaling import proxy_binary, ScaleError  # noqa: E402
+from encinfer.scaling import ScaleError, proxy_binary  # noqa: E402
 
 CALL_TIMEOUT = 30.0
 N_FEATURES = 784

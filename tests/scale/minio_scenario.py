@@ -69,7 +69,7 @@ def main(workdir: Path, host: str) -> dict:
                 time.sleep(0.5)
 
         def predictions() -> None:
-            for i in range(5000):  # bounded
+            for _ in range(5000):  # bounded
                 if stop.is_set():
                     return
                 try:

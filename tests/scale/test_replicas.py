@@ -6,11 +6,14 @@ an inference replica is killed under load, then a key-store replica.
 """
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from encinfer.client import EncryptedClassifier
@@ -91,6 +94,43 @@ def test_ring_hash_clients_keep_each_key_on_one_replica_without_a_proxy(stack, t
     finally:
         for clf in clients:
             clf.close()
+
+
+def test_a_batch_whose_worker_died_is_sent_again_once(stack, tmp_path, caplog):
+    clf = EncryptedClassifier(inference=stack.client_address, keystore=stack.client_address,
+                              token=stack.token("demo"), key_dir=tmp_path / "batch", layout="batch", timeout=60)
+    X = np.random.default_rng(1).random((16384, 784))
+    try:
+        clf.keys("batch")
+        box: dict = {}
+        worker = threading.Thread(target=lambda: box.update(out=clf.predict(X)), daemon=True)
+        with caplog.at_level(logging.WARNING, logger="encinfer.client.classifier"):
+            worker.start()
+            time.sleep(1.5)  # the stream is under way: its batches are in the replicas' workers
+            killed = [pid for r in stack.replicas("inference") for pid in worker_pids(stack.pid(r))]
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+            worker.join(timeout=120)
+        assert not worker.is_alive() and len(box["out"]) == len(X)
+        assert killed and "batch stream retried once" in caplog.text
+    finally:
+        clf.close()
+
+
+def worker_pids(server_pid: int | None) -> list[int]:
+    """The HE worker processes of one inference replica (children, not the resource tracker)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat", "rb").read().decode(errors="replace")
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and "resource_tracker" not in cmdline:
+            out.append(int(entry))
+    return out
 
 
 def test_killing_an_inference_replica_mid_load_fails_no_prediction(stack, tenants):
