@@ -119,7 +119,11 @@ http {{
 
 
 def _nginx_s3(t: ProxyTopology) -> str:
-    """MinIO behind nginx: round robin; a refused, reset or 502/503 answer goes to the next node."""
+    """MinIO behind nginx: round robin; a refused or reset connection goes to the next node.
+
+    Not a 503: MinIO answers one while it starts or is short of a quorum, and counting it
+    as a node failure would take healthy nodes out (all of them, while the cluster starts).
+    """
     if not t.minio:
         return ""
     servers = "\n".join(f"        server {s} max_fails=1 fail_timeout=5s;" for s in t.minio)
@@ -137,10 +141,12 @@ def _nginx_s3(t: ProxyTopology) -> str:
             proxy_set_header Connection "";
             # S3 signatures cover the Host header: pass the client's own.
             proxy_set_header Host $http_host;
-            proxy_request_buffering on;
+            # Streamed, not spooled: nginx's workers (www-data when started as root) may not
+            # write the runtime dir, and a key needs no second copy on disk.
+            proxy_request_buffering off;
             proxy_buffering off;
             proxy_read_timeout {STREAM_IDLE_SECONDS}s;
-            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+            proxy_next_upstream error timeout non_idempotent;
         }}
     }}
 """

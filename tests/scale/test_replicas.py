@@ -138,15 +138,18 @@ def test_killing_an_inference_replica_mid_load_fails_no_prediction(stack, tenant
     victim = next(iter(owners(fetches, key_id(tenants[0]))))
     moved = [c for c in tenants if victim in owners(fetches, key_id(c))]
     failures: list[BaseException] = []
+    durations: list[tuple[float, float]] = []
     done = [0]
     stop = threading.Event()
 
     def load(clf) -> None:
         i = 0
         while not stop.is_set() and i < 200:  # bounded
+            start = time.monotonic()
             try:
                 clf.predict_one(sample(i))
                 done[0] += 1
+                durations.append((start, time.monotonic() - start))
             except BaseException as exc:  # noqa: BLE001 - counted, asserted below
                 failures.append(exc)
             i += 1
@@ -167,6 +170,10 @@ def test_killing_an_inference_replica_mid_load_fails_no_prediction(stack, tenant
     assert failures == [], failures[:3]
     assert done[0] > before, "no prediction after the kill"
     assert time.monotonic() - killed_at < 70
+    around = [d for t, d in durations if killed_at - 1.0 <= t <= killed_at + 3.0]
+    normal = sorted(d for t, d in durations if t < killed_at - 1.0)
+    print(f"kill: {len(around)} calls around it, slowest {max(around, default=0) * 1000:.0f} ms; "
+          f"before it p50 {normal[len(normal) // 2] * 1000:.0f} ms")  # measured, for `pytest -s`
     # The victim's keys moved: each has exactly one new owner, which fetched it once.
     after = fetches_by_replica(stack)
     for clf in (c for c in loaded if c in moved):
