@@ -18,7 +18,6 @@ import pytest
 
 from encinfer.client import EncryptedClassifier
 from encinfer.common import errors
-from encinfer.common.routing import KEY_ID_HEADER
 from encinfer.scaling import Scale
 from encinfer.stack import Stack
 
@@ -56,12 +55,6 @@ def tenants(stack, tmp_path_factory):
 
 def key_id(clf) -> str:
     return clf.keys("latency")[1]
-
-
-def test_the_client_sends_the_key_id_header_the_proxy_hashes_on():
-    from encinfer.common.routing import key_id_metadata
-    assert KEY_ID_HEADER == "x-encinfer-key-id"
-    assert key_id_metadata(" AB" + "0" * 62) == [(KEY_ID_HEADER, "ab" + "0" * 62)] and key_id_metadata("") == []
 
 
 def test_each_key_id_is_fetched_by_exactly_one_replica(stack, tenants):
