@@ -238,7 +238,7 @@ def markdown(r: dict) -> str:
               f"the clock: {r['keygen_and_upload_s_per_tenant']} s per tenant; key-store calls per new tenant: "
               + ", ".join(f"{m} {v}" for m, v in r["keystore_calls_per_new_tenant"].items())
               + f"; key-cache bytes per key with affinity: {r['cache_bytes_per_key_affinity'] / 1e6:.2f} MB "
-              "(the server's copy of the key bytes and one worker's deserialized keys).", "",
+              "(the server's copy of the key bytes and each worker's deserialized keys).", "",
               "![affinity against round robin](bench/scale.png)", END]
     return "\n".join(lines)
 
