@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 KEY_ID_HEADER = "x-encinfer-key-id"
@@ -31,9 +32,15 @@ RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", 
                 "retryableStatusCodes": ["UNAVAILABLE"]}
 
 
+# A key id is 64 hex digits; anything that could not be a metadata value (or is absurdly
+# long) is sent without the header, so the server, not gRPC's metadata check, refuses it.
+_ROUTABLE = re.compile(r"[\x21-\x7e]{1,128}")
+
+
 def key_id_metadata(key_id: str | None) -> list[tuple[str, str]]:
-    """The routing metadata for a call about key_id (none for an empty one)."""
-    return [(KEY_ID_HEADER, key_id.strip().lower())] if key_id and key_id.strip() else []
+    """The routing metadata for a call about key_id (none for an empty or malformed one)."""
+    kid = (key_id or "").strip().lower()
+    return [(KEY_ID_HEADER, kid)] if _ROUTABLE.fullmatch(kid) else []
 
 
 def service_config(routing: str = "default") -> dict[str, Any]:

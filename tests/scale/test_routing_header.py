@@ -14,7 +14,7 @@ import pytest
 
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common import errors
-from encinfer.common.routing import KEY_ID_HEADER, RETRIED_METHODS, client_options, service_config
+from encinfer.common.routing import KEY_ID_HEADER, RETRIED_METHODS, client_options, key_id_metadata, service_config
 
 KID = "ab" * 32
 
@@ -86,6 +86,15 @@ def test_client_channels_carry_the_service_config():
     assert json.loads(options["grpc.service_config"]) == service_config()
     ring = json.loads(dict(client_options("ring_hash"))["grpc.service_config"])
     assert ring["loadBalancingConfig"] == [{"ring_hash_experimental": {"requestHashHeader": KEY_ID_HEADER}}]
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "a\nb", "clé", "x" * 129])
+def test_a_key_id_that_cannot_be_metadata_is_sent_without_the_header(bad):
+    assert key_id_metadata(bad) == []
+
+
+def test_the_header_carries_the_key_id_as_the_server_reads_it():
+    assert key_id_metadata(" AB" + "0" * 62 + " ") == [(KEY_ID_HEADER, "ab" + "0" * 62)]
 
 
 def test_an_unknown_routing_is_refused():
