@@ -30,6 +30,11 @@ RETRIED_METHODS = (("encinfer.v1.Inference", "Predict"), ("encinfer.v1.Inference
                    ("encinfer.v1.KeyStore", "GetKeys"), ("encinfer.v1.KeyStore", "ListKeys"))
 RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
                 "retryableStatusCodes": ["UNAVAILABLE"]}
+# When a dependency is down for long (every call UNAVAILABLE), retries only multiply the
+# wait: each failure costs a token, each success gives back 0.1, and below half of
+# maxTokens a channel stops retrying -- after about 50 failures in a row, errors come at
+# the first attempt again. A replica dying mid-load costs a handful of failures.
+RETRY_THROTTLING = {"maxTokens": 100, "tokenRatio": 0.1}
 
 
 # A key id is 64 hex digits; anything that could not be a metadata value (or is absurdly
@@ -48,7 +53,8 @@ def service_config(routing: str = "default") -> dict[str, Any]:
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {routing!r}")
     config: dict[str, Any] = {"methodConfig": [{
-        "name": [{"service": s, "method": m} for s, m in RETRIED_METHODS], "retryPolicy": RETRY_POLICY}]}
+        "name": [{"service": s, "method": m} for s, m in RETRIED_METHODS], "retryPolicy": RETRY_POLICY}],
+        "retryThrottling": RETRY_THROTTLING}
     if routing == "ring_hash":
         config["loadBalancingConfig"] = [{"ring_hash_experimental": {"requestHashHeader": KEY_ID_HEADER}}]
     return config

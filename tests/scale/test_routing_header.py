@@ -79,6 +79,7 @@ def test_the_retry_policy_covers_exactly_the_idempotent_calls():
     assert {m for _, m in names} == {"Predict", "GetModelInfo", "ListModels", "StatKeys", "GetKeys", "ListKeys"}
     policy = service_config()["methodConfig"][0]["retryPolicy"]
     assert policy["retryableStatusCodes"] == ["UNAVAILABLE"] and policy["maxAttempts"] == 4
+    assert service_config()["retryThrottling"]["maxTokens"] >= 20  # a replica's death must not exhaust it
 
 
 def test_client_channels_carry_the_service_config():
@@ -100,3 +101,42 @@ def test_the_header_carries_the_key_id_as_the_server_reads_it():
 def test_an_unknown_routing_is_refused():
     with pytest.raises(ValueError, match="ring_hash"):
         client_options("round_robin")
+
+
+@pytest.fixture
+def flaky():
+    """A server whose every method fails UNAVAILABLE twice, then answers; counts the attempts."""
+    attempts: dict[str, int] = {}
+
+    def answer(request: bytes, context) -> bytes:
+        method = dict(context.invocation_metadata()).get("x-method", "?")
+        attempts[method] = attempts.get(method, 0) + 1
+        if attempts[method] <= 2:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "not yet")
+        return b"ok"
+
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details):
+            return grpc.unary_unary_rpc_method_handler(answer)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[Handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", attempts
+    server.stop(None)
+
+
+@pytest.mark.parametrize("method, retried", [("/encinfer.v1.Inference/Predict", True),
+                                             ("/encinfer.v1.KeyStore/StatKeys", True),
+                                             ("/encinfer.v1.KeyStore/DeleteKeys", False)])
+def test_grpc_retries_the_idempotent_calls_on_unavailable_and_no_other(flaky, method, retried):
+    address, attempts = flaky
+    with grpc.insecure_channel(address, options=client_options()) as ch:
+        call = ch.unary_unary(method)
+        if retried:
+            assert call(b"", metadata=[("x-method", method)], timeout=10) == b"ok"
+            assert attempts[method] == 3
+        else:
+            with pytest.raises(grpc.RpcError) as err:
+                call(b"", metadata=[("x-method", method)], timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and attempts[method] == 1
