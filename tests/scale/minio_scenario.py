@@ -36,7 +36,7 @@ def main(workdir: Path, host: str, proxy: str = "haproxy") -> dict:
     # right after a node died, on a loaded machine (docs/scaling.md).
     env = {"inference": {"ENCINFER_WORKERS": "1"}, "keystore": {"ENCINFER_KEYSTORE_BACKEND_TIMEOUT": "10"}}
     with Stack(workdir, free_ports=True, scale=scale, env=env,
-               start_timeout=120, stop_grace=10) as stack:
+               start_timeout=180, stop_grace=10) as stack:
         out["minio_nodes"] = [stack.address(n) for n in stack.replicas("minio")]
         address, token = stack.client_address, stack.token("demo")
 

@@ -35,7 +35,7 @@ def stack(tmp_path_factory):
     scale = Scale(inference=3, keystore=2, proxy="haproxy")
     names = ["inference", "inference-2", "inference-3"]
     with Stack(work, free_ports=True, scale=scale, env={n: REPLICA_ENV for n in names},
-               start_timeout=120, stop_grace=10) as s:
+               start_timeout=180, stop_grace=10) as s:
         yield s
 
 
