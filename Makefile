@@ -19,7 +19,7 @@ export ENCINFER_GHZ_BIN ?= $(BIN)/ghz
 BUF_VERSION := v1.75.0
 BUF := $(BIN)/buf
 
-.PHONY: web-deps chromium-bin web-test setup stubs test demo minio minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins test-tools bench bench-quick bench-keystore stack secrets clean
+.PHONY: web-deps chromium-bin web-test setup stubs test demo minio minio-bin ghz-bin kustomize-bin kubeconform-bin proxy-bins test-tools bench bench-quick bench-keystore bench-scale test-scale stack secrets clean
 
 # Exact versions from the committed lock, then the project itself without dependencies.
 $(VENV)/.installed: pyproject.toml setup.py requirements/dev.txt
@@ -143,6 +143,16 @@ secrets: setup
 
 bench-keystore: setup minio-bin
 	$(VENV)/bin/python -m bench.keystore
+
+# Key-id affinity against round robin: 3 inference replicas behind HAProxy, 30 tenants
+# (BENCHMARKS.md's scale section, bench/scale.png; about a minute). Needs nginx/haproxy.
+bench-scale: setup minio-bin proxy-bins
+	$(VENV)/bin/python -m bench.scale
+
+# The scaled topology's tests (replicas, proxy, ring_hash, 4-node MinIO in a network
+# namespace: root for unshare); a few minutes.
+test-scale: setup minio-bin proxy-bins
+	$(VENV)/bin/python -m pytest -q tests/scale
 
 # ghz against the stack (compose topology, no Docker) on loopback: reports in out/load/,
 # a table in BENCHMARKS.md's load section, bench/load.png. scripts/load.py --quick is the smoke run.

@@ -43,6 +43,7 @@ from encinfer.client.keystore import KeyStoreClient, error_from_rpc
 from encinfer.common import errors
 from encinfer.common.auth import auth_metadata
 from encinfer.common.files import write_atomic
+from encinfer.common.routing import client_options, key_id_metadata
 from encinfer.common.rpc import TlsFiles, channel
 from encinfer.he.batch import decrypt_batch, encrypt_batch
 from encinfer.he.coeff import CoeffLayout, decrypt_coeff, encrypt_coeff
@@ -179,12 +180,17 @@ class EncryptedClassifier:
     timeout: the deadline of every call this client makes, in seconds; None gives
     predictions PREDICT_TIMEOUT, small calls SMALL_TIMEOUT and key uploads a
     deadline that grows with the key's size.
+    routing: "default" (one connection, e.g. to a proxy that hashes on the key id), or
+    "ring_hash": grpcio's ring hash on the key id over several addresses, no proxy
+    (inference="ipv4:10.0.0.1:50052,10.0.0.2:50052" or a DNS name with many records;
+    docs/scaling.md). Idempotent calls are retried on UNAVAILABLE either way.
     """
 
     def __init__(self, inference: str = "127.0.0.1:50052", keystore: str = "127.0.0.1:50051",
                  model: str = "mnist", token: str | None = None, *, layout: str = "auto",
                  key_dir: str | os.PathLike | None = None, tls: TlsFiles | None = None,
-                 keystore_tls: TlsFiles | None = None, timeout: float | None = None) -> None:
+                 keystore_tls: TlsFiles | None = None, timeout: float | None = None,
+                 routing: str = "default") -> None:
         if layout not in ("auto", "coeff", "latency", "batch"):
             raise ValueError("layout must be 'auto', 'coeff', 'latency' or 'batch'")
         self.model, self.layout = model, layout
@@ -193,7 +199,7 @@ class EncryptedClassifier:
         self._metadata = auth_metadata(token)
         # Which tenant a remembered key id was uploaded by (a fingerprint, not the token).
         self._tenant = hashlib.sha256((token or "").encode()).hexdigest()[:16]
-        self._channel = channel(inference, tls)
+        self._channel = channel(inference, tls, options=client_options(routing))
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._keystore = KeyStoreClient(keystore, token=token, tls=keystore_tls or tls,
                                         timeout=self._small_timeout, transfer_timeout=timeout)
@@ -205,6 +211,12 @@ class EncryptedClassifier:
         self._refresh: set[str] = set()         # layouts whose key expires soon (or is gone)
         self._keys_lock = threading.RLock()
         self.stats = CallStats()
+        # ring_hash connects lazily: a first call must wait for its replica's connection.
+        self._wait_for_ready = routing == "ring_hash"
+
+    def _keyed(self, key_id: str) -> list[tuple[str, str]]:
+        """The call's metadata with its key id, for routing (encinfer.common.routing)."""
+        return [*self._metadata, *key_id_metadata(key_id)]
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> "EncryptedClassifier":
@@ -400,7 +412,7 @@ class EncryptedClassifier:
         check_values(X, self.layout_info(layout).input_range, layout)
         self.stats = CallStats(n_samples=len(X))
         start = time.perf_counter()
-        out = self._batch(X, progress) if layout == "batch" else self._latency(X, progress)
+        out = self._batch_retried(X, progress) if layout == "batch" else self._latency(X, progress)
         self.stats.wall_s = time.perf_counter() - start
         return out
 
@@ -504,7 +516,7 @@ class EncryptedClassifier:
             except Exception as e:  # noqa: BLE001 - ends the requests; the reader raises it
                 failed.append(e)
 
-        call = self._stub.PredictStream(requests(), metadata=self._metadata, timeout=self.timeout)
+        call = self._stub.PredictStream(requests(), metadata=self._keyed(key_id), timeout=self.timeout)
         try:
             try:
                 for answer in call:
@@ -558,7 +570,8 @@ class EncryptedClassifier:
             try:
                 reply = self._stub.Predict(pb.PredictRequest(model=self.model, key_id=key_id, ciphertext=ct,
                                                              layout=wire_layout),
-                                           metadata=self._metadata, timeout=self.timeout)
+                                           metadata=self._keyed(key_id), timeout=self.timeout,
+                                           wait_for_ready=self._wait_for_ready)
             except grpc.RpcError as e:
                 err = from_service(error_from_rpc(e))
                 if attempt or not key_lost(err):
@@ -571,6 +584,20 @@ class EncryptedClassifier:
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ batch layout
+    def _batch_retried(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
+        """_batch, once more when the service answered UNAVAILABLE (a worker or replica died).
+
+        A stream cannot be retried by gRPC's policy (its requests are not buffered), and
+        every batch in it is independent: sending the whole call again is safe.
+        """
+        try:
+            return self._batch(X, progress)
+        except errors.Unavailable as e:  # a refused batch (PredictionError) or the whole call
+            reason = e.message or str(e)
+        log.warning("batch stream retried once", extra={"fields": {"reason": reason[:200]}})
+        self.stats = CallStats(n_samples=len(X))
+        return self._batch(X, progress)
+
     def _batch(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
         for attempt in itertools.count():
             secret, key_id, generation = self._current("batch")
@@ -623,7 +650,7 @@ class EncryptedClassifier:
         sizes = dict((rid, len(chunk)) for rid, chunk in chunks)
         group_of = {rid: i // window for i, (rid, _) in enumerate(chunks)}
         pending = {g: sum(1 for r in group_of if group_of[r] == g) for g in set(group_of.values())}
-        call = self._stub.PredictStream(requests(), metadata=self._metadata, timeout=self.timeout)
+        call = self._stub.PredictStream(requests(), metadata=self._keyed(key_id), timeout=self.timeout)
         try:
             try:
                 for answer in call:

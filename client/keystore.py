@@ -27,6 +27,7 @@ import grpc
 
 from encinfer.common import errors
 from encinfer.common.auth import auth_metadata
+from encinfer.common.routing import client_options, key_id_metadata
 from encinfer.common.rpc import TlsFiles, channel
 from encinfer.keystore.record import KeyRecord
 from encinfer.v1 import keystore_pb2 as pb
@@ -63,7 +64,7 @@ class KeyStoreClient:
     def __init__(self, target: str, token: str | None = None, tls: TlsFiles | None = None, *,
                  timeout: float = 30.0, transfer_timeout: float | None = None) -> None:
         self.target = target
-        self._channel = channel(target, tls)
+        self._channel = channel(target, tls, options=client_options())
         self._stub = pb_grpc.KeyStoreStub(self._channel)
         self._metadata = auth_metadata(token)
         self.timeout, self.transfer_timeout = timeout, transfer_timeout
@@ -79,6 +80,10 @@ class KeyStoreClient:
 
     def close(self) -> None:
         self._channel.close()
+
+    def _keyed(self, key_id: str) -> list[tuple[str, str]]:
+        """The call's metadata with its key id for routing (encinfer.common.routing)."""
+        return [*self._metadata, *key_id_metadata(key_id)]
 
     def __enter__(self) -> "KeyStoreClient":
         return self
@@ -169,7 +174,7 @@ class KeyStoreClient:
     def _download(self, kid: str, sink: Callable[[bytes], object], progress: Progress | None,
                   timeout: float) -> KeyRecord:
         digest, size, record = hashlib.sha256(), 0, None
-        call = self._stub.GetKeys(pb.GetKeysRequest(key_id=kid), metadata=self._metadata, timeout=timeout)
+        call = self._stub.GetKeys(pb.GetKeysRequest(key_id=kid), metadata=self._keyed(kid), timeout=timeout)
         try:
             for message in call:
                 if message.WhichOneof("msg") == "record":
@@ -195,7 +200,7 @@ class KeyStoreClient:
     def _record(self, key_id: str, timeout: float | None = None) -> KeyRecord:
         try:
             return KeyRecord.from_pb(self._stub.StatKeys(pb.StatKeysRequest(key_id=key_id),
-                                                         metadata=self._metadata, timeout=self._small(timeout)))
+                                                         metadata=self._keyed(key_id), timeout=self._small(timeout)))
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
 
@@ -216,7 +221,7 @@ class KeyStoreClient:
     def delete(self, key_id: str, timeout: float | None = None) -> bool:
         """Deletes your key; False when there was no live key of yours by this id."""
         try:
-            return self._stub.DeleteKeys(pb.DeleteKeysRequest(key_id=key_id), metadata=self._metadata,
+            return self._stub.DeleteKeys(pb.DeleteKeysRequest(key_id=key_id), metadata=self._keyed(key_id),
                                          timeout=self._small(timeout)).deleted
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None

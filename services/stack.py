@@ -32,9 +32,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+
+from encinfer.scaling import PROXY, PROXY_PORT, Scale, expand, minio_endpoints, proxy_argv, proxy_config, replica_ports
 
 from encinfer.common.files import write_atomic
 
@@ -199,8 +201,13 @@ class Translator:
     """Rewrites container-world strings (addresses, secret and volume paths) for loopback."""
 
     def __init__(self, ports: Mapping[str, Mapping[int, int]], secrets: Mapping[str, Path],
-                 paths: Mapping[str, Mapping[str, Path]], image_paths: Mapping[str, Path]) -> None:
+                 paths: Mapping[str, Mapping[str, Path]], image_paths: Mapping[str, Path],
+                 hosts: Mapping[str, str] | None = None,
+                 targets: Mapping[tuple[str, int], str] | None = None) -> None:
         self.ports, self.secrets, self.paths, self.image_paths = ports, secrets, paths, image_paths
+        # The scaled topology: a service on another host than 127.0.0.1 (distributed MinIO),
+        # and `service:port` addresses that stand for several replicas (a proxy, a target list).
+        self.hosts, self.targets = dict(hosts or {}), dict(targets or {})
 
     def port(self, service: str, container_port: int) -> int:
         try:
@@ -221,9 +228,11 @@ class Translator:
         def address(m: re.Match) -> str:
             host, port = m.group("host"), int(m.group("port"))
             if host in LOOPBACK_HOSTS:
-                return f"127.0.0.1:{self.port(service, port)}"
+                return f"{self.hosts.get(service, '127.0.0.1')}:{self.port(service, port)}"
+            if (host, port) in self.targets:
+                return self.targets[(host, port)]
             if host in self.ports:
-                return f"127.0.0.1:{self.port(host, port)}"
+                return f"{self.hosts.get(host, '127.0.0.1')}:{self.port(host, port)}"
             return m.group(0)
 
         return _ADDRESS.sub(address, value)
@@ -270,7 +279,7 @@ class Stack:
                  secrets_dir: Path | str | None = None, models_dir: Path | str | None = None,
                  free_ports: bool = False, services: Iterable[str] | None = None,
                  env: Mapping[str, Mapping[str, str]] | None = None,
-                 start_timeout: float = 90.0, stop_grace: float = 15.0) -> None:
+                 start_timeout: float = 90.0, stop_grace: float = 15.0, scale: Scale | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.compose_file = Path(compose_file).resolve()
         self.secrets_dir = Path(secrets_dir).resolve() if secrets_dir else self.workdir / "secrets"
@@ -280,6 +289,9 @@ class Stack:
         self.compose = load_compose(self.compose_file)
         all_services = self.compose.get("services") or {}
         self.order = start_order(all_services, services or list(all_services))
+        # Replicas, a proxy, distributed MinIO (encinfer.scaling); Scale() is compose's own topology.
+        self.scale = scale or Scale()
+        self.spec, self.order, self.groups = expand(all_services, self.order, self.scale)
         self._env_overrides = {k: dict(v) for k, v in (env or {}).items()}
         self.services: dict[str, Service] = {}
         self._running: dict[str, _Running] = {}
@@ -291,7 +303,27 @@ class Stack:
         """Where a service listens locally ('127.0.0.1:PORT'); its first published port by default."""
         ports = self.services[service].ports
         port = ports[container_port] if container_port is not None else next(iter(ports.values()))
-        return f"127.0.0.1:{port}"
+        host = self.scale.minio_host if service in self.groups.get("minio", ()) else "127.0.0.1"
+        return f"{host}:{port}"
+
+    def replicas(self, service: str) -> list[str]:
+        """The names of a compose service's replicas: 'inference', 'inference-2', ..."""
+        return list(self.groups.get(service, [service]))
+
+    @property
+    def client_address(self) -> str:
+        """Where clients connect, for both services: the proxy, or inference without one."""
+        return self.address(PROXY) if PROXY in self.services else self.address("inference")
+
+    def kill(self, service: str, sig: int = signal.SIGKILL) -> None:
+        """Kills one service's process group (a fault); stop() then leaves it alone."""
+        running = self._running[service]
+        try:
+            os.killpg(running.process.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig == signal.SIGKILL:
+            running.process.wait(timeout=30)
 
     def env(self, service: str) -> dict[str, str]:
         """The translated compose environment of a service (what its process got, minus the OS env)."""
@@ -316,7 +348,7 @@ class Stack:
         running = self._running.get(service)
         return running.process.pid if running and running.process.poll() is None else None
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         self.start()
         return self
 
@@ -328,6 +360,7 @@ class Stack:
         try:
             for name in self.order:
                 self._start_service(self.services[name])
+            self._wait_proxy_routes()
         except BaseException:
             self.stop()
             raise
@@ -352,7 +385,7 @@ class Stack:
         """Translates the compose file for loopback (ports, secrets, volumes); start() calls it."""
         if self.services:
             return
-        spec = self.compose["services"]
+        spec = self.spec
         compose_dir = self.compose_file.parent
         needed_secrets = {s for name in self.order for s in _service_secrets(spec[name])}
         secret_files: dict[str, Path] = {}
@@ -372,7 +405,12 @@ class Stack:
         ports = {}
         for name in self.order:
             published = published_ports(spec[name])
-            ports[name] = {c: (free_port() if self.free_ports else h) for c, h in published.items()}
+            index = self._replica_index(name)
+            if self.scale.minio > 1 and name in self.groups.get("minio", ()):
+                index += 1  # the proxy's S3 listener takes MinIO's published port
+            ports[name] = {c: (free_port() if self.free_ports else h)
+                           for c, h in replica_ports(published, index).items()}
+        proxy_ports = self._proxy_ports()
         paths: dict[str, dict[str, Path]] = {}
         for name in self.order:
             for volume in spec[name].get("volumes", []) or []:
@@ -386,7 +424,9 @@ class Stack:
                     local = self.workdir / "volumes" / source
                 local.mkdir(parents=True, exist_ok=True)
                 paths.setdefault(name, {})[target] = local.resolve()
-        translate = Translator(ports, secret_files, paths, {IMAGE_MODELS_DIR: self.models_dir})
+        hosts = {name: self.scale.minio_host for name in self.groups.get("minio", ())}
+        translate = Translator(ports, secret_files, paths, {IMAGE_MODELS_DIR: self.models_dir},
+                               hosts=hosts, targets=self._targets(spec, ports, proxy_ports))
 
         for name in self.order:
             s = spec[name]
@@ -400,6 +440,98 @@ class Stack:
                 health=[translate(name, a) for a in health] if health else None,
                 model_stems=[Path(m) for m in env.get("ENCINFER_MODELS", "").split(",") if m.strip()],
             )
+        if self.scale.minio > 1:
+            self._distribute_minio(paths)
+        if self.scale.proxy:
+            self._add_proxy(proxy_ports)
+
+    # ---- the scaled topology (encinfer.scaling)
+
+    def _wait_proxy_routes(self) -> None:
+        """Until a health check through the proxy answers, and HAProxy has seen every replica up."""
+        if PROXY not in self.services or "inference" not in self.services:
+            return
+        deadline = time.monotonic() + self.start_timeout
+        while not _grpc_serving(self.address(PROXY), timeout=2.0):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise StackError(f"no answer through the proxy within {self.start_timeout:g} s:\n"
+                                 f"{_tail(self.log_path(PROXY))}")
+            time.sleep(0.2)
+        if self.scale.proxy == "haproxy" and self.order.index(PROXY) < self.order.index(self.groups["inference"][-1]):
+            # Started before the replicas, HAProxy marked them down; its checks (every 2 s,
+            # rise 1) bring each back within one interval of its start.
+            time.sleep(2.5)
+
+    def _replica_index(self, name: str) -> int:
+        for replicas in self.groups.values():
+            if name in replicas:
+                return replicas.index(name) + 1
+        return 1
+
+    def _proxy_ports(self) -> dict[str, int]:
+        if not self.scale.proxy:
+            return {}
+        minio_port = next(iter(published_ports(self.spec["minio"]).values()), 9000) if "minio" in self.spec else 9000
+        wanted = {"grpc": PROXY_PORT, **({"s3": minio_port} if self.scale.minio > 1 else {})}
+        return {k: (free_port() if self.free_ports else p) for k, p in wanted.items()}
+
+    def _targets(self, spec: Mapping, ports: Mapping[str, Mapping[int, int]],
+                 proxy_ports: Mapping[str, int]) -> dict[tuple[str, int], str]:
+        """`service:port` in compose that stands for several replicas here."""
+        targets = {}
+        if "s3" in proxy_ports:
+            for port in published_ports(spec["minio"]):
+                targets[("minio", port)] = f"127.0.0.1:{proxy_ports['s3']}"
+        keystores = self.groups.get("keystore", [])
+        if len(keystores) > 1:
+            for port in published_ports(spec["keystore"]):
+                # One gRPC target listing every replica (pick_first fails over to the next).
+                targets[("keystore", port)] = "ipv4:" + ",".join(f"127.0.0.1:{ports[k][port]}" for k in keystores)
+        return targets
+
+    def _distribute_minio(self, paths: Mapping[str, Mapping[str, Path]]) -> None:
+        """Each node's `server DRIVE` becomes `server ENDPOINT1 ... ENDPOINTn`, and only the last
+        node waits for health (the cluster's): a node alone never forms a quorum."""
+        nodes = self.groups["minio"]
+        api_port = next(iter(published_ports(self.spec["minio"])))
+        drives = [(self.services[n].ports[api_port], next(iter(paths[n].values()))) for n in nodes]
+        endpoints = minio_endpoints(self.scale.minio_host, drives)
+        for i, name in enumerate(nodes):
+            service = self.services[name]
+            drive = str(drives[i][1])
+            service.argv = [a for arg in service.argv for a in (endpoints if arg == drive else [arg])]
+            service.env["MINIO_CI_CD"] = "1"  # drives on the root filesystem are fine for tests
+            last = i == len(nodes) - 1
+            address = f"{self.scale.minio_host}:{service.ports[api_port]}"
+            service.health = ["CMD", "curl", "-fsS", f"http://{address}/minio/health/cluster"] if last else None
+
+    def _add_proxy(self, proxy_ports: Mapping[str, int]) -> None:
+        """The proxy, from deploy/proxy/render.py: right after MinIO when it fronts MinIO's nodes."""
+        kind = str(self.scale.proxy)
+        runtime = self.workdir / "proxy"
+        (runtime / "run").mkdir(parents=True, exist_ok=True)
+
+        def grpc(service: str, port: int) -> list[str]:
+            return [f"127.0.0.1:{self.services[r].ports[port]}"
+                    for r in self.groups.get(service, []) if r in self.services]
+
+        minio = ([f"{self.scale.minio_host}:{self.services[n].ports[next(iter(published_ports(self.spec['minio'])))]}"
+                  for n in self.groups["minio"]] if "s3" in proxy_ports else [])
+        inference_port = next(iter(published_ports(self.spec["inference"]))) if "inference" in self.spec else 0
+        keystore_port = next(iter(published_ports(self.spec["keystore"]))) if "keystore" in self.spec else 0
+        config = runtime / ("nginx.conf" if kind == "nginx" else "haproxy.cfg")
+        config.write_text(proxy_config(
+            kind, listen=f"127.0.0.1:{proxy_ports['grpc']}", inference=grpc("inference", inference_port) or
+            ["127.0.0.1:1"], keystore=grpc("keystore", keystore_port), runtime_dir=runtime / "run",
+            affinity=self.scale.affinity, s3_listen=f"127.0.0.1:{proxy_ports['s3']}" if minio else "",
+            minio=minio), encoding="utf-8")
+        self.services[PROXY] = Service(
+            name=PROXY, argv=proxy_argv(kind, config, runtime / "run"), env={},
+            ports={PROXY_PORT: proxy_ports["grpc"], **({9000: proxy_ports["s3"]} if minio else {})},
+            depends_on={}, health=["LISTEN", *(f"127.0.0.1:{p}" for p in proxy_ports.values())], one_shot=False)
+        after = self.groups["minio"][-1] if minio else self.order[-1]
+        self.order.insert(self.order.index(after) + 1, PROXY)
 
     def _argv(self, name: str, spec: Mapping, command: list[str]) -> list[str]:
         image = str(spec.get("image", ""))
@@ -453,6 +585,8 @@ class Stack:
         log.info("healthy", extra={"fields": {"service": service.name, "ports": service.ports}})
 
     def _healthy(self, service: Service) -> bool:
+        if service.health and service.health[0] == "LISTEN":  # the proxy: its ports accept connections
+            return all(_listening(a) for a in service.health[1:])
         return run_health_check(service.health or [], env=service.env)
 
     def _ensure_model(self, stem: Path) -> None:
@@ -467,6 +601,13 @@ class Stack:
                                 capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             raise StackError(f"training the default model failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+
+
+def _listening(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, int(port))) == 0
 
 
 def _service_secrets(spec: Mapping) -> list[str]:
@@ -548,6 +689,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--only", action="append", metavar="SERVICE",
                     help="start only this service and what it depends on (repeatable)")
     up.add_argument("--free-ports", action="store_true", help="pick free ports instead of compose's published ones")
+    scaled = up.add_argument_group("scaled topology (docs/scaling.md)")
+    scaled.add_argument("--inference-replicas", type=int, default=1, metavar="N",
+                        help="copies of compose's inference, behind --proxy (hash on x-encinfer-key-id)")
+    scaled.add_argument("--keystore-replicas", type=int, default=1, metavar="N",
+                        help="copies of compose's keystore (round robin; inference lists them all)")
+    scaled.add_argument("--proxy", choices=("nginx", "haproxy"), default=None,
+                        help="the proxy in front, configured by deploy/proxy/render.py")
+    scaled.add_argument("--minio-nodes", type=int, default=1, metavar="N",
+                        help="distributed, erasure-coded MinIO: N >= 4 nodes, one drive each (needs --proxy)")
+    scaled.add_argument("--minio-host", default="127.0.0.1",
+                        help="MinIO's address; distributed MinIO refuses loopback where /.dockerenv exists "
+                             "(run it in a network namespace with a 10.x address: docs/scaling.md)")
+    scaled.add_argument("--round-robin", action="store_true",
+                        help="the proxy balances inference round robin instead of by key id (a baseline)")
     up.add_argument("--for", dest="duration", type=float, default=None, metavar="SECONDS",
                     help="stop after this long (default: until Ctrl-C or SIGTERM)")
     up.set_defaults(func=_up)
@@ -567,8 +722,14 @@ def _up(args: argparse.Namespace) -> int:
     from encinfer.common import logs
 
     logs.configure()
+    try:
+        scale = Scale(inference=args.inference_replicas, keystore=args.keystore_replicas, minio=args.minio_nodes,
+                      proxy=args.proxy, minio_host=args.minio_host, affinity=not args.round_robin)
+    except ValueError as exc:
+        print(f"encinfer stack: {exc}", file=sys.stderr)
+        return 2
     stack = Stack(args.workdir, compose_file=args.compose_file, secrets_dir=args.secrets_dir,
-                  models_dir=args.models_dir, free_ports=args.free_ports, services=args.only)
+                  models_dir=args.models_dir, free_ports=args.free_ports, services=args.only, scale=scale)
     stop = {"signal": None}
 
     def on_signal(signum, _frame) -> None:
@@ -597,8 +758,11 @@ def _print_summary(stack: Stack) -> None:
     lines = ["encinfer stack is up:"]
     for name in stack.order:
         service = stack.services[name]
-        where = ", ".join(f"127.0.0.1:{p}" for p in service.ports.values()) or "(done)"
+        host = stack.address(name).rpartition(":")[0] if service.ports else "127.0.0.1"
+        where = ", ".join(f"{host}:{p}" for p in service.ports.values()) or "(done)"
         lines.append(f"  {name:<10} {where:<40} log: {stack.log_path(name)}")
+    if PROXY in stack.services:
+        lines.append(f"  clients:   {stack.client_address} (the proxy: inference and the key store)")
     lines.append(f"  tokens:    {stack.tokens_file} (tenant 'demo' token also in {stack.secrets_dir / 'demo_token'})")
     lines.append("Ctrl-C stops everything.")
     print("\n".join(lines), flush=True)

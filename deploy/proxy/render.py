@@ -37,6 +37,12 @@ class ProxyTopology:
     keystore: tuple[str, ...] = ()
     # nginx's pid and temporary files, and the error log of both (the root filesystem may be read-only).
     runtime_dir: str = "/tmp/encinfer-proxy"
+    # False: round robin over the inference replicas (the baseline `make bench-scale` compares).
+    affinity: bool = True
+    # MinIO's nodes behind an HTTP/1.1 listener (`encinfer stack up --minio-nodes 4`), round
+    # robin with health checks, as the `minio` Service does in Kubernetes. Empty: none.
+    s3_listen: str = ""
+    minio: tuple[str, ...] = ()
 
 
 EXAMPLE = ProxyTopology(listen="127.0.0.1:50060",
@@ -73,7 +79,7 @@ def nginx(t: ProxyTopology) -> str:
         ])
 
     r = t.runtime_dir
-    blocks = [upstream("inference", t.inference, True)]
+    blocks = [upstream("inference", t.inference, t.affinity)]
     locations = [location("/encinfer.v1.Inference/", "inference")]
     if t.keystore:
         blocks.append(upstream("keystore", t.keystore, False))
@@ -108,7 +114,41 @@ http {{
         listen {t.listen} http2;
 {chr(10).join(locations)}
     }}
-}}
+{_nginx_s3(t)}}}
+"""
+
+
+def _nginx_s3(t: ProxyTopology) -> str:
+    """MinIO behind nginx: round robin; a refused or reset connection goes to the next node.
+
+    Not a 503: MinIO answers one while it starts or is short of a quorum, and counting it
+    as a node failure would take healthy nodes out (all of them, while the cluster starts).
+    """
+    if not t.minio:
+        return ""
+    servers = "\n".join(f"        server {s} max_fails=1 fail_timeout=5s;" for s in t.minio)
+    return f"""
+    upstream minio {{
+{servers}
+        keepalive 16;
+    }}
+
+    server {{
+        listen {t.s3_listen};
+        location / {{
+            proxy_pass http://minio;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # S3 signatures cover the Host header: pass the client's own.
+            proxy_set_header Host $http_host;
+            # Streamed, not spooled: nginx's workers (www-data when started as root) may not
+            # write the runtime dir, and a key needs no second copy on disk.
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_read_timeout {STREAM_IDLE_SECONDS}s;
+            proxy_next_upstream error timeout non_idempotent;
+        }}
+    }}
 """
 
 
@@ -116,19 +156,24 @@ def haproxy(t: ProxyTopology) -> str:
     """HAProxy 2.6: `balance hdr(...)` with `hash-type consistent`, `proto h2` on bind and servers."""
     def backend(name: str, servers: tuple[str, ...], hashed: bool) -> str:
         lines = [f"backend {name}"]
-        if hashed:
+        if hashed and t.affinity:
             # Calls without the header fall back to round robin.
             lines += [f"    balance hdr({KEY_ID_HEADER})", "    hash-type consistent"]
         else:
             lines.append("    balance roundrobin")
         # A replica that cannot be reached: retry once on another (the call never started).
         lines += ["    retries 2", "    option redispatch 1", "    retry-on conn-failure empty-response"]
+        # A refused connection marks the replica down at once (not only after two failed checks):
+        # the retry is then hashed over the remaining replicas like every later call, so a
+        # dead replica's keys move to one new owner each, not first to a redispatch target.
         lines += [f"    server {name}-{i} {s} proto h2 check inter 2s fall 2 rise 1"
+                  " observe layer4 error-limit 1 on-error mark-down"
                   for i, s in enumerate(servers, 1)]
         return "\n".join(lines)
 
     routes = ["    use_backend keystore if { path_beg /encinfer.v1.KeyStore/ }"] if t.keystore else []
-    backends = [backend("inference", t.inference, True)] + ([backend("keystore", t.keystore, False)] if t.keystore else [])
+    backends = [backend("inference", t.inference, True)]
+    backends += [backend("keystore", t.keystore, False)] if t.keystore else []
     return HEADER + f"""\
 # Key-id affinity for encinfer: every call hashed on its {KEY_ID_HEADER} metadata.
 global
@@ -148,6 +193,28 @@ frontend grpc
     default_backend inference
 
 {(chr(10) * 2).join(backends)}
+{_haproxy_s3(t)}"""
+
+
+def _haproxy_s3(t: ProxyTopology) -> str:
+    """MinIO behind HAProxy: round robin, HTTP health checks; a refused connection goes to another node."""
+    if not t.minio:
+        return ""
+    servers = "\n".join(f"    server minio-{i} {s} check inter 1s fall 2 rise 1"
+                         for i, s in enumerate(t.minio, 1))
+    return f"""
+frontend s3
+    bind {t.s3_listen}
+    default_backend minio
+
+backend minio
+    balance roundrobin
+    option httpchk GET /minio/health/live
+    http-check expect status 200
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response response-timeout
+{servers}
 """
 
 
