@@ -109,6 +109,9 @@ class _Worker:
             self._writer.write(header + payload)
             await self._writer.drain()  # back-pressure when the worker falls behind
         except (ConnectionError, OSError):
+            # Dead now, even before the reader has seen EOF: a retry must wait for the
+            # replacement, not write to this socket again.
+            self.dead = True
             self._pending.pop(call_id, None)
             raise WorkerDied() from None
         return await fut
