@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     tls = connection.tls_from(args)
     with EncryptedClassifier(inference=args.inference, keystore=args.keystore, model=args.model, token=args.token,
                              layout=args.layout, key_dir=args.key_dir, tls=tls) as clf:
-        layout = args.layout if args.layout != "auto" else ("batch" if len(X) >= AUTO_BATCH_FROM else "latency")
+        layout = args.layout if args.layout != "auto" else (
+            "batch" if len(X) >= AUTO_BATCH_FROM else clf.single_sample_layout())
         clf.check_samples(X, layout)  # refused before any key is made or sent
         # The bar only for a person at a terminal, and only once the inference service answered.
         with tqdm(total=len(X), unit="img", desc="encrypted predict", file=sys.stderr, disable=None,
