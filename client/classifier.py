@@ -32,9 +32,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -82,7 +83,7 @@ class PredictionError(errors.EncinferError):
         self.request_id, self.message = request_id, message
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _prediction_error_class(code: str) -> type[PredictionError]:
     base = type(errors.from_status(code))
     if base is errors.EncinferError:
@@ -207,7 +208,7 @@ class EncryptedClassifier:
         self.stats = CallStats()
 
     # ------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "EncryptedClassifier":
+    def __enter__(self) -> EncryptedClassifier:
         return self
 
     def __exit__(self, *exc: Any) -> None:

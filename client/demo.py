@@ -74,7 +74,7 @@ class LocalStack:
             self.inference.stop()
         self.keystore.stop()
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import grpc
 
@@ -80,7 +80,7 @@ class KeyStoreClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "KeyStoreClient":
+    def __enter__(self) -> KeyStoreClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,9 +22,9 @@ import datetime
 import ipaddress
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from encinfer.common.errors import InvalidArgument
 from encinfer.common.files import write_atomic
@@ -66,7 +66,7 @@ def tls_files(names: list[str]) -> dict[str, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "encinfer compose CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)

@@ -32,9 +32,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 from encinfer.common.files import write_atomic
 
@@ -316,7 +316,7 @@ class Stack:
         running = self._running.get(service)
         return running.process.pid if running and running.process.poll() is None else None
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         self.start()
         return self
 

@@ -17,8 +17,8 @@ import shutil
 import subprocess
 import tempfile
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jsonschema
 import pytest

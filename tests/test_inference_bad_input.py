@@ -9,7 +9,7 @@ import asyncio
 import os
 import socket
 import threading
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import grpc
 import numpy as np

@@ -20,8 +20,8 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import kubernetes_validate
 import pytest
@@ -240,7 +240,7 @@ def port_problems(resources: Resources) -> list[str]:
 
 
 def compose_env(service: str) -> set[str]:
-    return set((load_compose()["services"][service].get("environment") or {}))
+    return set(load_compose()["services"][service].get("environment") or {})
 
 
 # Variables compose sets that mean nothing in Kubernetes (TLS files from compose's init

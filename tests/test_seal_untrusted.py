@@ -17,7 +17,7 @@ import struct
 import time
 import tracemalloc
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 import numpy as np

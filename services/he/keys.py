@@ -22,8 +22,9 @@ import functools
 import io
 import os
 import struct
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator, Mapping, TypeVar
+from typing import BinaryIO, TypeVar
 
 import tenseal.sealapi as seal
 

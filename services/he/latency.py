@@ -40,8 +40,9 @@ an output must agree and padding rows must be ~0) and reports as DataLoss.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -262,7 +263,7 @@ class LatencyLayout:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LatencyLayout":
+    def from_dict(cls, d: dict) -> LatencyLayout:
         try:
             params = d["params"]
             return cls(params=params if isinstance(params, CkksParams) else CkksParams.from_json(params),
@@ -403,14 +404,14 @@ class LatencyModel:
             raise InvalidArgument("ciphertext is transparent (not encrypted); encrypt the sample")
         return ct
 
-    def _check_keys(self, keys: "ServerKeys") -> None:
+    def _check_keys(self, keys: ServerKeys) -> None:
         p, q = keys.params, self.params
         if (p.poly_modulus_degree, p.coeff_modulus_bits) != (q.poly_modulus_degree, q.coeff_modulus_bits) or \
                 not keys.has_elements(q.galois_elements()):
             raise FailedPrecondition("these keys were loaded for other parameters than this model's latency "
                                      "layout; load the bundle with load_key_bundle(data, model.layout.params)")
 
-    def evaluate(self, keys: "ServerKeys", ciphertext: bytes, zeros: "CoeffKeys | None" = None) -> bytes:
+    def evaluate(self, keys: ServerKeys, ciphertext: bytes, zeros: CoeffKeys | None = None) -> bytes:
         """Scores for one encrypted sample, as one ciphertext at the last prime (serialized).
 
         zeros: the client's encryptions of zero (encinfer.he.coeff.CoeffKeys); one is added to
@@ -454,14 +455,14 @@ class LatencyModel:
 
 # ---------------------------------------------------------------- client side
 
-def _check_secret(secret: "SecretKeys", layout: LatencyLayout) -> None:
+def _check_secret(secret: SecretKeys, layout: LatencyLayout) -> None:
     a, b = secret.params, layout.params
     if (a.poly_modulus_degree, a.coeff_modulus_bits) != (b.poly_modulus_degree, b.coeff_modulus_bits):
         raise FailedPrecondition(f"secret keys are for N={a.poly_modulus_degree}, moduli {list(a.coeff_modulus_bits)};"
                                  f" the layout needs N={b.poly_modulus_degree}, moduli {list(b.coeff_modulus_bits)}")
 
 
-def encrypt_latency(secret: "SecretKeys", x: Sequence[float] | np.ndarray, layout: LatencyLayout) -> bytes:
+def encrypt_latency(secret: SecretKeys, x: Sequence[float] | np.ndarray, layout: LatencyLayout) -> bytes:
     """One sample -> one seeded ciphertext for the latency layout.
 
     >>> ct = encrypt_latency(secret, image.ravel() / 255.0, layout)   # doctest: +SKIP
@@ -489,7 +490,7 @@ def encrypt_latency(secret: "SecretKeys", x: Sequence[float] | np.ndarray, layou
     return secret.encrypt_symmetric(pt)
 
 
-def decrypt_latency(secret: "SecretKeys", ciphertext: bytes, layout: LatencyLayout) -> np.ndarray:
+def decrypt_latency(secret: SecretKeys, ciphertext: bytes, layout: LatencyLayout) -> np.ndarray:
     """The model's scores (n_outputs,) from the server's answer.
 
     InvalidArgument when the bytes are not a ciphertext of these parameters;

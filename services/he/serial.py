@@ -41,9 +41,10 @@ import shutil
 import struct
 import tempfile
 import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, TypeVar
+from typing import Any, TypeVar
 
 import tenseal.sealapi as seal
 import zstandard

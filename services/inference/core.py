@@ -11,8 +11,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from encinfer.common.auth import Principal
 from encinfer.common.errors import EncinferError, InvalidArgument, NotFound, ResourceExhausted
@@ -99,7 +99,7 @@ class InferenceCore:
         return result, (time.perf_counter() - start) * 1000
 
     # ------------------------------------------------------------ streams
-    def stream(self, principal: Principal) -> "StreamSession":
+    def stream(self, principal: Principal) -> StreamSession:
         return StreamSession(self, principal)
 
 
@@ -335,7 +335,7 @@ def _internal(exc: Exception, request_id: str) -> EncinferError:
 async def _quietly(coro) -> None:
     try:
         await coro
-    except Exception:  # noqa: BLE001 - best-effort clean-up of a batch that already failed
+    except Exception:  # best-effort clean-up of a batch that already failed
         log.debug("batch clean-up failed", exc_info=True)
 
 

@@ -18,8 +18,9 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable, Generic, Hashable, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import grpc
 
@@ -205,7 +206,7 @@ class KeySource:
         self._fetches: SharedCalls[str, bytes] = SharedCalls()
 
     @classmethod
-    def from_config(cls, config: "InferenceConfig") -> "KeySource":
+    def from_config(cls, config: InferenceConfig) -> KeySource:
         return cls(config.keystore_target, config.keystore_token, config.keystore_tls, config.keystore_timeout,
                    config.key_cache_bytes, config.key_recheck_seconds,
                    max_stale_seconds=config.key_record_max_stale_seconds,

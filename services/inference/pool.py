@@ -18,11 +18,12 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from encinfer.common.errors import Unavailable
-from encinfer.modelinfo import ModelDescription
 from encinfer.inference.worker import WORKER_CODE, KeyMissing, describe, init_worker, predict_coeff, predict_latency
+from encinfer.modelinfo import ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class _Worker:
     """
 
     def __init__(self, index: int, model_paths: list[str], key_cache_bytes: int,
-                 on_exit: Callable[["_Worker"], None] | None = None) -> None:
+                 on_exit: Callable[[_Worker], None] | None = None) -> None:
         parent, child = socket.socketpair()
         self.index = index
         spec = {"fd": child.fileno(), "models": list(model_paths), "key_cache_bytes": key_cache_bytes,

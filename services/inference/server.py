@@ -6,7 +6,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from prometheus_client import Counter
@@ -232,7 +233,7 @@ async def serve(config: InferenceConfig) -> None:
     bound = config.shutdown_delay + config.grace_seconds + STOP_MARGIN_SECONDS
     try:
         await asyncio.wait_for(server.stop(config.shutdown_delay), bound)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.error("inference did not stop in time; killing its workers", extra={"fields": {"seconds": bound}})
     log.info("inference stopped")
 
@@ -250,7 +251,7 @@ def main(models: list[str] | None = None) -> int:
     except OSError as e:  # a token file that cannot be read, ...
         log.error(f"inference cannot start: {e}")
         return 1
-    except Exception:  # noqa: BLE001 - a bug: one JSON line with the traceback, and an exit code
+    except Exception:  # a bug: one JSON line with the traceback, and an exit code
         log.exception("inference failed")
         return 1
     finally:

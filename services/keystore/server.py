@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from prometheus_client import Counter
 
@@ -131,13 +131,13 @@ class KeyStoreServer:
             await asyncio.sleep(self.config.health_interval)
             try:
                 await self._probe_once()
-            except Exception:  # noqa: BLE001 - the probe must outlive any one failure
+            except Exception:  # the probe must outlive any one failure
                 log.exception("health probe failed")
 
     async def _warm_up(self) -> None:
         try:
             await self.store.warm_up()
-        except Exception:  # noqa: BLE001 - the first upload will report it
+        except Exception:  # the first upload will report it
             log.exception("cannot load the key parser")
 
     async def _cleanup_loop(self) -> None:

@@ -51,11 +51,11 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
 from urllib.parse import quote, unquote
 
 from prometheus_client import Counter, Gauge
@@ -128,7 +128,7 @@ class FetchedKey:
         if release is not None:
             release()
 
-    async def __aenter__(self) -> "FetchedKey":
+    async def __aenter__(self) -> FetchedKey:
         return self
 
     async def __aexit__(self, *exc) -> None:
