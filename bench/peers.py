@@ -248,7 +248,7 @@ class _NativeEI:
         cipher_size = ct.c_uint64(len(ciphertexts))
         pk, pk_size = key_buffer
         results = []
-        for weights, bias in zip(self.weights, self.bias):
+        for weights, bias in zip(self.weights, self.bias, strict=True):
             out = (ct.c_byte * self.result_capacity)()
             out_size = ct.c_uint64(self.result_capacity)
             # Same argument order as the package's own compute_dot_product.
@@ -346,7 +346,7 @@ def bench_tenseal_dot(W: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray
     W, b = _as_model(W, b)
     X, y = _images(X, y, n_images)
     rows, bias = [w.tolist() for w in W], [float(v) for v in b]
-    return _bench_tenseal("ten dot", W, b, X, y, lambda enc: [enc.dot(w) + c for w, c in zip(rows, bias)])
+    return _bench_tenseal("ten dot", W, b, X, y, lambda enc: [enc.dot(w) + c for w, c in zip(rows, bias, strict=True)])
 
 
 # ------------------------------------------------------------------ Concrete ML

@@ -93,7 +93,7 @@ def draw_grid(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray, path
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, t, p in zip(axes.flat, images, truth, predicted):
+    for ax, img, t, p in zip(axes.flat, images, truth, predicted, strict=False):
         ax.imshow(img.reshape(28, 28), cmap="gray_r")
         ax.set_title(f"{t}→{p}", fontsize=8, color="black" if str(t) == str(p) else "red")
     fig.suptitle("MNIST digits: true → decrypted prediction (red = wrong)", fontsize=9)

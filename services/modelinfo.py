@@ -10,7 +10,6 @@ of the labels the model was trained on: `labels()` gives them back as they were.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
@@ -20,7 +19,7 @@ from encinfer.he.latency import LatencyLayout
 from encinfer.he.params import CkksParams
 from encinfer.v1 import inference_pb2 as pb
 
-Layout = Union[LatencyLayout, BatchLayout, CoeffLayout]
+Layout = LatencyLayout | BatchLayout | CoeffLayout
 
 # The one mapping between the wire's layout enum and the layouts' names.
 LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch", pb.LAYOUT_COEFF: "coeff"}

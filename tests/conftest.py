@@ -26,7 +26,7 @@ import pytest
 MINIO_BIN = os.environ.get("ENCINFER_MINIO_BIN", "/root/.cache/encinfer/bin/minio")
 REPO = Path(__file__).resolve().parent.parent
 
-from encinfer.stack import free_port  # noqa: E402 - shared with the tests that import it from here
+from encinfer.stack import free_port  # shared with the tests that import it from here
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> bool:

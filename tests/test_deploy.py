@@ -458,7 +458,7 @@ def secret_problems(compose: dict) -> list[str]:
         if name == INIT_SERVICE:
             continue
         service_mounts = mounts(service)
-        for target, source in service_mounts.items():
+        for source in service_mounts.values():
             if source in CREDENTIAL_VOLUMES and not any(str(v).endswith(":ro") for v in service.get("volumes", [])
                                                         if str(v).startswith(f"{source}:")):
                 problems.append(f"{name}: credentials volume {source} is not mounted read-only")

@@ -307,7 +307,7 @@ def test_missing_token_is_unauthenticated_on_every_method(alice, images, still_s
         "Predict": lambda: alice.predict(alice.encrypt(images[0]), token=None),
         "PredictStream": lambda: alice.stream([alice.header()], token=None),
     }
-    for name, call in calls.items():
+    for call in calls.values():
         assert_status(rpc_error(call), Code.UNAUTHENTICATED, "missing 'authorization: Bearer")
 
 
@@ -372,7 +372,7 @@ def test_interleaved_bad_and_good_batches_each_get_their_answer(alice, images, b
 
     def messages():
         yield alice.header(pb.LAYOUT_BATCH)
-        for i, (b, g) in enumerate(zip(bad, batch_parts)):
+        for i, (b, g) in enumerate(zip(bad, batch_parts, strict=True)):
             yield part("bad", i, b)
             yield part("good", i, g)
     answers = alice.stream(messages())

@@ -252,7 +252,7 @@ def env_problems(resources: Resources) -> list[str]:
     """Every variable set is read by the code; each server sets what its compose service sets, and its drain."""
     read = variables_read_by_code() | {f"{v}_FILE" for v in entrypoint_file_variables()}
     problems = []
-    for w, t, c in encinfer_containers(resources):
+    for w, _t, c in encinfer_containers(resources):
         env = env_of(c)
         for var in env:
             if var.startswith("ENCINFER_") and var not in read:

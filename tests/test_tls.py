@@ -20,20 +20,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.register_assert_rewrite("inference_fixtures")
-from inference_fixtures import CALL_TIMEOUT, MODEL  # noqa: E402
-from service_procs import ServiceProcs  # noqa: E402
+from inference_fixtures import CALL_TIMEOUT, MODEL
+from service_procs import ServiceProcs
 
-from encinfer.common.auth import auth_metadata  # noqa: E402
-from encinfer.common.rpc import TlsFiles  # noqa: E402
-from encinfer.v1 import inference_pb2 as pb  # noqa: E402
-from encinfer.v1 import inference_pb2_grpc, keystore_pb2, keystore_pb2_grpc  # noqa: E402
+from encinfer.common.auth import auth_metadata
+from encinfer.common.rpc import TlsFiles
+from encinfer.v1 import inference_pb2 as pb
+from encinfer.v1 import inference_pb2_grpc, keystore_pb2, keystore_pb2_grpc
 
 pytest_plugins = ["inference_fixtures"]
 
 x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # Random tokens, so finding one in a log can't be a coincidence.
 ALICE, BOB, SERVICE = (secrets.token_urlsafe(24) for _ in range(3))
@@ -157,7 +157,7 @@ def refusal(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Rp
 
 
 def creds(ca: str | None = None, cert: str | None = None, key: str | None = None) -> grpc.ChannelCredentials:
-    read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+    read = lambda p: Path(p).read_bytes() if p else None
     return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key),
                                         certificate_chain=read(cert))
 

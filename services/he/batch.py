@@ -82,7 +82,7 @@ class BatchLayout:
             raise InvalidArgument("a batch layout needs at least one feature and one output")
         if not idx:
             raise InvalidArgument("a batch layout needs at least one feature index")
-        if any(not 0 <= i < self.n_features for i in idx) or any(a >= b for a, b in zip(idx, idx[1:])):
+        if any(not 0 <= i < self.n_features for i in idx) or any(a >= b for a, b in zip(idx, idx[1:], strict=False)):
             raise InvalidArgument(f"feature_indices must be increasing and within 0..{self.n_features - 1}")
         expected = self.params.slots * (2 if self.params.complex_packing else 1)
         if self.max_samples != expected:

@@ -119,7 +119,7 @@ def choose_latency_params(n_features: int, n_outputs: int, *, score_bound: float
     if n_features < 1 or n_outputs < 1:
         raise InvalidArgument("a latency layout needs at least one feature and one output")
     packed = _packed(n_features, complex_packing)
-    for n, primes in _PRIMES.items():
+    for n, primes in _PRIMES.items():  # noqa: B007 - the loop picks n and primes, read after it
         if packed <= n // 2 and n_outputs <= n // 2:
             break
     else:
@@ -174,7 +174,7 @@ class LatencyLayout:
         p, slots, idx = self.params, self.params.slots, self.feature_indices
         if self.n_features < 1 or self.n_outputs < 1:
             raise InvalidArgument("a latency layout needs at least one feature and one output")
-        if idx and (any(not 0 <= i < self.n_features for i in idx) or any(a >= b for a, b in zip(idx, idx[1:]))):
+        if idx and (any(not 0 <= i < self.n_features for i in idx) or any(a >= b for a, b in zip(idx, idx[1:], strict=False))):
             raise InvalidArgument(f"feature_indices must be increasing and within 0..{self.n_features - 1}")
         m, k = plan(self.packed_features, self.n_outputs, slots)
         if self.block_size != k * slots // m:

@@ -119,7 +119,7 @@ def check_header(data: bytes | memoryview, what: str, *, max_size: int,
     if header_size != HEADER_SIZE:
         raise _invalid(what, f"its header says it is {header_size} bytes long; a SEAL header is {HEADER_SIZE}")
     if (major, minor) != bundled_version():
-        want = "%d.%d" % bundled_version()
+        want = "{}.{}".format(*bundled_version())
         raise _invalid(what, f"it was written by SEAL {major}.{minor}; this server reads SEAL {want} objects only")
     if compression not in allowed_compression:
         name = _COMPR_NAMES.get(compression, f"unknown mode {compression}")

@@ -74,7 +74,7 @@ class KeyCacheCollector:
     async def _ask(pool: Any) -> dict[int, list]:
         indices = range(len(pool.load))
         answers = await asyncio.gather(*(pool.call(i, worker_samples) for i in indices), return_exceptions=True)
-        return {i: a for i, a in zip(indices, answers) if not isinstance(a, BaseException)}
+        return {i: a for i, a in zip(indices, answers, strict=True) if not isinstance(a, BaseException)}
 
 
 _collector: KeyCacheCollector | None = None
