@@ -424,7 +424,7 @@ def test_a_parser_that_died_while_idle_costs_no_upload():
             pid = await pool.run(os.getpid)
             os.kill(pid, signal.SIGSEGV)
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
+            while _alive(pid) and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another process
                 await asyncio.sleep(0.05)
             return pid, await pool.run(os.getpid)
         finally:

@@ -157,7 +157,7 @@ def refusal(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Rp
 
 
 def creds(ca: str | None = None, cert: str | None = None, key: str | None = None) -> grpc.ChannelCredentials:
-    read = lambda p: Path(p).read_bytes() if p else None
+    read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
     return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key),
                                         certificate_chain=read(cert))
 
