@@ -187,7 +187,8 @@ def _ei_shipped(W, b, X, y) -> dict:
     key_copy_s = _clock() - t0
     return _row("encrypted-inference 0.9", "as shipped", W=W, b=b, X=X, y=y, scores=np.array(scores),
                 encrypt_s=enc_s, server_s=srv_s, decrypt_s=dec_s, up=up, down=down, key_bytes=len(public_keys),
-                keygen_ms=1e3 * keygen_s, server_key_copies_ms_per_image=1e3 * key_copy_s * W.shape[0], b64_bytes_up_per_image=float(np.mean(b64_up)),
+                keygen_ms=1e3 * keygen_s, server_key_copies_ms_per_image=1e3 * key_copy_s * W.shape[0],
+                b64_bytes_up_per_image=float(np.mean(b64_up)),
                 b64_bytes_down_per_image=float(np.mean(b64_down)), ciphertexts_down_per_image=W.shape[0])
 
 

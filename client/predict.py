@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="mnist")
     connection.add_arguments(p)
     p.add_argument("--layout", choices=("auto", "coeff", "latency", "batch"), default="auto")
-    p.add_argument("--key-dir", help="where the secret key is kept (default $ENCINFER_KEY_DIR or ~/.local/share/encinfer/keys)")
+    p.add_argument("--key-dir",
+                   help="where the secret key is kept (default $ENCINFER_KEY_DIR or ~/.local/share/encinfer/keys)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

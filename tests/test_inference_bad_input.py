@@ -570,8 +570,8 @@ def hung_keystore_stack(mnist_model, tmp_path_factory):
     hole.bind(("127.0.0.1", 0))
     hole.listen(8)
     stem, model = mnist_model
-    stack = start_stack(stem, model, tmp_path_factory.mktemp("hung"), keystore_target=f"127.0.0.1:{hole.getsockname()[1]}",
-                        workers=0, keystore_timeout=2.0)
+    stack = start_stack(stem, model, tmp_path_factory.mktemp("hung"),
+                        keystore_target=f"127.0.0.1:{hole.getsockname()[1]}", workers=0, keystore_timeout=2.0)
     yield stack
     stack.close()
     hole.close()

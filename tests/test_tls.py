@@ -69,7 +69,8 @@ def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool = False, serve
     if server:
         builder = builder.add_extension(x509.SubjectAlternativeName([
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
-    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+    usages = (([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
+              + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else []))
     if usages:
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
@@ -272,8 +273,9 @@ def test_another_tenants_key_id_is_permission_denied_over_tls(tls, test_images):
         ct = encrypt_latency(secret, test_images[0][0], bob.layout_info("latency"))
     with grpc.secure_channel(tls.inference.address, creds(ca=tls.pki.ca)) as ch:
         with pytest.raises(grpc.RpcError) as err:
-            inference_pb2_grpc.InferenceStub(ch).Predict(pb.PredictRequest(model=MODEL, key_id=alice_key, ciphertext=ct),
-                                                         metadata=auth_metadata(BOB), timeout=CALL_TIMEOUT)
+            inference_pb2_grpc.InferenceStub(ch).Predict(
+                pb.PredictRequest(model=MODEL, key_id=alice_key, ciphertext=ct),
+                metadata=auth_metadata(BOB), timeout=CALL_TIMEOUT)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

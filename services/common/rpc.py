@@ -215,7 +215,8 @@ class _Call:
         else:
             code = grpc.StatusCode.INTERNAL
             message = f"internal error; the server log has request id {self.rid}"
-            log.error("unhandled error", exc_info=exc, extra={"fields": {"method": self.method, "request_id": self.rid}})
+            log.error("unhandled error", exc_info=exc,
+                      extra={"fields": {"method": self.method, "request_id": self.rid}})
         self.done(code, message)
         await self.context.abort(code, message)
 

@@ -174,7 +174,8 @@ class LatencyLayout:
         p, slots, idx = self.params, self.params.slots, self.feature_indices
         if self.n_features < 1 or self.n_outputs < 1:
             raise InvalidArgument("a latency layout needs at least one feature and one output")
-        if idx and (any(not 0 <= i < self.n_features for i in idx) or any(a >= b for a, b in zip(idx, idx[1:], strict=False))):
+        if idx and (any(not 0 <= i < self.n_features for i in idx)
+                    or any(a >= b for a, b in zip(idx, idx[1:], strict=False))):
             raise InvalidArgument(f"feature_indices must be increasing and within 0..{self.n_features - 1}")
         m, k = plan(self.packed_features, self.n_outputs, slots)
         if self.block_size != k * slots // m:

@@ -431,7 +431,8 @@ def check_kswitch_keys(data: bytes | memoryview, context: seal.SEALContext, what
     pos += 8 * index
     (dim2,) = _U64.unpack_from(plain, pos)
     if dim2 != k:
-        raise _invalid(what, f"its key has {_bytes(dim2)} parts; a key for these parameters has {k} (one per data prime)")
+        raise _invalid(what, f"its key has {_bytes(dim2)} parts; "
+                             f"a key for these parameters has {k} (one per data prime)")
     pos += _U64.size
     key_size = (len(plain) - HEADER_SIZE - 32 - 8 - 8 * outer) // k
     for j in range(k):
@@ -479,7 +480,8 @@ def _check_parameters(data: bytes | memoryview, what: str) -> bytes:
     if not (0 < degree <= _MAX_DEGREE and degree & (degree - 1) == 0):
         raise _invalid(what, f"poly_modulus_degree {_bytes(degree)} is not a power of two up to {_MAX_DEGREE}")
     if len(plain) != parameters_sizes(primes):
-        raise _invalid(what, f"it names {_bytes(primes)} primes but holds {(len(plain) - parameters_sizes(0)) // _MODULUS_SIZE}")
+        held = (len(plain) - parameters_sizes(0)) // _MODULUS_SIZE
+        raise _invalid(what, f"it names {_bytes(primes)} primes but holds {held}")
     pos = HEADER_SIZE + 17
     for i in range(primes + 1):
         _nested_header(plain, pos, what, _MODULUS_SIZE, "plain modulus" if i == primes else f"prime {i}")

@@ -272,7 +272,8 @@ class StreamSession:
             # From here on the worker may hold state for this batch, even if we are cancelled
             # while it starts (abort is queued behind the start and is a no-op for unknown ids).
             started = True
-            await pool.with_key(batch.worker, lambda: core.keys.data(self.key_id, record_owner(self.principal, core.auth_enabled)),
+            await pool.with_key(batch.worker,
+                                lambda: core.keys.data(self.key_id, record_owner(self.principal, core.auth_enabled)),
                                 worker.batch_start,
                                 (batch.id, self.model, self.key_id), (batch.n_samples,))
             received = 0

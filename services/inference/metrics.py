@@ -55,7 +55,8 @@ class KeyCacheCollector:
         families = {f.name: f for m in (cache.CACHE_EVENTS, cache.CACHE_BYTES) for f in m.collect()}
         for samples in self._worker_samples().values():
             for name, labels, value in samples:
-                family = families["encinfer_key_cache_events" if name.endswith("_total") else "encinfer_key_cache_bytes"]
+                family = families["encinfer_key_cache_events" if name.endswith("_total")
+                                  else "encinfer_key_cache_bytes"]
                 family.add_sample(name, labels, value)
         yield from families.values()
 

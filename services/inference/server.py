@@ -64,7 +64,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                          LAYOUT_NAMES.get(request.layout, "latency"))
         return answer_pb(Answer(request.request_id, [ct], 1, ms))
 
-    async def PredictStream(self, requests: AsyncIterator[pb.PredictStreamRequest], context) -> AsyncIterator[pb.PredictResponse]:
+    async def PredictStream(self, requests: AsyncIterator[pb.PredictStreamRequest],
+                            context) -> AsyncIterator[pb.PredictResponse]:
         async for answer in self.core.stream(current_principal()).run(stream_messages(requests)):
             yield answer_pb(answer, counted=True)
 
