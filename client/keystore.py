@@ -151,6 +151,7 @@ class KeyStoreClient:
             timeout = self.transfer_deadline(self._record(kid).size_bytes)  # the size its record states
         elif timeout is None:
             timeout = self.transfer_timeout
+        assert timeout is not None  # one of the two branches above set it
         if dest is None:
             parts: list[bytes] = []
             self._download(kid, parts.append, progress, timeout)

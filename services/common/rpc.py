@@ -118,6 +118,7 @@ class _Decoder:
         self.type_name = getattr(descriptor, "full_name", "") or "request"
 
     def __call__(self, raw: bytes) -> Any:
+        assert self.deserializer is not None  # installed as grpc's deserializer only when there is one
         try:
             return self.deserializer(raw)
         except Exception as exc:  # noqa: BLE001 - any deserializer failure means these bytes are no such message

@@ -33,7 +33,7 @@ import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -118,7 +118,7 @@ class BatchLayout:
                 n_outputs=int(d["n_outputs"]),
                 feature_indices=tuple(int(i) for i in d["feature_indices"]),
                 max_samples=int(d["max_samples"]),
-                input_range=(tuple(float(v) for v in d["input_range"])
+                input_range=(cast("tuple[float, float]", tuple(float(v) for v in d["input_range"]))
                              if d.get("input_range") is not None else None),
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -460,8 +460,8 @@ class _NumpyAccumulator(BatchAccumulator):
     def __init__(self, model: BatchModel, n_samples: int, zeros: CoeffKeys | None = None) -> None:
         super().__init__(model, n_samples, zeros)
         width = 4 * model._words
-        self._sums = np.zeros((model.layout.n_outputs, width))
-        self._chunk = np.empty((min(NUMPY_CHUNK, self.total), width))
+        self._sums: np.ndarray = np.zeros((model.layout.n_outputs, width))
+        self._chunk: np.ndarray = np.empty((min(NUMPY_CHUNK, self.total), width))
         self._filled = 0
         self._template = seal.Ciphertext(model.context)
 

@@ -58,7 +58,7 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -214,7 +214,8 @@ class CoeffLayout:
             return cls(params=params if isinstance(params, CkksParams) else CkksParams.from_json(params),
                        n_features=int(d["n_features"]), n_outputs=int(d["n_outputs"]),
                        rows_per_product=int(d["rows_per_product"]), answer_bits=int(d["answer_bits"]),
-                       input_range=tuple(float(v) for v in d.get("input_range", (0.0, 1.0))))
+                       input_range=cast("tuple[float, float]",
+                                        tuple(float(v) for v in d.get("input_range", (0.0, 1.0)))))
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidArgument(f"not a coefficient layout description ({e!r})") from None
 

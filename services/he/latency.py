@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -270,7 +270,8 @@ class LatencyLayout:
             return cls(params=params if isinstance(params, CkksParams) else CkksParams.from_json(params),
                        n_features=int(d["n_features"]), n_outputs=int(d["n_outputs"]),
                        block_size=int(d["block_size"]), output_slots=tuple(int(s) for s in d["output_slots"]),
-                       input_range=tuple(float(v) for v in d.get("input_range", (0.0, 1.0))),
+                       input_range=cast("tuple[float, float]",
+                                        tuple(float(v) for v in d.get("input_range", (0.0, 1.0)))),
                        feature_indices=tuple(int(i) for i in d.get("feature_indices", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidArgument(f"not a latency layout description ({e!r})") from None
@@ -288,6 +289,7 @@ def diagonal_values(weights: np.ndarray, bias: np.ndarray,
     """
     slots, m, k, n = layout.params.slots, layout.row_period, layout.diagonals, layout.n_outputs
     weights = np.asarray(weights, dtype=np.float64)[:, list(layout.used_features)]
+    packed: np.ndarray
     if layout.params.complex_packing:
         packed = np.zeros((n, layout.packed_features), dtype=np.complex128)
         packed.real = weights[:, 0::2] / 2
@@ -347,6 +349,7 @@ class LatencyModel:
         everything = _packed(d, params.complex_packing)
         # Drop zero-weight features only when that saves a diagonal (a multiply and a rotation):
         # then a client that ignores feature_indices fails on block_size instead of computing garbage.
+        feature_indices: tuple[int, ...]
         if everything <= slots and plan(everything, m, slots)[1] == diagonals:
             feature_indices = ()
         else:
@@ -436,6 +439,7 @@ class LatencyModel:
                     acc = product
                 else:
                     ev.add_inplace(acc, product)
+            assert acc is not None  # a model has at least one nonzero diagonal
             for step in self._fold:
                 rotated = seal.Ciphertext()
                 ev.rotate_vector(acc, step, keys.rotation_key(step), rotated)

@@ -44,14 +44,20 @@ import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import tenseal.sealapi as seal
 import zstandard
 
 from encinfer.common.errors import InvalidArgument
 
-T = TypeVar("T")
+class Loadable(Protocol):
+    """A SEAL object: loads itself from a file, with or without a context."""
+
+    def load(self, *args: Any) -> Any: ...
+
+
+T = TypeVar("T", bound=Loadable)
 
 _local = threading.local()
 
