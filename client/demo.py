@@ -69,6 +69,12 @@ class LocalStack:
             self.keystore.stop()
             raise
 
+    @property
+    def inference_target(self) -> str:
+        """The in-process inference service's address (a stack made with inference=True)."""
+        assert self.inference is not None
+        return self.inference.target
+
     def close(self) -> None:
         if self.inference is not None:
             self.inference.stop()
@@ -118,7 +124,7 @@ def run_demo(n: int = 100, layout: str = "coeff", idx_dir: str | None = None, mo
     X, y = X[:n], y[:n]
     with tempfile.TemporaryDirectory(prefix="encinfer-demo-") as tmp, \
             LocalStack([str(stem)], Path(tmp), workers) as stack, \
-            EncryptedClassifier(inference=stack.inference.target, keystore=stack.keystore.target,
+            EncryptedClassifier(inference=stack.inference_target, keystore=stack.keystore.target,
                                 model=artifact.name, token=stack.tenant_token, layout=layout,
                                 key_dir=Path(tmp) / "client-keys") as clf:
         t = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                   leave=False) as bar:
             predicted = clf.predict(X, progress=bar.update)
         stats = clf.stats
-    result = {"n": len(X), "predictions": [str(p) for p in predicted],
+    result: dict[str, Any] = {"n": len(X), "predictions": [str(p) for p in predicted],
               "seconds": round(stats.wall_s, 3), "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down}
     if y is not None:
         result["accuracy"] = float(np.mean(predicted.astype(str) == y.astype(str)))

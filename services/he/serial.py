@@ -51,6 +51,7 @@ import zstandard
 
 from encinfer.common.errors import InvalidArgument
 
+
 class Loadable(Protocol):
     """A SEAL object: loads itself from a file, with or without a context."""
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from encinfer.common.auth import Principal
 from encinfer.common.errors import EncinferError, InvalidArgument, NotFound, ResourceExhausted
+from encinfer.he.batch import BatchLayout
 from encinfer.he.keyinfo import check_key_id
 from encinfer.he.params import CkksParams
 from encinfer.inference import worker
@@ -234,7 +235,9 @@ class StreamSession:
             if self.layout != "batch":
                 raise InvalidArgument("batch parts need a stream header with layout LAYOUT_BATCH first")
             if batch is None:
-                total = len(self.core.model_info(self.model).layouts["batch"].feature_indices)
+                layout = self.core.model_info(self.model).layouts["batch"]
+                assert isinstance(layout, BatchLayout)
+                total = len(layout.feature_indices)
                 check_position(position, 0, total)
                 check_batch_count(len(self._batches), self.core.max_open_batches)
                 if n_samples <= 0:

@@ -106,6 +106,7 @@ class _Worker:
         self._pending[call_id] = fut
         payload = pickle.dumps((call_id, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
         header = struct.pack("!i", len(payload)) if len(payload) < 0x7FFFFFFF else struct.pack("!iQ", -1, len(payload))
+        assert self._writer is not None  # open() ran first
         try:
             self._writer.write(header + payload)
             await self._writer.drain()  # back-pressure when the worker falls behind
@@ -222,7 +223,7 @@ class WorkerPool:
             raise
         return worker
 
-    async def _ready(self, worker: _Worker) -> list[dict]:
+    async def _ready(self, worker: _Worker) -> list[ModelDescription]:
         """Waits until the worker has loaded its models (its first call answers)."""
         try:
             infos = await worker.call(describe, ())

@@ -199,6 +199,7 @@ class InferenceServer:
         seconds; then in-flight calls get the grace period; then the workers stop."""
         log.info("inference stopping", extra={"fields": {"grace_seconds": self.config.grace_seconds,
                                                          "delay_seconds": delay}})
+        assert self.server is not None and self.keys is not None and self.pool is not None  # start() ran
         try:
             await set_health(self.health, [SERVICE], False)
             if delay > 0:
@@ -227,9 +228,10 @@ async def serve(config: InferenceConfig) -> None:
         await asyncio.gather(starting, return_exceptions=True)
         log.info("inference stopped before it was serving")
         return
-    if starting.exception() is not None:
+    error = starting.exception()
+    if error is not None:
         stopping.cancel()
-        raise starting.exception()  # a StartupError, after start() has undone what it did
+        raise error  # a StartupError, after start() has undone what it did
     await stopping
     bound = config.shutdown_delay + config.grace_seconds + STOP_MARGIN_SECONDS
     try:
