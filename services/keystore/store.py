@@ -452,7 +452,8 @@ class KeyStore:
                 raise
             record = KeyRecord(
                 key_id=kid, size_bytes=spool.size, sha256=kid, parameters=parameters, owner=owner,
-                created=existing.created if renewing and existing is not None else now, expires=now + ttl, labels=labels)
+                created=existing.created if renewing and existing is not None else now, expires=now + ttl,
+                labels=labels)
             await self._io(self.backend.put_bytes, record_name, record.to_bytes(), {})
             if new_bytes:
                 self._damaged.discard(kid)
