@@ -35,8 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -186,7 +187,8 @@ def _ei_shipped(W, b, X, y) -> dict:
     key_copy_s = _clock() - t0
     return _row("encrypted-inference 0.9", "as shipped", W=W, b=b, X=X, y=y, scores=np.array(scores),
                 encrypt_s=enc_s, server_s=srv_s, decrypt_s=dec_s, up=up, down=down, key_bytes=len(public_keys),
-                keygen_ms=1e3 * keygen_s, server_key_copies_ms_per_image=1e3 * key_copy_s * W.shape[0], b64_bytes_up_per_image=float(np.mean(b64_up)),
+                keygen_ms=1e3 * keygen_s, server_key_copies_ms_per_image=1e3 * key_copy_s * W.shape[0],
+                b64_bytes_up_per_image=float(np.mean(b64_up)),
                 b64_bytes_down_per_image=float(np.mean(b64_down)), ciphertexts_down_per_image=W.shape[0])
 
 
@@ -247,7 +249,7 @@ class _NativeEI:
         cipher_size = ct.c_uint64(len(ciphertexts))
         pk, pk_size = key_buffer
         results = []
-        for weights, bias in zip(self.weights, self.bias):
+        for weights, bias in zip(self.weights, self.bias, strict=True):
             out = (ct.c_byte * self.result_capacity)()
             out_size = ct.c_uint64(self.result_capacity)
             # Same argument order as the package's own compute_dot_product.
@@ -345,7 +347,7 @@ def bench_tenseal_dot(W: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray
     W, b = _as_model(W, b)
     X, y = _images(X, y, n_images)
     rows, bias = [w.tolist() for w in W], [float(v) for v in b]
-    return _bench_tenseal("ten dot", W, b, X, y, lambda enc: [enc.dot(w) + c for w, c in zip(rows, bias)])
+    return _bench_tenseal("ten dot", W, b, X, y, lambda enc: [enc.dot(w) + c for w, c in zip(rows, bias, strict=True)])
 
 
 # ------------------------------------------------------------------ Concrete ML

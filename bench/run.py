@@ -90,11 +90,15 @@ def ratios(rows: list[dict]) -> str:
                        f"{(concrete['bytes_up_per_image'] + concrete['bytes_down_per_image']) / (ours['bytes_up_per_image'] + ours['bytes_down_per_image']):,.1f}x "
                        "fewer bytes on the wire.")
         if ours and best:
-            out.append(f"- encinfer {layout}: server time {best['server_ms_per_image'] / ours['server_ms_per_image']:,.0f}x "
+            server_ratio = best['server_ms_per_image'] / ours['server_ms_per_image']
+            bytes_ratio = ((best['bytes_up_per_image'] + best['bytes_down_per_image'])
+                           / (ours['bytes_up_per_image'] + ours['bytes_down_per_image']))
+            out.append(f"- encinfer {layout}: server time {server_ratio:,.0f}x "
                        f"lower than encrypted-inference 0.9 at its best; "
-                       f"{(best['bytes_up_per_image'] + best['bytes_down_per_image']) / (ours['bytes_up_per_image'] + ours['bytes_down_per_image']):,.0f}x "
+                       f"{bytes_ratio:,.0f}x "
                        f"fewer bytes on the wire; keys {best['key_bytes'] / max(ours['key_bytes'], 1):,.1f}x smaller.")
-    plain = by.get(("plaintext scikit-learn", "batch")) or next((r for r in rows if r["system"].startswith("plaintext")), None)
+    plain = (by.get(("plaintext scikit-learn", "batch"))
+             or next((r for r in rows if r["system"].startswith("plaintext")), None))
     batch = by.get(("encinfer", "batch"))
     if plain and batch and "skipped" not in plain:
         out.append(f"- encinfer batch is {batch['server_ms_per_image'] / plain['server_ms_per_image']:,.0f}x "

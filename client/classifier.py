@@ -32,9 +32,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -45,7 +46,7 @@ from encinfer.common.auth import auth_metadata
 from encinfer.common.files import write_atomic
 from encinfer.common.routing import client_options, key_id_metadata
 from encinfer.common.rpc import TlsFiles, channel
-from encinfer.he.batch import decrypt_batch, encrypt_batch
+from encinfer.he.batch import BatchLayout, decrypt_batch, encrypt_batch
 from encinfer.he.coeff import CoeffLayout, decrypt_coeff, encrypt_coeff
 from encinfer.he.latency import LatencyLayout, decrypt_latency, encrypt_latency
 from encinfer.he.secret import SecretKeys
@@ -68,7 +69,8 @@ PREDICT_TIMEOUT = 600.0
 SMALL_TIMEOUT = 30.0
 
 # One-sample layouts: (encrypt, decrypt, wire enum). "coeff" is used whenever the model offers it.
-SINGLE_SAMPLE = {"coeff": (encrypt_coeff, decrypt_coeff, pb.LAYOUT_COEFF),
+SINGLE_SAMPLE: dict[str, tuple[Callable[..., bytes], Callable[..., np.ndarray], pb.Layout]] = {
+                 "coeff": (encrypt_coeff, decrypt_coeff, pb.LAYOUT_COEFF),
                  "latency": (encrypt_latency, decrypt_latency, pb.LAYOUT_LATENCY)}
 
 
@@ -83,7 +85,7 @@ class PredictionError(errors.EncinferError):
         self.request_id, self.message = request_id, message
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _prediction_error_class(code: str) -> type[PredictionError]:
     base = type(errors.from_status(code))
     if base is errors.EncinferError:
@@ -219,7 +221,7 @@ class EncryptedClassifier:
         return [*self._metadata, *key_id_metadata(key_id)]
 
     # ------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "EncryptedClassifier":
+    def __enter__(self) -> EncryptedClassifier:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -428,6 +430,7 @@ class EncryptedClassifier:
         """
         name = self.single_sample_layout()
         layout = self.layout_info(name)
+        assert isinstance(layout, (LatencyLayout, CoeffLayout))  # single_sample_layout() names one of these
         if isinstance(samples, (np.ndarray, list, tuple)):
             X = self.check_samples(samples, name) if len(samples) else np.zeros((0, self.info.n_features))
             source: Iterator[tuple[int, np.ndarray]] = enumerate(X)
@@ -549,7 +552,9 @@ class EncryptedClassifier:
     def _latency(self, X: np.ndarray, progress: Callable[[int], None] | None) -> np.ndarray:
         out = np.zeros((len(X), self.info.n_outputs))
         name = self.single_sample_layout()
-        for i, scores in self._stream(name, enumerate(X), None, self.layout_info(name), 2):
+        layout = self.layout_info(name)
+        assert isinstance(layout, (LatencyLayout, CoeffLayout))  # single_sample_layout() names one of these
+        for i, scores in self._stream(name, enumerate(X), None, layout, 2):
             out[i] = scores
             if progress:
                 progress(1)
@@ -612,6 +617,7 @@ class EncryptedClassifier:
     def _batch_call(self, secret: SecretKeys, key_id: str, X: np.ndarray,
                     progress: Callable[[int], None] | None) -> np.ndarray:
         layout = self.layout_info("batch")
+        assert isinstance(layout, BatchLayout)
         stats = self.stats
         chunks = [(str(i), X[s:s + layout.max_samples])
                   for i, s in enumerate(range(0, len(X), layout.max_samples))]

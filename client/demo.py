@@ -69,12 +69,18 @@ class LocalStack:
             self.keystore.stop()
             raise
 
+    @property
+    def inference_target(self) -> str:
+        """The in-process inference service's address (a stack made with inference=True)."""
+        assert self.inference is not None
+        return self.inference.target
+
     def close(self) -> None:
         if self.inference is not None:
             self.inference.stop()
         self.keystore.stop()
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -93,7 +99,7 @@ def draw_grid(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray, path
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, t, p in zip(axes.flat, images, truth, predicted):
+    for ax, img, t, p in zip(axes.flat, images, truth, predicted, strict=False):
         ax.imshow(img.reshape(28, 28), cmap="gray_r")
         ax.set_title(f"{t}→{p}", fontsize=8, color="black" if str(t) == str(p) else "red")
     fig.suptitle("MNIST digits: true → decrypted prediction (red = wrong)", fontsize=9)
@@ -118,7 +124,7 @@ def run_demo(n: int = 100, layout: str = "coeff", idx_dir: str | None = None, mo
     X, y = X[:n], y[:n]
     with tempfile.TemporaryDirectory(prefix="encinfer-demo-") as tmp, \
             LocalStack([str(stem)], Path(tmp), workers) as stack, \
-            EncryptedClassifier(inference=stack.inference.target, keystore=stack.keystore.target,
+            EncryptedClassifier(inference=stack.inference_target, keystore=stack.keystore.target,
                                 model=artifact.name, token=stack.tenant_token, layout=layout,
                                 key_dir=Path(tmp) / "client-keys") as clf:
         t = time.perf_counter()

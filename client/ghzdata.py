@@ -29,9 +29,10 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -151,8 +152,8 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
     >>> subprocess.run(data.scenarios["predict"].command(str(ghz_binary())))          # doctest: +SKIP
     """
     from encinfer.client.classifier import EncryptedClassifier
-    from encinfer.he.batch import encrypt_batch
-    from encinfer.he.latency import encrypt_latency
+    from encinfer.he.batch import BatchLayout, encrypt_batch
+    from encinfer.he.latency import LatencyLayout, encrypt_latency
     from encinfer.v1 import inference_pb2 as pb
 
     out = Path(out).resolve()
@@ -161,6 +162,7 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
     with EncryptedClassifier(inference=inference, keystore=keystore, model=model, token=token,
                              key_dir=key_dir, tls=tls, keystore_tls=keystore_tls) as clf:
         layout = clf.layout_info("latency")
+        assert isinstance(layout, LatencyLayout)
         secret, key_id = clf.keys("latency")
         X, _ = images(max(n_predict, n_stream), idx_dir)
         cts = [encrypt_latency(secret, x, layout) for x in X]
@@ -168,6 +170,7 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
         batch_msgs: list = []
         if with_batch:
             blayout = clf.layout_info("batch")
+            assert isinstance(blayout, BatchLayout)
             bsecret, batch_key = clf.keys("batch")
             n = batch_samples or blayout.max_samples
             XB, _ = images(n, idx_dir)
@@ -189,7 +192,7 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
     metadata = out / "metadata.json"
     _write_private(metadata, json.dumps({"authorization": f"Bearer {token}"} if token else {}) + "\n")
 
-    files = {"predict": (PREDICT, predict, 1, 1),
+    files: dict[str, tuple[str, list[Any], int, int]] = {"predict": (PREDICT, predict, 1, 1),
              "stream": (PREDICT_STREAM, stream, len(stream), len(stream) - 1)}
     if with_batch:
         files["batch"] = (PREDICT_STREAM, batch_msgs, len(batch_msgs), batch_msgs[1].batch_part.n_samples)

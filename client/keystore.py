@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import grpc
 
@@ -85,7 +85,7 @@ class KeyStoreClient:
         """The call's metadata with its key id for routing (encinfer.common.routing)."""
         return [*self._metadata, *key_id_metadata(key_id)]
 
-    def __enter__(self) -> "KeyStoreClient":
+    def __enter__(self) -> KeyStoreClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -156,6 +156,7 @@ class KeyStoreClient:
             timeout = self.transfer_deadline(self._record(kid).size_bytes)  # the size its record states
         elif timeout is None:
             timeout = self.transfer_timeout
+        assert timeout is not None  # one of the two branches above set it
         if dest is None:
             parts: list[bytes] = []
             self._download(kid, parts.append, progress, timeout)

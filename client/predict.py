@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="mnist")
     connection.add_arguments(p)
     p.add_argument("--layout", choices=("auto", "coeff", "latency", "batch"), default="auto")
-    p.add_argument("--key-dir", help="where the secret key is kept (default $ENCINFER_KEY_DIR or ~/.local/share/encinfer/keys)")
+    p.add_argument("--key-dir",
+                   help="where the secret key is kept (default $ENCINFER_KEY_DIR or ~/.local/share/encinfer/keys)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                   leave=False) as bar:
             predicted = clf.predict(X, progress=bar.update)
         stats = clf.stats
-    result = {"n": len(X), "predictions": [str(p) for p in predicted],
+    result: dict[str, Any] = {"n": len(X), "predictions": [str(p) for p in predicted],
               "seconds": round(stats.wall_s, 3), "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down}
     if y is not None:
         result["accuracy"] = float(np.mean(predicted.astype(str) == y.astype(str)))

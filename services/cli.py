@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - decided in failure(); a bug keeps its traceback
+    except Exception as exc:  # decided in failure(); a bug keeps its traceback
         decided = failure(exc)
         if decided is None or os.environ.get("ENCINFER_TRACEBACK"):
             raise

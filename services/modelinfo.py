@@ -10,7 +10,7 @@ of the labels the model was trained on: `labels()` gives them back as they were.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from encinfer.he.latency import LatencyLayout
 from encinfer.he.params import CkksParams
 from encinfer.v1 import inference_pb2 as pb
 
-Layout = Union[LatencyLayout, BatchLayout, CoeffLayout]
+Layout = LatencyLayout | BatchLayout | CoeffLayout
 
 # The one mapping between the wire's layout enum and the layouts' names.
 LAYOUT_NAMES = {pb.LAYOUT_LATENCY: "latency", pb.LAYOUT_BATCH: "batch", pb.LAYOUT_COEFF: "coeff"}
@@ -101,6 +101,8 @@ def _params_from_pb(p: pb.CkksParameters) -> CkksParams:
 
 
 def _layout_to_pb(name: str, lay: Layout, manifest: str) -> pb.LayoutInfo:
+    # A served layout carries the range its parameters were chosen for (BatchModel's default included).
+    assert lay.input_range is not None
     out = pb.LayoutInfo(layout=LAYOUT_ENUM[name], parameters=_params_to_pb(lay.params), manifest_sha256=manifest,
                         input_min=lay.input_range[0], input_max=lay.input_range[1])
     if isinstance(lay, LatencyLayout):
@@ -116,7 +118,7 @@ def _layout_to_pb(name: str, lay: Layout, manifest: str) -> pb.LayoutInfo:
 def _layout_from_pb(info: pb.ModelInfo, lay: pb.LayoutInfo) -> Layout:
     params = _params_from_pb(lay.parameters)
     # input_range: what the server chose the scales for (older servers: the [0, 1] default).
-    extra = {"input_range": (lay.input_min, lay.input_max)} if lay.input_max > lay.input_min else {}
+    extra: dict[str, Any] = {"input_range": (lay.input_min, lay.input_max)} if lay.input_max > lay.input_min else {}
     if lay.layout == pb.LAYOUT_COEFF:
         return CoeffLayout(params=params, n_features=info.n_features, n_outputs=info.n_outputs,
                            rows_per_product=lay.rows_per_product, answer_bits=lay.answer_bits, **extra)

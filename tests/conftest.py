@@ -17,16 +17,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 MINIO_BIN = os.environ.get("ENCINFER_MINIO_BIN", "/root/.cache/encinfer/bin/minio")
 REPO = Path(__file__).resolve().parent.parent
 
-from encinfer.stack import free_port  # noqa: E402 - shared with the tests that import it from here
+from encinfer.stack import free_port  # shared with the tests that import it from here
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> bool:

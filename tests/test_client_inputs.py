@@ -124,7 +124,7 @@ def test_an_unknown_model_is_not_found_as_an_encinfer_error(fs_stack, tmp_path):
     with EncryptedClassifier(inference=fs_stack.target, keystore=fs_stack.keystore_target, model="nope",
                              token="alice-token", key_dir=tmp_path / "k", timeout=20) as clf:
         with pytest.raises(errors.NotFound) as info:
-            clf.info
+            _ = clf.info
     assert info.value.code == "NOT_FOUND" and "nope" in info.value.message
     assert not isinstance(info.value, grpc.RpcError)
 

@@ -17,8 +17,8 @@ import shutil
 import subprocess
 import tempfile
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jsonschema
 import pytest
@@ -44,7 +44,8 @@ ENCINFER_IMAGE = "encinfer"
 # The services that may see MinIO's root credentials.
 ROOT_CREDENTIAL_SERVICES = {"minio", "s3-init"}
 # The volumes `init` (encinfer deploy-init) fills, by the variable that names its directory.
-CREDENTIAL_VOLUMES = {"minio-credentials": "ENCINFER_INIT_MINIO_DIR", "keystore-credentials": "ENCINFER_INIT_KEYSTORE_S3_DIR",
+CREDENTIAL_VOLUMES = {"minio-credentials": "ENCINFER_INIT_MINIO_DIR",
+                      "keystore-credentials": "ENCINFER_INIT_KEYSTORE_S3_DIR",
                       "tokens": "ENCINFER_INIT_TOKENS_DIR", "tls": "ENCINFER_INIT_TLS_DIR"}
 STORAGE_VOLUMES = {"minio-credentials", "keystore-credentials"}
 INIT_SERVICE = "init"
@@ -160,7 +161,7 @@ func main() {
 	out, _ := json.Marshal(res)
 	fmt.Println(string(out))
 }
-"""
+"""  # noqa: E501 - Go source, kept as Go writes it
 
 
 def go_tool(name: str, source: str, module: str, version: str) -> Path:
@@ -325,7 +326,8 @@ def probe_problems(compose: dict) -> list[str]:
     for name, service in encinfer_services(compose).items():
         if not is_long_running(service):
             continue
-        listen = [v for k, v in env_of(service).items() if k in ("ENCINFER_KEYSTORE_ADDRESS", "ENCINFER_INFERENCE_ADDRESS")]
+        listen = [v for k, v in env_of(service).items()
+                  if k in ("ENCINFER_KEYSTORE_ADDRESS", "ENCINFER_INFERENCE_ADDRESS")]
         test = (service.get("healthcheck") or {}).get("test") or []
         if len(listen) != 1:
             problems.append(f"{name}: should set exactly one listen address, has {listen}")
@@ -426,7 +428,8 @@ def depends_on_transitively(compose: dict, name: str, target: str) -> bool:
             continue
         seen.add(current)
         deps = compose["services"].get(current, {}).get("depends_on") or {}
-        if isinstance(deps, dict) and target in deps and (deps[target] or {}).get("condition") == "service_completed_successfully":
+        if (isinstance(deps, dict) and target in deps
+                and (deps[target] or {}).get("condition") == "service_completed_successfully"):
             return True
         pending += list(deps)
     return False
@@ -458,7 +461,7 @@ def secret_problems(compose: dict) -> list[str]:
         if name == INIT_SERVICE:
             continue
         service_mounts = mounts(service)
-        for target, source in service_mounts.items():
+        for source in service_mounts.values():
             if source in CREDENTIAL_VOLUMES and not any(str(v).endswith(":ro") for v in service.get("volumes", [])
                                                         if str(v).startswith(f"{source}:")):
                 problems.append(f"{name}: credentials volume {source} is not mounted read-only")
@@ -581,7 +584,8 @@ def test_root_compose_project_passes_the_credential_checks():
     assert secret_problems(project) == [] and credential_problems(project) == []
 
 
-@pytest.mark.parametrize("mutation", ["plaintext key store", "probe without the CA", "key store name not in the certificate"])
+@pytest.mark.parametrize("mutation", ["plaintext key store", "probe without the CA",
+                                      "key store name not in the certificate"])
 def test_tls_check_catches_a_broken_tls_setup(mutation):
     project = root_project()
     services = project["services"]
@@ -718,12 +722,14 @@ def test_build_context_has_everything_the_image_build_reads():
 
 
 def test_build_context_check_catches_an_excluded_source():
-    problems = build_context_problems(DOCKERFILE.read_text(encoding="utf-8"), REPO, [*dockerignore_patterns(), "deploy/*.sh"])
+    problems = build_context_problems(DOCKERFILE.read_text(encoding="utf-8"), REPO,
+                                      [*dockerignore_patterns(), "deploy/*.sh"])
     assert any("entrypoint.sh" in p for p in problems)
 
 
-@pytest.mark.parametrize("path", [".git/HEAD", ".venv/bin/python", "var/stack/logs/minio.log", "deploy/secrets/tokens.json",
-                                  "protos/encinfer/v1/keystore_pb2.py", "services/__pycache__/cli.cpython-311.pyc"])
+@pytest.mark.parametrize("path", [".git/HEAD", ".venv/bin/python", "var/stack/logs/minio.log",
+                                  "deploy/secrets/tokens.json", "protos/encinfer/v1/keystore_pb2.py",
+                                  "services/__pycache__/cli.cpython-311.pyc"])
 def test_dockerignore_keeps_local_state_and_generated_stubs_out_of_the_build(path):
     assert dockerignored(path, dockerignore_patterns())
 
@@ -797,28 +803,33 @@ MUTATIONS = {
     "port on every interface": ("loopback", _set("services.minio.ports", ["9000:9000"])),
     "depends_on without condition": ("depends_on", _set("services.inference.depends_on", ["keystore"])),
     "waits for a long-running service to complete": (
-        "depends_on", _set("services.inference.depends_on", {"keystore": {"condition": "service_completed_successfully"}})),
+        "depends_on",
+        _set("services.inference.depends_on", {"keystore": {"condition": "service_completed_successfully"}})),
     "variable no code reads": ("variables", _set("services.keystore.environment.ENCINFER_KEYSTORE_PORTT", "1")),
-    "storage endpoint given to inference": ("credentials", _set("services.inference.environment.ENCINFER_S3_ENDPOINT", "minio:9000")),
+    "storage endpoint given to inference": ("credentials", _set("services.inference.environment.ENCINFER_S3_ENDPOINT",
+                                                                "minio:9000")),
     "storage credentials volume given to inference": ("credentials", _append("services.inference.volumes",
                                                                               "keystore-credentials:/run/encinfer/keystore-s3:ro")),
     "root credentials given to the key store": ("credentials", _append("services.keystore.volumes",
                                                                        "minio-credentials:/run/encinfer/minio:ro")),
     "operator's directory mounted by a service": ("credentials", _append("services.keystore.volumes",
                                                                          "./secrets:/run/encinfer/operator:ro")),
-    "credential as a plain value": ("credentials", _set("services.keystore.environment.ENCINFER_S3_SECRET_KEY", "hunter22")),
+    "credential as a plain value": ("credentials", _set("services.keystore.environment.ENCINFER_S3_SECRET_KEY",
+                                                        "hunter22")),
     "file init never writes": ("secrets", _set("services.keystore.environment.ENCINFER_TOKENS_FILE",
                                                 "/run/encinfer/tokens/unknown.json")),
-    "file outside any credentials volume": ("secrets", _set("services.inference.environment.ENCINFER_KEYSTORE_TOKEN_FILE",
-                                                            "/run/secrets/inference_keystore_token")),
+    "file outside any credentials volume": ("secrets", _set(
+        "services.inference.environment.ENCINFER_KEYSTORE_TOKEN_FILE", "/run/secrets/inference_keystore_token")),
     "compose secret a fresh clone lacks": ("secrets", _set("secrets", {"tokens": {"file": "./secrets/tokens.json"}})),
-    "credentials volume mounted writable": ("secrets", _set("services.inference.volumes",
-                                                            ["tokens:/run/encinfer/tokens", "tls:/run/encinfer/tls:ro"])),
-    "init writes where no volume is": ("secrets", _set("services.init.environment.ENCINFER_INIT_TOKENS_DIR", "/tmp/tokens")),
+    "credentials volume mounted writable": ("secrets", _set(
+        "services.inference.volumes", ["tokens:/run/encinfer/tokens", "tls:/run/encinfer/tls:ro"])),
+    "init writes where no volume is": ("secrets", _set("services.init.environment.ENCINFER_INIT_TOKENS_DIR",
+                                                       "/tmp/tokens")),
     "minio does not wait for init": ("secrets", _delete("services.minio.depends_on")),
     "no init": ("secrets", lambda c: c["services"].pop("init")),
     "inference on the storage network": ("networks", _set("services.inference.networks", ["grpc", "storage"])),
-    "everything on the default network": ("networks", lambda c: [s.pop("networks", None) for s in c["services"].values()]),
+    "everything on the default network": ("networks",
+                                          lambda c: [s.pop("networks", None) for s in c["services"].values()]),
     "undefined network": ("compose_go", _set("services.inference.networks", ["grpc", "backend"])),
     "MinIO data on a bind mount": ("volumes", _set("services.minio.volumes", ["./data:/data"])),
 }

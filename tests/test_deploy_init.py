@@ -18,7 +18,7 @@ from encinfer.stack import free_port, write_secrets
 
 GROUPS = ("minio", "keystore-s3", "tokens", "tls")
 VARIABLES = dict(zip(GROUPS, ("ENCINFER_INIT_MINIO_DIR", "ENCINFER_INIT_KEYSTORE_S3_DIR",
-                              "ENCINFER_INIT_TOKENS_DIR", "ENCINFER_INIT_TLS_DIR")))
+                              "ENCINFER_INIT_TOKENS_DIR", "ENCINFER_INIT_TLS_DIR"), strict=True))
 
 
 def volumes(tmp_path: Path, operator: Path | None = None) -> dict[str, str]:

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
-from conftest import MINIO_BIN, REPO  # noqa: E402
-from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, start_stack  # noqa: E402
+from conftest import MINIO_BIN, REPO
+from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, start_stack
 
-from encinfer.client import ghzdata  # noqa: E402
-from encinfer.common.auth import auth_metadata  # noqa: E402
-from encinfer.v1 import inference_pb2 as pb  # noqa: E402
+from encinfer.client import ghzdata
+from encinfer.common.auth import auth_metadata
+from encinfer.v1 import inference_pb2 as pb
 
 pytest_plugins = ["inference_fixtures"]
 

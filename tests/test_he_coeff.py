@@ -348,7 +348,7 @@ def test_batch_answers_are_re_randomized_and_decrypt_to_the_same_scores(mnist_se
     zeros = load_coeff_keys(secret.public_bundle(), model.params, pool_size=20)
     parts = list(encrypt_batch(secret, X[:20], model.layout))
     a, b = model.evaluate(parts, 20, zeros), model.evaluate(parts, 20, zeros)
-    assert all(x != y for x, y in zip(a, b))
+    assert all(x != y for x, y in zip(a, b, strict=True))
     sa, sb = decrypt_batch(secret, a, 20, model.layout), decrypt_batch(secret, b, 20, model.layout)
     np.testing.assert_allclose(sa, sb, atol=1e-4)
     np.testing.assert_allclose(sa, clf.decision_function(X[:20]), atol=TOLERANCE)

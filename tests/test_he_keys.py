@@ -170,7 +170,8 @@ def test_parameters_below_128_bit_security_are_refused(tmp_path):
     context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.NONE)
     keygen = seal.KeyGenerator(context)
     element = galois_element(1, 4096)
-    weak = build_key_bundle(serial.dump(parms), galois_keys={element: serial.dump(keygen.create_galois_keys([element]))})
+    weak = build_key_bundle(serial.dump(parms),
+                            galois_keys={element: serial.dump(keygen.create_galois_keys([element]))})
     assert "below 128-bit security" in refusal(tmp_path, weak)
 
 

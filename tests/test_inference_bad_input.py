@@ -9,7 +9,7 @@ import asyncio
 import os
 import socket
 import threading
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -307,7 +307,7 @@ def test_missing_token_is_unauthenticated_on_every_method(alice, images, still_s
         "Predict": lambda: alice.predict(alice.encrypt(images[0]), token=None),
         "PredictStream": lambda: alice.stream([alice.header()], token=None),
     }
-    for name, call in calls.items():
+    for call in calls.values():
         assert_status(rpc_error(call), Code.UNAUTHENTICATED, "missing 'authorization: Bearer")
 
 
@@ -372,7 +372,7 @@ def test_interleaved_bad_and_good_batches_each_get_their_answer(alice, images, b
 
     def messages():
         yield alice.header(pb.LAYOUT_BATCH)
-        for i, (b, g) in enumerate(zip(bad, batch_parts)):
+        for i, (b, g) in enumerate(zip(bad, batch_parts, strict=True)):
             yield part("bad", i, b)
             yield part("good", i, g)
     answers = alice.stream(messages())
@@ -570,8 +570,8 @@ def hung_keystore_stack(mnist_model, tmp_path_factory):
     hole.bind(("127.0.0.1", 0))
     hole.listen(8)
     stem, model = mnist_model
-    stack = start_stack(stem, model, tmp_path_factory.mktemp("hung"), keystore_target=f"127.0.0.1:{hole.getsockname()[1]}",
-                        workers=0, keystore_timeout=2.0)
+    stack = start_stack(stem, model, tmp_path_factory.mktemp("hung"),
+                        keystore_target=f"127.0.0.1:{hole.getsockname()[1]}", workers=0, keystore_timeout=2.0)
     yield stack
     stack.close()
     hole.close()

@@ -9,10 +9,10 @@ import pytest
 pytest.register_assert_rewrite("inference_fixtures")
 from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, assert_matches_plaintext, assert_status, rpc_error
 
-from encinfer.modelinfo import ModelDescription
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.he.coeff import CoeffLayout, decrypt_coeff, encrypt_coeff
 from encinfer.he.latency import encrypt_latency
+from encinfer.modelinfo import ModelDescription
 from encinfer.v1 import inference_pb2 as pb
 
 pytest_plugins = ["inference_fixtures"]

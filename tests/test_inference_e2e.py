@@ -61,8 +61,8 @@ def all_images():
 
 
 def info_of(stack) -> pb.ModelInfo:
-    return stack.stub().GetModelInfo(pb.GetModelInfoRequest(model=MODEL), metadata=(("authorization", f"Bearer {ALICE}"),),
-                                     timeout=CALL_TIMEOUT)
+    return stack.stub().GetModelInfo(pb.GetModelInfoRequest(model=MODEL),
+                                     metadata=(("authorization", f"Bearer {ALICE}"),), timeout=CALL_TIMEOUT)
 
 
 def layout_of(info: pb.ModelInfo, layout: int) -> pb.LayoutInfo:

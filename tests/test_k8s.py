@@ -20,8 +20,8 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import kubernetes_validate
 import pytest
@@ -240,7 +240,7 @@ def port_problems(resources: Resources) -> list[str]:
 
 
 def compose_env(service: str) -> set[str]:
-    return set((load_compose()["services"][service].get("environment") or {}))
+    return set(load_compose()["services"][service].get("environment") or {})
 
 
 # Variables compose sets that mean nothing in Kubernetes (TLS files from compose's init
@@ -252,7 +252,7 @@ def env_problems(resources: Resources) -> list[str]:
     """Every variable set is read by the code; each server sets what its compose service sets, and its drain."""
     read = variables_read_by_code() | {f"{v}_FILE" for v in entrypoint_file_variables()}
     problems = []
-    for w, t, c in encinfer_containers(resources):
+    for w, _t, c in encinfer_containers(resources):
         env = env_of(c)
         for var in env:
             if var.startswith("ENCINFER_") and var not in read:
@@ -455,12 +455,14 @@ def minio_problems(resources: Resources) -> list[str]:
         return problems + [f"MinIO arguments name {len(endpoints)} endpoint patterns, want one"]
     m = re.fullmatch(r"https?://minio-\{0\.\.\.(\d+)\}\.([^./]+)\.([^./]+)\.svc\.cluster\.local(/.+)", endpoints[0])
     if not m:
-        return problems + [f"MinIO endpoint {endpoints[0]!r} is not minio-{{0...N}}.<service>.<ns>.svc.cluster.local/<dir>"]
+        return problems + [f"MinIO endpoint {endpoints[0]!r} is not "
+                           "minio-{0...N}.<service>.<ns>.svc.cluster.local/<dir>"]
     last, host_service, host_namespace, path = int(m.group(1)), m.group(2), m.group(3), m.group(4)
     if last + 1 != sts["spec"]["replicas"]:
         problems.append(f"MinIO endpoints name {last + 1} pods, the StatefulSet runs {sts['spec']['replicas']}")
     if (host_service, host_namespace) != (service, namespace):
-        problems.append(f"MinIO endpoints are under {host_service}.{host_namespace}, the pods under {service}.{namespace}")
+        problems.append(f"MinIO endpoints are under {host_service}.{host_namespace}, "
+                        f"the pods under {service}.{namespace}")
     claims = {v["metadata"]["name"] for v in sts["spec"].get("volumeClaimTemplates", [])}
     mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
     if mounts.get(path) not in claims:
@@ -504,7 +506,8 @@ def envoy_problems(resources: Resources) -> list[str]:
     problems = []
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     listener = config["static_resources"]["listeners"][0]
-    if listener["address"]["socket_address"]["port_value"] not in container_ports(proxy["spec"]["template"]["spec"]["containers"][0]).values():
+    proxy_ports = container_ports(proxy["spec"]["template"]["spec"]["containers"][0])
+    if listener["address"]["socket_address"]["port_value"] not in proxy_ports.values():
         problems.append("Envoy listens on a port the proxy container does not declare")
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     routes = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
@@ -512,7 +515,8 @@ def envoy_problems(resources: Resources) -> list[str]:
         if route["route"]["cluster"] not in clusters:
             problems.append(f"route {route['match']} goes to unknown cluster {route['route']['cluster']}")
     inference_routes = [r for r in routes if r["match"].get("prefix") == "/encinfer.v1.Inference/"]
-    if not inference_routes or inference_routes[0]["route"].get("hash_policy") != [{"header": {"header_name": KEY_ID_HEADER}}]:
+    if (not inference_routes
+            or inference_routes[0]["route"].get("hash_policy") != [{"header": {"header_name": KEY_ID_HEADER}}]):
         problems.append(f"Inference calls are not hashed on {KEY_ID_HEADER}")
     else:
         target = clusters.get(inference_routes[0]["route"]["cluster"], {})
@@ -630,7 +634,8 @@ def envoy_api_problems(resources: Resources) -> list[str]:
         _, config = envoy_config(resources)
     except (KeyError, StopIteration, ValueError) as e:
         return [f"the proxy's Envoy config cannot be found: {e}"]
-    result = subprocess.run([str(envoy_check_binary())], input=json.dumps(config), capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(envoy_check_binary())], input=json.dumps(config), capture_output=True, text=True,
+                            timeout=60)
     return [result.stderr.strip()] if result.returncode != 0 else []
 
 
@@ -665,7 +670,8 @@ def test_dev_overlay_generates_every_secret_from_placeholders():
 
 def test_dev_tokens_give_inference_the_service_role_with_its_own_token():
     import base64
-    secrets = {re.sub(r"-[a-z0-9]{10}$", "", s["metadata"]["name"]): s["data"] for s in by_kind(rendered("dev"), "Secret")}
+    secrets = {re.sub(r"-[a-z0-9]{10}$", "", s["metadata"]["name"]): s["data"]
+               for s in by_kind(rendered("dev"), "Secret")}
     table = json.loads(base64.b64decode(secrets["encinfer-tokens"]["tokens.json"]))
     token = base64.b64decode(secrets["inference-keystore-token"]["token"]).decode()
     assert table[token] == {"owner": "inference", "role": "service"}
@@ -788,7 +794,8 @@ def first_container(fn: Callable[[dict], None]) -> Callable[[dict], None]:
 
 def allow_inference_to_minio(resources: Resources) -> None:
     policy = find(resources, "NetworkPolicy", "minio")
-    policy["spec"]["ingress"][0]["from"].append({"podSelector": {"matchLabels": {"app.kubernetes.io/name": "inference"}}})
+    policy["spec"]["ingress"][0]["from"].append(
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "inference"}}})
     find(resources, "NetworkPolicy", "inference")["spec"]["egress"].append(
         {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "minio"}}}]})
 
@@ -811,8 +818,8 @@ MUTATIONS = {
     "unknown field": ("schema", edit("Deployment", "keystore", lambda r: r["spec"].update(replica=2))),
     "probe as a string port number": ("schema", edit("Deployment", "inference", first_container(
         lambda c: c["livenessProbe"]["grpc"].update(port="50052")))),
-    "wrong Service selector": ("selectors", edit("Service", "keystore",
-                                                 lambda r: r["spec"].update(selector={"app.kubernetes.io/name": "key-store"}))),
+    "wrong Service selector": ("selectors", edit("Service", "keystore", lambda r: r["spec"].update(
+        selector={"app.kubernetes.io/name": "key-store"}))),
     "PDB selecting nothing": ("selectors", edit("PodDisruptionBudget", "inference", lambda r: r["spec"].update(
         selector={"matchLabels": {"app.kubernetes.io/name": "inferencer"}}))),
     "StatefulSet without its headless Service": ("selectors", edit("StatefulSet", "minio",
@@ -820,9 +827,12 @@ MUTATIONS = {
     "broken probe port": ("ports", edit("Deployment", "inference", first_container(
         lambda c: c["readinessProbe"]["grpc"].update(port=50051)))),
     "Service targeting a port nobody listens on": ("ports", edit("Service", "inference-headless",
-                                                                 lambda r: r["spec"]["ports"][0].update(targetPort=50053))),
-    "key store target on the wrong port": ("ports", set_env("Deployment", "inference", "ENCINFER_KEYSTORE_TARGET", "keystore:50052")),
-    "key store target naming no Service": ("ports", set_env("Deployment", "inference", "ENCINFER_KEYSTORE_TARGET", "key-store:50051")),
+                                                                 lambda r: r["spec"]["ports"][0].update(
+                                                                     targetPort=50053))),
+    "key store target on the wrong port": ("ports", set_env("Deployment", "inference", "ENCINFER_KEYSTORE_TARGET",
+                                                            "keystore:50052")),
+    "key store target naming no Service": ("ports", set_env("Deployment", "inference", "ENCINFER_KEYSTORE_TARGET",
+                                                            "key-store:50051")),
     "missing env var": ("env", set_env("Deployment", "inference", "ENCINFER_KEYSTORE_TOKEN_FILE", None)),
     "missing drain variable": ("env", set_env("Deployment", "keystore", "ENCINFER_KEYSTORE_SHUTDOWN_GRACE", None)),
     "variable no code reads": ("env", set_env("Deployment", "keystore", "ENCINFER_KEYSTORE_PORTT", "1")),
@@ -838,13 +848,16 @@ MUTATIONS = {
     "capability added": ("security", edit("Deployment", "proxy", first_container(
         lambda c: c["securityContext"]["capabilities"].update(add=["NET_ADMIN"])))),
     "no limits": ("security", edit("Deployment", "keystore", first_container(lambda c: c["resources"].pop("limits")))),
-    "no readiness probe": ("probes", edit("Deployment", "keystore", first_container(lambda c: c.pop("readinessProbe")))),
-    "grace shorter than the drain": ("drain", edit("Deployment", "inference", lambda r: r["spec"]["template"]["spec"].update(
-        terminationGracePeriodSeconds=10))),
+    "no readiness probe": ("probes", edit("Deployment", "keystore", first_container(
+        lambda c: c.pop("readinessProbe")))),
+    "grace shorter than the drain": ("drain", edit("Deployment", "inference", lambda r: r["spec"]["template"][
+        "spec"].update(terminationGracePeriodSeconds=10))),
     "no preStop sleep": ("drain", edit("Deployment", "keystore", first_container(lambda c: c.pop("lifecycle")))),
     "NetworkPolicy lets inference reach MinIO": ("network", allow_inference_to_minio),
-    "MinIO open to every pod": ("network", edit("NetworkPolicy", "minio", lambda r: r["spec"]["ingress"][0].pop("from"))),
-    "inference cut off from the key store": ("network", edit("NetworkPolicy", "inference", lambda r: r["spec"].update(egress=[]))),
+    "MinIO open to every pod": ("network", edit("NetworkPolicy", "minio",
+                                                lambda r: r["spec"]["ingress"][0].pop("from"))),
+    "inference cut off from the key store": ("network", edit("NetworkPolicy", "inference",
+                                                             lambda r: r["spec"].update(egress=[]))),
     "MinIO with 3 pods": ("minio", edit("StatefulSet", "minio", lambda r: r["spec"].update(replicas=3))),
     "MinIO endpoints in another namespace": ("minio", edit("StatefulSet", "minio", first_container(
         lambda c: c["args"].__setitem__(1, c["args"][1].replace(".encinfer.svc", ".default.svc"))))),
@@ -863,8 +876,9 @@ MUTATIONS = {
         "filter_chains"][0]["filters"][0]["typed_config"].update({"@type": "type.googleapis.com/envoy.Nope"}))),
     "Envoy rule inside a typed_config broken": ("envoy_api", edit_envoy(lambda c: _inference_route(c)["hash_policy"][0][
         "header"].update(header_name=""))),
-    "upstream on the wrong port": ("envoy", edit_envoy(lambda c: c["static_resources"]["clusters"][0]["load_assignment"][
-        "endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"].update(port_value=50051))),
+    "upstream on the wrong port": ("envoy", edit_envoy(lambda c: c["static_resources"]["clusters"][0][
+        "load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"].update(
+        port_value=50051))),
 }
 
 

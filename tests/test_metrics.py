@@ -9,14 +9,14 @@ import grpc
 import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
-from conftest import free_port, wait_until  # noqa: E402
-from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, SERVICE, TOKEN_SPEC  # noqa: E402
-from service_procs import ServiceProcs, metric_samples, metric_value  # noqa: E402
+from conftest import free_port, wait_until
+from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, SERVICE, TOKEN_SPEC
+from service_procs import ServiceProcs, metric_samples, metric_value
 
-from encinfer.common.auth import auth_metadata  # noqa: E402
-from encinfer.he.latency import encrypt_latency  # noqa: E402
-from encinfer.v1 import inference_pb2 as pb  # noqa: E402
-from encinfer.v1 import inference_pb2_grpc  # noqa: E402
+from encinfer.common.auth import auth_metadata
+from encinfer.he.latency import encrypt_latency
+from encinfer.v1 import inference_pb2 as pb
+from encinfer.v1 import inference_pb2_grpc
 
 pytest_plugins = ["inference_fixtures"]
 

@@ -17,7 +17,7 @@ import struct
 import time
 import tracemalloc
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -26,13 +26,13 @@ import tenseal.sealapi as seal
 import zstandard
 
 pytest.register_assert_rewrite("inference_fixtures")
-from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, assert_status, rpc_error  # noqa: E402
+from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, assert_status, rpc_error
 
-from encinfer.common.errors import InvalidArgument, Unavailable  # noqa: E402
-from encinfer.he import keys as he_keys  # noqa: E402
-from encinfer.he import serial  # noqa: E402
-from encinfer.he.params import CkksParams, galois_element  # noqa: E402
-from encinfer.he.secret import SecretKeys, _secret_key_bytes  # noqa: E402
+from encinfer.common.errors import InvalidArgument, Unavailable
+from encinfer.he import keys as he_keys
+from encinfer.he import serial
+from encinfer.he.params import CkksParams, galois_element
+from encinfer.he.secret import SecretKeys, _secret_key_bytes
 
 pytest_plugins = ["inference_fixtures"]
 pytestmark = pytest.mark.timeout(120)
@@ -60,7 +60,7 @@ def recompress(plain: bytes, compression: int = 2) -> bytes:
 def with_meta(plain: bytes, **fields) -> bytes:
     """An uncompressed ciphertext with some of its metadata fields replaced."""
     names = ["parms_id", "ntt", "polys", "n", "k", "scale", "correction"]
-    values = dict(zip(names, META.unpack_from(plain, 16)))
+    values = dict(zip(names, META.unpack_from(plain, 16), strict=True))
     values.update(fields)
     return plain[:16] + META.pack(*(values[n] for n in names)) + plain[16 + META.size:]
 
@@ -424,7 +424,7 @@ def test_a_parser_that_died_while_idle_costs_no_upload():
             pid = await pool.run(os.getpid)
             os.kill(pid, signal.SIGSEGV)
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
+            while _alive(pid) and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another process
                 await asyncio.sleep(0.05)
             return pid, await pool.run(os.getpid)
         finally:

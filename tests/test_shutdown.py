@@ -15,13 +15,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.register_assert_rewrite("inference_fixtures")
-from conftest import wait_until  # noqa: E402
-from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, SERVICE, TOKEN_SPEC  # noqa: E402
-from service_procs import ServiceProcs  # noqa: E402
+from conftest import wait_until
+from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, SERVICE, TOKEN_SPEC
+from service_procs import ServiceProcs
 
-from encinfer.common.auth import auth_metadata  # noqa: E402
-from encinfer.v1 import inference_pb2 as pb  # noqa: E402
-from encinfer.v1 import inference_pb2_grpc  # noqa: E402
+from encinfer.common.auth import auth_metadata
+from encinfer.v1 import inference_pb2 as pb
+from encinfer.v1 import inference_pb2_grpc
 
 pytest_plugins = ["inference_fixtures"]
 

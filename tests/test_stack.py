@@ -138,7 +138,8 @@ def test_init_writes_into_the_stack_volumes_and_reads_the_secrets_dir(tmp_path):
     stack.prepare()
     env = stack.env("init")
     assert env["ENCINFER_INIT_OPERATOR_DIR"] == str(tmp_path / "mine")
-    assert all(env[v].startswith(str(tmp_path / "work" / "volumes")) for v in env if v.endswith("_DIR") and "OPERATOR" not in v)
+    assert all(env[v].startswith(str(tmp_path / "work" / "volumes"))
+               for v in env if v.endswith("_DIR") and "OPERATOR" not in v)
     assert not [v for v in env.values() if "/run/encinfer" in v]
     assert (tmp_path / "mine" / "tokens.json").is_file()  # written like `encinfer stack secrets`
 

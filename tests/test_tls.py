@@ -20,20 +20,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.register_assert_rewrite("inference_fixtures")
-from inference_fixtures import CALL_TIMEOUT, MODEL  # noqa: E402
-from service_procs import ServiceProcs  # noqa: E402
+from inference_fixtures import CALL_TIMEOUT, MODEL
+from service_procs import ServiceProcs
 
-from encinfer.common.auth import auth_metadata  # noqa: E402
-from encinfer.common.rpc import TlsFiles  # noqa: E402
-from encinfer.v1 import inference_pb2 as pb  # noqa: E402
-from encinfer.v1 import inference_pb2_grpc, keystore_pb2, keystore_pb2_grpc  # noqa: E402
+from encinfer.common.auth import auth_metadata
+from encinfer.common.rpc import TlsFiles
+from encinfer.v1 import inference_pb2 as pb
+from encinfer.v1 import inference_pb2_grpc, keystore_pb2, keystore_pb2_grpc
 
 pytest_plugins = ["inference_fixtures"]
 
 x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # Random tokens, so finding one in a log can't be a coincidence.
 ALICE, BOB, SERVICE = (secrets.token_urlsafe(24) for _ in range(3))
@@ -61,7 +61,7 @@ def _name(cn: str):
 
 def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool = False, server: bool = False,
           client: bool = False):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
@@ -69,7 +69,8 @@ def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool = False, serve
     if server:
         builder = builder.add_extension(x509.SubjectAlternativeName([
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
-    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+    usages = (([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
+              + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else []))
     if usages:
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
@@ -272,8 +273,9 @@ def test_another_tenants_key_id_is_permission_denied_over_tls(tls, test_images):
         ct = encrypt_latency(secret, test_images[0][0], bob.layout_info("latency"))
     with grpc.secure_channel(tls.inference.address, creds(ca=tls.pki.ca)) as ch:
         with pytest.raises(grpc.RpcError) as err:
-            inference_pb2_grpc.InferenceStub(ch).Predict(pb.PredictRequest(model=MODEL, key_id=alice_key, ciphertext=ct),
-                                                         metadata=auth_metadata(BOB), timeout=CALL_TIMEOUT)
+            inference_pb2_grpc.InferenceStub(ch).Predict(
+                pb.PredictRequest(model=MODEL, key_id=alice_key, ciphertext=ct),
+                metadata=auth_metadata(BOB), timeout=CALL_TIMEOUT)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hmac
 import json
 import os
+from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterable
 
 from encinfer.common.errors import ConfigError, PermissionDenied, Unauthenticated
 
@@ -63,7 +63,7 @@ class TokenTable:
         return self._tokens is not None
 
     @classmethod
-    def from_env(cls) -> "TokenTable":
+    def from_env(cls) -> TokenTable:
         path = os.environ.get("ENCINFER_TOKENS_FILE", "")
         spec = os.environ.get("ENCINFER_TOKENS", "")
         if path:

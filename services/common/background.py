@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 
 class LoopThread:
@@ -13,7 +14,7 @@ class LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
-    def run(self, coro: Awaitable[Any], timeout: float = 60.0) -> Any:
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
@@ -43,7 +44,7 @@ class BackgroundServer:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def call(self, coro: Awaitable[Any], timeout: float = 60.0) -> Any:
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
         """Runs a coroutine on the server's loop (e.g. a clean-up the test wants now)."""
         return self._thread.run(coro, timeout)
 
@@ -56,7 +57,7 @@ class BackgroundServer:
         finally:
             self._thread.close()
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self
 
     def __exit__(self, *exc: Any) -> None:

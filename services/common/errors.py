@@ -12,6 +12,8 @@ class EncinferError(Exception):
     is told (on the client: the server's own words)."""
 
     code = "INTERNAL"
+    # True when the client library got this error as a service's answer (client.classifier.from_service).
+    from_service = False
 
     def __init__(self, message: str = "", *, code: str | None = None) -> None:
         super().__init__(message)

@@ -15,9 +15,10 @@ import inspect
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -117,6 +118,7 @@ class _Decoder:
         self.type_name = getattr(descriptor, "full_name", "") or "request"
 
     def __call__(self, raw: bytes) -> Any:
+        assert self.deserializer is not None  # installed as grpc's deserializer only when there is one
         try:
             return self.deserializer(raw)
         except Exception as exc:  # noqa: BLE001 - any deserializer failure means these bytes are no such message
@@ -214,7 +216,8 @@ class _Call:
         else:
             code = grpc.StatusCode.INTERNAL
             message = f"internal error; the server log has request id {self.rid}"
-            log.error("unhandled error", exc_info=exc, extra={"fields": {"method": self.method, "request_id": self.rid}})
+            log.error("unhandled error", exc_info=exc,
+                      extra={"fields": {"method": self.method, "request_id": self.rid}})
         self.done(code, message)
         await self.context.abort(code, message)
 
@@ -255,7 +258,7 @@ def _wrap_unary(behavior: Callable, method: str, decoder: _Decoder, streaming: b
             decoder.authenticate(context)
             response = await behavior(request, context)
             decoder.raise_if_failed()
-        except BaseException as exc:  # noqa: BLE001 - decided in call.settle / call.fail
+        except BaseException as exc:  # decided in call.settle / call.fail
             if call.settle(exc):
                 raise
             await call.fail(exc)  # raises AbortError, unless the call already had a status
@@ -281,7 +284,7 @@ def _wrap_stream(behavior: Callable, method: str, decoder: _Decoder, streaming: 
             async for response in responses:
                 yield response
             decoder.raise_if_failed()
-        except BaseException as exc:  # noqa: BLE001 - decided in call.settle / call.fail
+        except BaseException as exc:  # decided in call.settle / call.fail
             # GeneratorExit: grpc dropped this generator at a `yield` because the call went away.
             if call.settle(exc):
                 raise
@@ -386,7 +389,7 @@ class MethodAwarePool:
         from google.protobuf import descriptor_pool
         self._pool = pool or descriptor_pool.Default()
 
-    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - the pool's API
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # the pool's API
         try:
             return self._pool.FindFileContainingSymbol(symbol)
         except KeyError:

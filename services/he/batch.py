@@ -31,8 +31,9 @@ import ctypes
 import functools
 import logging
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -81,7 +82,7 @@ class BatchLayout:
             raise InvalidArgument("a batch layout needs at least one feature and one output")
         if not idx:
             raise InvalidArgument("a batch layout needs at least one feature index")
-        if any(not 0 <= i < self.n_features for i in idx) or any(a >= b for a, b in zip(idx, idx[1:])):
+        if any(not 0 <= i < self.n_features for i in idx) or any(a >= b for a, b in zip(idx, idx[1:], strict=False)):
             raise InvalidArgument(f"feature_indices must be increasing and within 0..{self.n_features - 1}")
         expected = self.params.slots * (2 if self.params.complex_packing else 1)
         if self.max_samples != expected:
@@ -108,7 +109,7 @@ class BatchLayout:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BatchLayout":
+    def from_dict(cls, d: dict) -> BatchLayout:
         try:
             params = d["params"]
             return cls(
@@ -117,7 +118,7 @@ class BatchLayout:
                 n_outputs=int(d["n_outputs"]),
                 feature_indices=tuple(int(i) for i in d["feature_indices"]),
                 max_samples=int(d["max_samples"]),
-                input_range=(tuple(float(v) for v in d["input_range"])
+                input_range=(cast("tuple[float, float]", tuple(float(v) for v in d["input_range"]))
                              if d.get("input_range") is not None else None),
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -312,7 +313,7 @@ class BatchModel:
         """Plaintext multiplies per batch with the seal kernel (whatever the number of samples)."""
         return sum(len(t) for t in self._terms)
 
-    def start(self, n_samples: int, zeros: "CoeffKeys | None" = None) -> "BatchAccumulator":
+    def start(self, n_samples: int, zeros: CoeffKeys | None = None) -> BatchAccumulator:
         """Opens one batch of n_samples (1..layout.max_samples); feed it with `add`.
 
         zeros: the client's encryptions of zero (encinfer.he.coeff.CoeffKeys); each answer
@@ -325,7 +326,7 @@ class BatchModel:
         return _SealAccumulator(self, n_samples, zeros)
 
     def evaluate(self, ciphertexts: Iterable[bytes], n_samples: int,
-                 zeros: "CoeffKeys | None" = None) -> list[bytes]:
+                 zeros: CoeffKeys | None = None) -> list[bytes]:
         """One-shot: all feature ciphertexts of a batch, in order -> one ciphertext per output."""
         acc = self.start(n_samples, zeros)
         for position, ct in enumerate(ciphertexts):
@@ -339,7 +340,7 @@ class BatchAccumulator:
     `add(position, ciphertext)` for positions 0..total-1 in order, then `finish()`.
     """
 
-    def __init__(self, model: BatchModel, n_samples: int, zeros: "CoeffKeys | None" = None) -> None:
+    def __init__(self, model: BatchModel, n_samples: int, zeros: CoeffKeys | None = None) -> None:
         self.model = model
         self.zeros = zeros
         self.n_samples = n_samples
@@ -412,7 +413,7 @@ class BatchAccumulator:
 class _SealAccumulator(BatchAccumulator):
     """SEAL's multiply_plain + add_inplace: n_outputs + 1 ciphertexts."""
 
-    def __init__(self, model: BatchModel, n_samples: int, zeros: "CoeffKeys | None" = None) -> None:
+    def __init__(self, model: BatchModel, n_samples: int, zeros: CoeffKeys | None = None) -> None:
         super().__init__(model, n_samples, zeros)
         self._sums = [seal.Ciphertext(model.context) for _ in range(model.layout.n_outputs)]
         self._started = [False] * model.layout.n_outputs
@@ -456,11 +457,11 @@ class _NumpyAccumulator(BatchAccumulator):
     ciphertext that gives the answers their SEAL metadata.
     """
 
-    def __init__(self, model: BatchModel, n_samples: int, zeros: "CoeffKeys | None" = None) -> None:
+    def __init__(self, model: BatchModel, n_samples: int, zeros: CoeffKeys | None = None) -> None:
         super().__init__(model, n_samples, zeros)
         width = 4 * model._words
-        self._sums = np.zeros((model.layout.n_outputs, width))
-        self._chunk = np.empty((min(NUMPY_CHUNK, self.total), width))
+        self._sums: np.ndarray = np.zeros((model.layout.n_outputs, width))
+        self._chunk: np.ndarray = np.empty((min(NUMPY_CHUNK, self.total), width))
         self._filled = 0
         self._template = seal.Ciphertext(model.context)
 
@@ -613,7 +614,7 @@ class _CiphertextMemory:
 
 # ---------------------------------------------------------------- client side
 
-def _check_secret(secret: "SecretKeys", layout: BatchLayout) -> None:
+def _check_secret(secret: SecretKeys, layout: BatchLayout) -> None:
     if secret.params.manifest() != layout.params.manifest():
         raise FailedPrecondition("the secret key was made for other parameters than this batch layout "
                                  f"(key {secret.params.manifest()}, layout {layout.params.manifest()})")
@@ -640,7 +641,7 @@ def _check_samples(X: np.ndarray, layout: BatchLayout) -> np.ndarray:
     return X
 
 
-def encrypt_batch(secret: "SecretKeys", X: np.ndarray, layout: BatchLayout) -> Iterator[bytes]:
+def encrypt_batch(secret: SecretKeys, X: np.ndarray, layout: BatchLayout) -> Iterator[bytes]:
     """Yields one seeded ciphertext per feature of layout.feature_indices, in order.
 
     X is (n_samples, n_features) with 1 <= n_samples <= layout.max_samples; rows become
@@ -656,7 +657,7 @@ def encrypt_batch(secret: "SecretKeys", X: np.ndarray, layout: BatchLayout) -> I
     return _encrypt_columns(secret, X, layout)
 
 
-def _encrypt_columns(secret: "SecretKeys", X: np.ndarray, layout: BatchLayout) -> Iterator[bytes]:
+def _encrypt_columns(secret: SecretKeys, X: np.ndarray, layout: BatchLayout) -> Iterator[bytes]:
     slots = layout.params.slots
     scale = 2.0 ** layout.params.input_scale_bits
     n = X.shape[0]
@@ -671,7 +672,7 @@ def _encrypt_columns(secret: "SecretKeys", X: np.ndarray, layout: BatchLayout) -
         yield secret.encrypt_symmetric(pt)
 
 
-def decrypt_batch(secret: "SecretKeys", ciphertexts: list[bytes], n_samples: int,
+def decrypt_batch(secret: SecretKeys, ciphertexts: list[bytes], n_samples: int,
                   layout: BatchLayout) -> np.ndarray:
     """The (n_samples, n_outputs) scores of one batch from its n_outputs result ciphertexts."""
     _check_secret(secret, layout)

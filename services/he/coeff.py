@@ -56,8 +56,9 @@ import hashlib
 import math
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -207,13 +208,14 @@ class CoeffLayout:
                 "input_range": list(self.input_range)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CoeffLayout":
+    def from_dict(cls, d: dict) -> CoeffLayout:
         try:
             params = d["params"]
             return cls(params=params if isinstance(params, CkksParams) else CkksParams.from_json(params),
                        n_features=int(d["n_features"]), n_outputs=int(d["n_outputs"]),
                        rows_per_product=int(d["rows_per_product"]), answer_bits=int(d["answer_bits"]),
-                       input_range=tuple(float(v) for v in d.get("input_range", (0.0, 1.0))))
+                       input_range=cast("tuple[float, float]",
+                                        tuple(float(v) for v in d.get("input_range", (0.0, 1.0)))))
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidArgument(f"not a coefficient layout description ({e!r})") from None
 
@@ -569,14 +571,14 @@ def secret_coefficients(context: seal.SEALContext, secret_key: seal.SecretKey) -
     return s.astype(np.int8)
 
 
-def _check_secret(secret: "SecretKeys", layout: CoeffLayout) -> None:
+def _check_secret(secret: SecretKeys, layout: CoeffLayout) -> None:
     a, b = secret.params, layout.params
     if (a.poly_modulus_degree, a.coeff_modulus_bits) != (b.poly_modulus_degree, b.coeff_modulus_bits):
         raise FailedPrecondition(f"secret keys are for N={a.poly_modulus_degree}, moduli {list(a.coeff_modulus_bits)};"
                                  f" the layout needs N={b.poly_modulus_degree}, moduli {list(b.coeff_modulus_bits)}")
 
 
-def encrypt_coeff(secret: "SecretKeys", x: Sequence[float] | np.ndarray, layout: CoeffLayout) -> bytes:
+def encrypt_coeff(secret: SecretKeys, x: Sequence[float] | np.ndarray, layout: CoeffLayout) -> bytes:
     """One sample -> one seeded ciphertext for the coefficient layout.
 
     >>> ct = encrypt_coeff(secret, image.ravel() / 255.0, layout)   # doctest: +SKIP
@@ -602,7 +604,7 @@ def encrypt_coeff(secret: "SecretKeys", x: Sequence[float] | np.ndarray, layout:
     return secret.encrypt_symmetric(pt)
 
 
-def _decrypt_rows(secret: "SecretKeys", layout: CoeffLayout) -> np.ndarray:
+def _decrypt_rows(secret: SecretKeys, layout: CoeffLayout) -> np.ndarray:
     """Row o: the signed, rotated secret with (c1 * s)[pos_o] = row_o . c1 (negacyclic); kept on the key."""
     cache = secret.__dict__.setdefault("_coeff_rows", {})
     key = (layout.n_features, layout.n_outputs)
@@ -616,7 +618,7 @@ def _decrypt_rows(secret: "SecretKeys", layout: CoeffLayout) -> np.ndarray:
     return rows
 
 
-def decrypt_coeff(secret: "SecretKeys", answer: bytes, layout: CoeffLayout) -> np.ndarray:
+def decrypt_coeff(secret: SecretKeys, answer: bytes, layout: CoeffLayout) -> np.ndarray:
     """The model's scores (n_outputs,) from the server's answer.
 
     InvalidArgument when the bytes are not an answer for this layout; DataLoss when they

@@ -39,5 +39,5 @@ class KeyInfo:
         object.__setattr__(self, "galois_steps", tuple(sorted(int(s) for s in self.galois_steps)))
 
     @classmethod
-    def from_json(cls, d: dict) -> "KeyInfo":
+    def from_json(cls, d: dict) -> KeyInfo:
         return cls(**d)

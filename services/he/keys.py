@@ -22,8 +22,9 @@ import functools
 import io
 import os
 import struct
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator, Mapping, TypeVar
+from typing import BinaryIO, TypeVar
 
 import tenseal.sealapi as seal
 
@@ -43,7 +44,7 @@ _SEAL_MAGIC = b"\x5e\xa1"  # SEAL's serialization header starts with 0xA15E (lit
 _MAX_SECTIONS = 3 + 32768
 _KEYGEN_HINT = "create keys with encinfer's keygen (SecretKeys.public_bundle())"
 
-T = TypeVar("T")
+T = TypeVar("T", bound=serial.Loadable)
 
 
 
@@ -106,8 +107,9 @@ def build_key_bundle(parameters: bytes, *, public_key: bytes | None = None, reli
         section(PUBK, public_key)
     if relin_keys is not None:
         section(RELK, relin_keys)
-    for elt in sorted(galois_keys or {}):
-        section(GALK, galois_keys[elt], elt)
+    galois = galois_keys or {}
+    for elt in sorted(galois):
+        section(GALK, galois[elt], elt)
     section(END, b"")
     return out.getvalue()
 
@@ -363,7 +365,8 @@ def _primes(params: CkksParams) -> list[int]:
 @functools.lru_cache(maxsize=8)
 def _steps_by_element(n: int) -> dict[int, int]:
     m, slots = 2 * n, n // 2
-    table, g = {}, 1
+    table: dict[int, int] = {}
+    g = 1
     for step in range(slots):
         table.setdefault(g, step)
         g = g * 3 % m
@@ -471,8 +474,10 @@ def load_key_bundle(data_or_path: bytes | str | os.PathLike, params: CkksParams)
             keys = _load_section(f, present[elt], seal.GaloisKeys, context, "Galois keys")
             _check_galois(keys, elt, n)
             galois[elt] = keys
-        relin_keys = _load_section(f, relin, seal.RelinKeys, context, "relinearization keys") \
-            if params.needs_relin_keys else None
+        relin_keys = None
+        if params.needs_relin_keys:
+            assert relin is not None  # checked above
+            relin_keys = _load_section(f, relin, seal.RelinKeys, context, "relinearization keys")
     one_key = _key_bytes(params)
     nbytes = one_key * (len(galois) + (1 if relin_keys is not None else 0)) + 4096
     return ServerKeys(params=params, galois_keys=galois, relin_keys=relin_keys, nbytes=nbytes)

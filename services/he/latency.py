@@ -40,8 +40,9 @@ an output must agree and padding rows must be ~0) and reports as DataLoss.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -118,7 +119,7 @@ def choose_latency_params(n_features: int, n_outputs: int, *, score_bound: float
     if n_features < 1 or n_outputs < 1:
         raise InvalidArgument("a latency layout needs at least one feature and one output")
     packed = _packed(n_features, complex_packing)
-    for n, primes in _PRIMES.items():
+    for n, primes in _PRIMES.items():  # noqa: B007 - the loop picks n and primes, read after it
         if packed <= n // 2 and n_outputs <= n // 2:
             break
     else:
@@ -173,7 +174,8 @@ class LatencyLayout:
         p, slots, idx = self.params, self.params.slots, self.feature_indices
         if self.n_features < 1 or self.n_outputs < 1:
             raise InvalidArgument("a latency layout needs at least one feature and one output")
-        if idx and (any(not 0 <= i < self.n_features for i in idx) or any(a >= b for a, b in zip(idx, idx[1:]))):
+        if idx and (any(not 0 <= i < self.n_features for i in idx)
+                    or any(a >= b for a, b in zip(idx, idx[1:], strict=False))):
             raise InvalidArgument(f"feature_indices must be increasing and within 0..{self.n_features - 1}")
         m, k = plan(self.packed_features, self.n_outputs, slots)
         if self.block_size != k * slots // m:
@@ -262,13 +264,14 @@ class LatencyLayout:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LatencyLayout":
+    def from_dict(cls, d: dict) -> LatencyLayout:
         try:
             params = d["params"]
             return cls(params=params if isinstance(params, CkksParams) else CkksParams.from_json(params),
                        n_features=int(d["n_features"]), n_outputs=int(d["n_outputs"]),
                        block_size=int(d["block_size"]), output_slots=tuple(int(s) for s in d["output_slots"]),
-                       input_range=tuple(float(v) for v in d.get("input_range", (0.0, 1.0))),
+                       input_range=cast("tuple[float, float]",
+                                        tuple(float(v) for v in d.get("input_range", (0.0, 1.0)))),
                        feature_indices=tuple(int(i) for i in d.get("feature_indices", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidArgument(f"not a latency layout description ({e!r})") from None
@@ -286,6 +289,7 @@ def diagonal_values(weights: np.ndarray, bias: np.ndarray,
     """
     slots, m, k, n = layout.params.slots, layout.row_period, layout.diagonals, layout.n_outputs
     weights = np.asarray(weights, dtype=np.float64)[:, list(layout.used_features)]
+    packed: np.ndarray
     if layout.params.complex_packing:
         packed = np.zeros((n, layout.packed_features), dtype=np.complex128)
         packed.real = weights[:, 0::2] / 2
@@ -345,6 +349,7 @@ class LatencyModel:
         everything = _packed(d, params.complex_packing)
         # Drop zero-weight features only when that saves a diagonal (a multiply and a rotation):
         # then a client that ignores feature_indices fails on block_size instead of computing garbage.
+        feature_indices: tuple[int, ...]
         if everything <= slots and plan(everything, m, slots)[1] == diagonals:
             feature_indices = ()
         else:
@@ -403,14 +408,14 @@ class LatencyModel:
             raise InvalidArgument("ciphertext is transparent (not encrypted); encrypt the sample")
         return ct
 
-    def _check_keys(self, keys: "ServerKeys") -> None:
+    def _check_keys(self, keys: ServerKeys) -> None:
         p, q = keys.params, self.params
         if (p.poly_modulus_degree, p.coeff_modulus_bits) != (q.poly_modulus_degree, q.coeff_modulus_bits) or \
                 not keys.has_elements(q.galois_elements()):
             raise FailedPrecondition("these keys were loaded for other parameters than this model's latency "
                                      "layout; load the bundle with load_key_bundle(data, model.layout.params)")
 
-    def evaluate(self, keys: "ServerKeys", ciphertext: bytes, zeros: "CoeffKeys | None" = None) -> bytes:
+    def evaluate(self, keys: ServerKeys, ciphertext: bytes, zeros: CoeffKeys | None = None) -> bytes:
         """Scores for one encrypted sample, as one ciphertext at the last prime (serialized).
 
         zeros: the client's encryptions of zero (encinfer.he.coeff.CoeffKeys); one is added to
@@ -434,6 +439,7 @@ class LatencyModel:
                     acc = product
                 else:
                     ev.add_inplace(acc, product)
+            assert acc is not None  # a model has at least one nonzero diagonal
             for step in self._fold:
                 rotated = seal.Ciphertext()
                 ev.rotate_vector(acc, step, keys.rotation_key(step), rotated)
@@ -454,14 +460,14 @@ class LatencyModel:
 
 # ---------------------------------------------------------------- client side
 
-def _check_secret(secret: "SecretKeys", layout: LatencyLayout) -> None:
+def _check_secret(secret: SecretKeys, layout: LatencyLayout) -> None:
     a, b = secret.params, layout.params
     if (a.poly_modulus_degree, a.coeff_modulus_bits) != (b.poly_modulus_degree, b.coeff_modulus_bits):
         raise FailedPrecondition(f"secret keys are for N={a.poly_modulus_degree}, moduli {list(a.coeff_modulus_bits)};"
                                  f" the layout needs N={b.poly_modulus_degree}, moduli {list(b.coeff_modulus_bits)}")
 
 
-def encrypt_latency(secret: "SecretKeys", x: Sequence[float] | np.ndarray, layout: LatencyLayout) -> bytes:
+def encrypt_latency(secret: SecretKeys, x: Sequence[float] | np.ndarray, layout: LatencyLayout) -> bytes:
     """One sample -> one seeded ciphertext for the latency layout.
 
     >>> ct = encrypt_latency(secret, image.ravel() / 255.0, layout)   # doctest: +SKIP
@@ -489,7 +495,7 @@ def encrypt_latency(secret: "SecretKeys", x: Sequence[float] | np.ndarray, layou
     return secret.encrypt_symmetric(pt)
 
 
-def decrypt_latency(secret: "SecretKeys", ciphertext: bytes, layout: LatencyLayout) -> np.ndarray:
+def decrypt_latency(secret: SecretKeys, ciphertext: bytes, layout: LatencyLayout) -> np.ndarray:
     """The model's scores (n_outputs,) from the server's answer.
 
     InvalidArgument when the bytes are not a ciphertext of these parameters;

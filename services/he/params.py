@@ -89,7 +89,7 @@ class CkksParams:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "CkksParams":
+    def from_json(cls, d: dict) -> CkksParams:
         d = dict(d)
         d["coeff_modulus_bits"] = tuple(d["coeff_modulus_bits"])
         d["galois_steps"] = tuple(d.get("galois_steps", ()))

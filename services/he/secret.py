@@ -53,7 +53,7 @@ class SecretKeys:
         return f"SecretKeys(N={self.params.poly_modulus_degree}, moduli={list(self.params.coeff_modulus_bits)})"
 
     @classmethod
-    def generate(cls, params: CkksParams) -> "SecretKeys":
+    def generate(cls, params: CkksParams) -> SecretKeys:
         return cls(params, seal.KeyGenerator(params.context()).secret_key())
 
     # ------------------------------------------------------------ files
@@ -70,7 +70,7 @@ class SecretKeys:
         write_atomic(path, _MAGIC + _U32.pack(len(meta)) + meta + _U64.pack(len(key)) + key, mode=0o600)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SecretKeys":
+    def load(cls, path: str | os.PathLike) -> SecretKeys:
         """Reads a file written by `save`; InvalidArgument when it is not one."""
         try:
             with open(path, "rb") as f:

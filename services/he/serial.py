@@ -41,16 +41,24 @@ import shutil
 import struct
 import tempfile
 import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import tenseal.sealapi as seal
 import zstandard
 
 from encinfer.common.errors import InvalidArgument
 
-T = TypeVar("T")
+
+class Loadable(Protocol):
+    """A SEAL object: loads itself from a file, with or without a context."""
+
+    def load(self, *args: Any) -> Any: ...
+
+
+T = TypeVar("T", bound=Loadable)
 
 _local = threading.local()
 
@@ -118,7 +126,7 @@ def check_header(data: bytes | memoryview, what: str, *, max_size: int,
     if header_size != HEADER_SIZE:
         raise _invalid(what, f"its header says it is {header_size} bytes long; a SEAL header is {HEADER_SIZE}")
     if (major, minor) != bundled_version():
-        want = "%d.%d" % bundled_version()
+        want = "{}.{}".format(*bundled_version())
         raise _invalid(what, f"it was written by SEAL {major}.{minor}; this server reads SEAL {want} objects only")
     if compression not in allowed_compression:
         name = _COMPR_NAMES.get(compression, f"unknown mode {compression}")
@@ -430,7 +438,8 @@ def check_kswitch_keys(data: bytes | memoryview, context: seal.SEALContext, what
     pos += 8 * index
     (dim2,) = _U64.unpack_from(plain, pos)
     if dim2 != k:
-        raise _invalid(what, f"its key has {_bytes(dim2)} parts; a key for these parameters has {k} (one per data prime)")
+        raise _invalid(what, f"its key has {_bytes(dim2)} parts; "
+                             f"a key for these parameters has {k} (one per data prime)")
     pos += _U64.size
     key_size = (len(plain) - HEADER_SIZE - 32 - 8 - 8 * outer) // k
     for j in range(k):
@@ -478,7 +487,8 @@ def _check_parameters(data: bytes | memoryview, what: str) -> bytes:
     if not (0 < degree <= _MAX_DEGREE and degree & (degree - 1) == 0):
         raise _invalid(what, f"poly_modulus_degree {_bytes(degree)} is not a power of two up to {_MAX_DEGREE}")
     if len(plain) != parameters_sizes(primes):
-        raise _invalid(what, f"it names {_bytes(primes)} primes but holds {(len(plain) - parameters_sizes(0)) // _MODULUS_SIZE}")
+        held = (len(plain) - parameters_sizes(0)) // _MODULUS_SIZE
+        raise _invalid(what, f"it names {_bytes(primes)} primes but holds {held}")
     pos = HEADER_SIZE + 17
     for i in range(primes + 1):
         _nested_header(plain, pos, what, _MODULUS_SIZE, "plain modulus" if i == primes else f"prime {i}")

@@ -207,7 +207,7 @@ def export_model(estimator: Any, path: str | os.PathLike, name: str, version: st
         "max_abs_weight": float(np.max(np.abs(W))) if W.size else 0.0,
         "weights_file": npz_path.name,
         "sha256": hashlib.sha256(data).hexdigest(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "sklearn_version": sklearn.__version__,
         "source": {"estimator": type(estimator).__name__, "steps": describe_steps(estimator)},
     }

@@ -3,7 +3,8 @@ hundred 1 MB ones should cost what they weigh."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge
 

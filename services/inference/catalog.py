@@ -12,13 +12,13 @@ import functools
 import logging
 from dataclasses import dataclass
 
-from encinfer.modelinfo import ModelDescription
 from encinfer.common.errors import ConfigError, InvalidArgument, NotFound
 from encinfer.he.batch import BatchModel
 from encinfer.he.coeff import CoeffModel, common_a
 from encinfer.he.latency import LatencyModel
 from encinfer.he.params import CkksParams
 from encinfer.inference.artifact import ModelArtifact, load_model
+from encinfer.modelinfo import ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class ServedModel:
     coeff: CoeffModel
 
     @classmethod
-    def load(cls, path: str) -> "ServedModel":
+    def load(cls, path: str) -> ServedModel:
         artifact = load_model(path)
         served = cls(artifact=artifact,
                      latency=LatencyModel(artifact.weights, artifact.bias),

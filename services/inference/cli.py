@@ -86,7 +86,7 @@ def _export(args: argparse.Namespace) -> int:
         estimator = joblib.load(args.pickle)  # the only place a pickle is ever read
     except FileNotFoundError:
         return _fail(FileNotFoundError(f"{args.pickle} does not exist"))
-    except Exception as e:  # unpickling can raise anything; report it plainly
+    except Exception as e:  # noqa: BLE001 - unpickling can raise anything; report it plainly
         return _fail(ValueError(f"cannot unpickle {args.pickle}: {type(e).__name__}: {e}"))
     classes = args.classes.split(",") if args.classes else None
     try:

@@ -40,7 +40,7 @@ class InferenceConfig:
     shutdown_delay: float = 1.0
 
     @classmethod
-    def from_env(cls, models: list[str] | None = None) -> "InferenceConfig":
+    def from_env(cls, models: list[str] | None = None) -> InferenceConfig:
         token = env_str("ENCINFER_KEYSTORE_TOKEN", "")
         token_file = env_str("ENCINFER_KEYSTORE_TOKEN_FILE", "")
         if token_file:

@@ -11,11 +11,12 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from encinfer.common.auth import Principal
 from encinfer.common.errors import EncinferError, InvalidArgument, NotFound, ResourceExhausted
+from encinfer.he.batch import BatchLayout
 from encinfer.he.keyinfo import check_key_id
 from encinfer.he.params import CkksParams
 from encinfer.inference import worker
@@ -99,7 +100,7 @@ class InferenceCore:
         return result, (time.perf_counter() - start) * 1000
 
     # ------------------------------------------------------------ streams
-    def stream(self, principal: Principal) -> "StreamSession":
+    def stream(self, principal: Principal) -> StreamSession:
         return StreamSession(self, principal)
 
 
@@ -234,7 +235,9 @@ class StreamSession:
             if self.layout != "batch":
                 raise InvalidArgument("batch parts need a stream header with layout LAYOUT_BATCH first")
             if batch is None:
-                total = len(self.core.model_info(self.model).layouts["batch"].feature_indices)
+                layout = self.core.model_info(self.model).layouts["batch"]
+                assert isinstance(layout, BatchLayout)
+                total = len(layout.feature_indices)
                 check_position(position, 0, total)
                 check_batch_count(len(self._batches), self.core.max_open_batches)
                 if n_samples <= 0:
@@ -272,7 +275,8 @@ class StreamSession:
             # From here on the worker may hold state for this batch, even if we are cancelled
             # while it starts (abort is queued behind the start and is a no-op for unknown ids).
             started = True
-            await pool.with_key(batch.worker, lambda: core.keys.data(self.key_id, record_owner(self.principal, core.auth_enabled)),
+            await pool.with_key(batch.worker,
+                                lambda: core.keys.data(self.key_id, record_owner(self.principal, core.auth_enabled)),
                                 worker.batch_start,
                                 (batch.id, self.model, self.key_id), (batch.n_samples,))
             received = 0
@@ -335,7 +339,7 @@ def _internal(exc: Exception, request_id: str) -> EncinferError:
 async def _quietly(coro) -> None:
     try:
         await coro
-    except Exception:  # noqa: BLE001 - best-effort clean-up of a batch that already failed
+    except Exception:  # best-effort clean-up of a batch that already failed
         log.debug("batch clean-up failed", exc_info=True)
 
 

@@ -18,8 +18,9 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable, Generic, Hashable, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import grpc
 
@@ -205,7 +206,7 @@ class KeySource:
         self._fetches: SharedCalls[str, bytes] = SharedCalls()
 
     @classmethod
-    def from_config(cls, config: "InferenceConfig") -> "KeySource":
+    def from_config(cls, config: InferenceConfig) -> KeySource:
         return cls(config.keystore_target, config.keystore_token, config.keystore_tls, config.keystore_timeout,
                    config.key_cache_bytes, config.key_recheck_seconds,
                    max_stale_seconds=config.key_record_max_stale_seconds,
@@ -297,7 +298,8 @@ class KeySource:
             return
         now = time.monotonic()
         entry.retry_at = now + RETRY_SECONDS
-        if not entry.outage and now - entry.checked <= self.max_stale_seconds:  # one warning per key per outage, not one per request
+        # one warning per key per outage, not one per request
+        if not entry.outage and now - entry.checked <= self.max_stale_seconds:
             log.warning(f"key store unreachable ({error.reason}); serving cached record of key {slot[0]} "
                         f"checked {now - entry.checked:.0f} s ago",
                         extra={"fields": {"key_id": slot[0], "owner": slot[1], "reason": error.reason}})
@@ -356,7 +358,8 @@ class KeySource:
         if code == grpc.StatusCode.DATA_LOSS:
             return DataLoss(f"the key store found key {key_id} corrupted; upload it again")
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            log.error("the key store refused the inference service's credentials", extra={"fields": {"code": code.name}})
+            log.error("the key store refused the inference service's credentials",
+                      extra={"fields": {"code": code.name}})
             return KeyStoreUnavailable(
                 "the inference service cannot read keys (its key-store credentials were refused)",
                 f"credentials refused: {code.name}")

@@ -55,7 +55,8 @@ class KeyCacheCollector:
         families = {f.name: f for m in (cache.CACHE_EVENTS, cache.CACHE_BYTES) for f in m.collect()}
         for samples in self._worker_samples().values():
             for name, labels, value in samples:
-                family = families["encinfer_key_cache_events" if name.endswith("_total") else "encinfer_key_cache_bytes"]
+                family = families["encinfer_key_cache_events" if name.endswith("_total")
+                                  else "encinfer_key_cache_bytes"]
                 family.add_sample(name, labels, value)
         yield from families.values()
 
@@ -74,7 +75,7 @@ class KeyCacheCollector:
     async def _ask(pool: Any) -> dict[int, list]:
         indices = range(len(pool.load))
         answers = await asyncio.gather(*(pool.call(i, worker_samples) for i in indices), return_exceptions=True)
-        return {i: a for i, a in zip(indices, answers) if not isinstance(a, BaseException)}
+        return {i: a for i, a in zip(indices, answers, strict=True) if not isinstance(a, BaseException)}
 
 
 _collector: KeyCacheCollector | None = None

@@ -18,11 +18,12 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from encinfer.common.errors import Unavailable
-from encinfer.modelinfo import ModelDescription
 from encinfer.inference.worker import WORKER_CODE, KeyMissing, describe, init_worker, predict_coeff, predict_latency
+from encinfer.modelinfo import ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class _Worker:
     """
 
     def __init__(self, index: int, model_paths: list[str], key_cache_bytes: int,
-                 on_exit: Callable[["_Worker"], None] | None = None) -> None:
+                 on_exit: Callable[[_Worker], None] | None = None) -> None:
         parent, child = socket.socketpair()
         self.index = index
         spec = {"fd": child.fileno(), "models": list(model_paths), "key_cache_bytes": key_cache_bytes,
@@ -105,6 +106,7 @@ class _Worker:
         self._pending[call_id] = fut
         payload = pickle.dumps((call_id, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
         header = struct.pack("!i", len(payload)) if len(payload) < 0x7FFFFFFF else struct.pack("!iQ", -1, len(payload))
+        assert self._writer is not None  # open() ran first
         try:
             self._writer.write(header + payload)
             await self._writer.drain()  # back-pressure when the worker falls behind
@@ -224,7 +226,7 @@ class WorkerPool:
             raise
         return worker
 
-    async def _ready(self, worker: _Worker) -> list[dict]:
+    async def _ready(self, worker: _Worker) -> list[ModelDescription]:
         """Waits until the worker has loaded its models (its first call answers)."""
         try:
             infos = await worker.call(describe, ())

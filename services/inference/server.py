@@ -6,7 +6,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from prometheus_client import Counter
@@ -63,7 +64,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                          LAYOUT_NAMES.get(request.layout, "latency"))
         return answer_pb(Answer(request.request_id, [ct], 1, ms))
 
-    async def PredictStream(self, requests: AsyncIterator[pb.PredictStreamRequest], context) -> AsyncIterator[pb.PredictResponse]:
+    async def PredictStream(self, requests: AsyncIterator[pb.PredictStreamRequest],
+                            context) -> AsyncIterator[pb.PredictResponse]:
         async for answer in self.core.stream(current_principal()).run(stream_messages(requests)):
             yield answer_pb(answer, counted=True)
 
@@ -197,6 +199,7 @@ class InferenceServer:
         seconds; then in-flight calls get the grace period; then the workers stop."""
         log.info("inference stopping", extra={"fields": {"grace_seconds": self.config.grace_seconds,
                                                          "delay_seconds": delay}})
+        assert self.server is not None and self.keys is not None and self.pool is not None  # start() ran
         try:
             await set_health(self.health, [SERVICE], False)
             if delay > 0:
@@ -225,14 +228,15 @@ async def serve(config: InferenceConfig) -> None:
         await asyncio.gather(starting, return_exceptions=True)
         log.info("inference stopped before it was serving")
         return
-    if starting.exception() is not None:
+    error = starting.exception()
+    if error is not None:
         stopping.cancel()
-        raise starting.exception()  # a StartupError, after start() has undone what it did
+        raise error  # a StartupError, after start() has undone what it did
     await stopping
     bound = config.shutdown_delay + config.grace_seconds + STOP_MARGIN_SECONDS
     try:
         await asyncio.wait_for(server.stop(config.shutdown_delay), bound)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.error("inference did not stop in time; killing its workers", extra={"fields": {"seconds": bound}})
     log.info("inference stopped")
 
@@ -250,7 +254,7 @@ def main(models: list[str] | None = None) -> int:
     except OSError as e:  # a token file that cannot be read, ...
         log.error(f"inference cannot start: {e}")
         return 1
-    except Exception:  # noqa: BLE001 - a bug: one JSON line with the traceback, and an exit code
+    except Exception:  # a bug: one JSON line with the traceback, and an exit code
         log.exception("inference failed")
         return 1
     finally:

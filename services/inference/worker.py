@@ -14,9 +14,13 @@ import os
 import pickle
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from encinfer.common.errors import NotFound
+
+if TYPE_CHECKING:
+    from encinfer.inference.cache import ByteLRU
+    from encinfer.modelinfo import ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ class KeyMissing(Exception):
 # ---------------------------------------------------------------- worker side
 # Module state of one worker process (or of the server itself with workers=0).
 _models: dict = {}
-_keys = None
+_keys: ByteLRU[tuple, Any] | None = None  # set by init_worker()
 _batches: dict = {}
 _name = "inline"
 
@@ -71,7 +75,7 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def describe() -> list[dict]:
+def describe() -> list[ModelDescription]:
     return [m.describe() for m in _models.values()]
 
 
@@ -79,6 +83,7 @@ def _server_keys(model: Any, layout: str, key_id: str, key_bytes: bytes | None) 
     from encinfer.he.keys import load_key_bundle
 
     slot = (key_id, model.manifests[layout])
+    assert _keys is not None  # init_worker() ran first
     keys = _keys.get(slot)
     if keys is None:
         if key_bytes is None:
@@ -105,6 +110,7 @@ def _public_keys(model: Any, layout: str, key_id: str, key_bytes: bytes | None) 
     from encinfer.he.coeff import POOL_SIZE, load_coeff_keys
 
     slot = (key_id, model.manifests[layout], "public")  # apart from ServerKeys: manifests may coincide
+    assert _keys is not None  # init_worker() ran first
     keys = _keys.get(slot)
     if keys is None:
         if key_bytes is None:

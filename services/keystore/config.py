@@ -27,7 +27,7 @@ class S3Settings:
     region: str = ""
 
     @classmethod
-    def from_env(cls) -> "S3Settings":
+    def from_env(cls) -> S3Settings:
         """The ENCINFER_S3_* variables, read here only (the key store and s3-init share them)."""
         return cls(
             endpoint=env_str("ENCINFER_S3_ENDPOINT", cls.endpoint),
@@ -79,11 +79,11 @@ class KeyStoreConfig:
         """Uploads and downloads pass through files here (same filesystem as fs objects)."""
         return self.data_dir / "tmp"
 
-    def replace(self, **changes) -> "KeyStoreConfig":
+    def replace(self, **changes) -> KeyStoreConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls) -> "KeyStoreConfig":
+    def from_env(cls) -> KeyStoreConfig:
         cert, key = env_str("ENCINFER_TLS_CERT", ""), env_str("ENCINFER_TLS_KEY", "")
         if bool(cert) != bool(key):
             raise ConfigError("set both ENCINFER_TLS_CERT and ENCINFER_TLS_KEY, or neither")

@@ -15,9 +15,10 @@ import importlib
 import logging
 import multiprocessing
 import signal
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable
+from typing import Any
 
 from encinfer.common.errors import InvalidArgument, Unavailable
 

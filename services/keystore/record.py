@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from time import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -38,11 +38,11 @@ class KeyRecord:
 
     @property
     def created_at(self) -> datetime:
-        return datetime.fromtimestamp(self.created, timezone.utc)
+        return datetime.fromtimestamp(self.created, UTC)
 
     @property
     def expires_at(self) -> datetime:
-        return datetime.fromtimestamp(self.expires, timezone.utc)
+        return datetime.fromtimestamp(self.expires, UTC)
 
     # ------------------------------------------------------------ storage
     def to_bytes(self) -> bytes:

@@ -67,7 +67,7 @@ class S3InitConfig:
     wait_seconds: float = 30.0
 
     @classmethod
-    def from_env(cls) -> "S3InitConfig":
+    def from_env(cls) -> S3InitConfig:
         """The key store's S3 settings (read by S3Settings, one place), plus the root credentials."""
         s3 = S3Settings.from_env()
         return cls(

@@ -34,7 +34,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyStore"].full_name
 async def split_put_stream(requests: AsyncIterator[pb.PutKeysRequest]) -> tuple[PutHeader, AsyncIterator[bytes]]:
     """Enforces the PutKeys shape: exactly one header, first, then chunks."""
     first = None
-    async for first in requests:
+    async for first in requests:  # noqa: B007 - takes the first message, read after the loop
         break
     if first is None or first.WhichOneof("msg") != "header":
         raise InvalidArgument("PutKeys must start with a header message (labels, expected_size, ttl_seconds)")
@@ -141,13 +141,13 @@ class KeyStoreServer:
             await asyncio.sleep(self.config.health_interval)
             try:
                 await self._probe_once()
-            except Exception:
+            except Exception:  # the probe must outlive any one failure
                 log.exception("health probe failed")
 
     async def _warm_up(self) -> None:
         try:
             await self.store.warm_up()
-        except Exception:
+        except Exception:  # the first upload will report it
             log.exception("cannot load the key parser")
 
     async def _cleanup_loop(self) -> None:

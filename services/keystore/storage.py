@@ -381,7 +381,8 @@ class S3ObjectStore:
         def put() -> None:
             with open(path, "rb") as f:
                 self.client.put_object(bucket_name=self.bucket, object_name=name, data=f, length=size,
-                                       metadata=metadata, part_size=PART_SIZE,
+                                       metadata=metadata,  # type: ignore[arg-type]  # minio: dict of str|list|tuple
+                                       part_size=PART_SIZE,
                                        num_parallel_uploads=PARALLEL_PARTS)
         self._call("upload", put)
 

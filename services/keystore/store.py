@@ -50,11 +50,11 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
 from urllib.parse import quote, unquote
 
 from prometheus_client import Counter, Gauge
@@ -114,10 +114,10 @@ class FetchedKey:
 
     def __init__(self, record: KeyRecord, path: Path, release: Callable[[], None] | None = None) -> None:
         self.record, self.path = record, path
-        self._release = release or (lambda: path.unlink(missing_ok=True))
+        self._release: Callable[[], None] | None = release or (lambda: path.unlink(missing_ok=True))
 
     async def chunks(self, size: int = MAX_CHUNK) -> AsyncIterator[bytes]:
-        with open(self.path, "rb") as f:
+        with open(self.path, "rb") as f:  # noqa: ASYNC230 - a local spool file, read a chunk at a time
             while chunk := f.read(size):
                 KEY_BYTES.labels("out").inc(len(chunk))
                 yield chunk
@@ -127,7 +127,7 @@ class FetchedKey:
         if release is not None:
             release()
 
-    async def __aenter__(self) -> "FetchedKey":
+    async def __aenter__(self) -> FetchedKey:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -138,7 +138,8 @@ class _Flight:
     """One download of a key id, shared by its concurrent readers; the file goes with the last one."""
 
     def __init__(self, task: asyncio.Future) -> None:
-        self.task, self.readers, self.path = task, 0, None
+        self.task, self.readers = task, 0
+        self.path: Path | None = None
 
     def release(self) -> None:
         self.readers -= 1
@@ -392,7 +393,7 @@ class KeyStore:
         digest, size, ok, start = hashlib.sha256(), 0, False, time.perf_counter()
         try:
             try:
-                with open(path, "wb") as f:
+                with open(path, "wb") as f:  # noqa: ASYNC230 - a local spool file, written a chunk at a time
                     async for chunk in chunks:
                         if len(chunk) > MAX_CHUNK:
                             raise InvalidArgument(f"chunk of {len(chunk)} bytes; chunks are at most {MAX_CHUNK} bytes")
@@ -451,7 +452,8 @@ class KeyStore:
                 raise
             record = KeyRecord(
                 key_id=kid, size_bytes=spool.size, sha256=kid, parameters=parameters, owner=owner,
-                created=existing.created if renewing else now, expires=now + ttl, labels=labels)
+                created=existing.created if renewing and existing is not None else now, expires=now + ttl,
+                labels=labels)
             await self._io(self.backend.put_bytes, record_name, record.to_bytes(), {})
             if new_bytes:
                 self._damaged.discard(kid)
@@ -652,7 +654,7 @@ class KeyStore:
                 return False
             await self._remove(owner, kid)
         log.info("key deleted", extra={"fields": {"key_id": kid, "owner": owner, "corrupted_record": corrupted}})
-        return corrupted or record.live(self.clock())
+        return corrupted or (record is not None and record.live(self.clock()))
 
     async def _remove(self, owner: str, kid: str) -> None:
         """Record, then ref, then the bytes if no owner holds them any more (caller holds the locks)."""

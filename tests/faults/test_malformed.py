@@ -12,7 +12,7 @@ import itertools
 import os
 import shutil
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
