@@ -36,9 +36,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encinfer.scaling import PROXY, PROXY_PORT, Scale, expand, minio_endpoints, proxy_argv, proxy_config, replica_ports
-
 from encinfer.common.files import write_atomic
+from encinfer.scaling import PROXY, PROXY_PORT, Scale, expand, minio_endpoints, proxy_argv, proxy_config, replica_ports
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
-from inference_fixtures import ALICE, MODEL, start_stack  # noqa: E402
+from inference_fixtures import ALICE, MODEL, start_stack
 
-from encinfer.web import Upstreams, WebServer  # noqa: E402
+from encinfer.web import Upstreams, WebServer
 
 pytest_plugins = ["inference_fixtures"]
 pytestmark = pytest.mark.timeout(240)

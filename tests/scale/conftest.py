@@ -21,10 +21,10 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/conftest.py's helpers (MINIO_BIN)
 
-from conftest import MINIO_BIN  # noqa: E402
+from conftest import MINIO_BIN
 
-from encinfer.client import EncryptedClassifier  # noqa: E402
-from encinfer.scaling import ScaleError, proxy_binary  # noqa: E402
+from encinfer.client import EncryptedClassifier
+from encinfer.scaling import ScaleError, proxy_binary
 
 CALL_TIMEOUT = 30.0
 N_FEATURES = 784
