@@ -125,11 +125,42 @@ def test_dependency_cycle_is_refused():
 
 @needs_minio
 def test_every_service_gets_exactly_the_variables_compose_sets(tmp_path):
-    stack = Stack(tmp_path, free_ports=True)
-    stack.prepare()
     compose = stack_mod.load_compose()["services"]
+    stack = Stack(tmp_path, free_ports=True, services=list(compose))
+    stack.prepare()
     for name in compose:
         assert set(stack.env(name)) == set(compose[name].get("environment") or {}), name
+
+
+def test_stack_leaves_out_web_unless_asked(tmp_path):
+    assert "web" in stack_mod.load_compose()["services"] and "web" in stack_mod.ON_REQUEST
+    assert "web" not in Stack(tmp_path, free_ports=True).order
+    assert Stack(tmp_path, free_ports=True, services=["web"]).order[-3:] == ["keystore", "inference", "web"]
+
+
+@needs_minio
+def test_stack_points_web_at_the_loopback_ports_of_both_services(tmp_path):
+    stack = Stack(tmp_path, free_ports=True, services=["web"])
+    stack.prepare()
+    env = stack.env("web")
+    assert env["ENCINFER_KEYSTORE_TARGET"] == stack.address("keystore", 50051)
+    assert env["ENCINFER_INFERENCE_TARGET"] == stack.address("inference", 50052)
+    assert env["ENCINFER_WEB_ADDRESS"] == stack.address("web", 8080)
+    assert stack.services["web"].health[-3:] == [stack.address("web", 8080), "--http", "/healthz"]
+
+
+def test_http_health_check_is_healthy_while_web_serves_and_not_after(tmp_path):
+    from encinfer.web import Upstreams, WebServer
+
+    # The upstreams are never called: /healthz answers without them.
+    server = WebServer(f"127.0.0.1:{free_port()}", Upstreams(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")).start()
+    test = ["CMD", "encinfer", "probe", f"127.0.0.1:{server.port}", "--http", "/healthz"]
+    try:
+        assert stack_mod.run_health_check(test)
+        assert not stack_mod.run_health_check([*test[:-1], "/no-such-page"])
+    finally:
+        server.stop()
+    assert not stack_mod.run_health_check(test, timeout=1.0)
 
 
 @needs_minio
