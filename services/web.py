@@ -4,7 +4,7 @@ One origin serves both the page and the calls it makes, so the page needs no COR
 Content-Security-Policy can forbid every other origin (nothing the page holds can be sent
 elsewhere). The gateway speaks gRPC-Web (unary only: browsers cannot stream requests) and
 forwards a fixed list of methods as bytes, with the caller's `authorization` metadata (the
-tenant's bearer token) and deadline, over the same channels (and TLS) the Python client uses.
+tenant's bearer token), deadline and (for Predict) the key-id routing metadata, over the same channels (and TLS) the Python client uses.
 
 It is also where SEAL versions meet: the page runs node-seal (SEAL 4.1), the services TenSEAL's
 SEAL 4.3, and SEAL <= 4.3 refuses another minor version's objects although the wire format is
@@ -113,6 +113,16 @@ def _bridge_request(method: str, body: bytes) -> tuple[bytes, tuple[int, int] | 
                 put.header.expected_size = len(put.bundle)
             return put.SerializeToString(), None
     return body, None
+
+
+def _routing_metadata(method: str, request: bytes) -> tuple[tuple[str, str], ...]:
+    """The key-id metadata a Predict carries from the Python client too, so a proxy in front of
+    several inference replicas (Envoy's ring hash in deploy/k8s) keeps each key on one replica."""
+    if method != "/encinfer.v1.Inference/Predict":
+        return ()
+    from encinfer.common.routing import key_id_metadata
+    from encinfer.v1 import inference_pb2 as pb
+    return tuple(key_id_metadata(pb.PredictRequest.FromString(request).key_id))
 
 
 def _bundle_version(bundle: bytes) -> tuple[int, int] | None:
@@ -286,6 +296,7 @@ class Handler(BaseHTTPRequestHandler):
         t1 = t2 = t0
         try:
             request, version = _bridge_request(path, unframe(body))
+            metadata += _routing_metadata(path, request)
             t1 = time.perf_counter()
             answer = self.upstreams.call(path, request, metadata, parse_timeout(self.headers.get("grpc-timeout")))
             t2 = time.perf_counter()
@@ -375,12 +386,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from encinfer.common import logs
     logs.configure("INFO")
-    if not (static_dir() / "vendor" / "node-seal" / "seal_throws.wasm").exists():
-        print("encinfer web: node-seal is missing from the page's files; run `make web-deps`", file=sys.stderr)
-        return 2
     if bool(args.cert) != bool(args.key):
         print("encinfer web: give both --cert and --key (ENCINFER_TLS_CERT, ENCINFER_TLS_KEY), or neither",
               file=sys.stderr)
+        return 2
+    if not (static_dir() / "vendor" / "node-seal" / "seal_throws.wasm").exists():
+        print("encinfer web: node-seal is missing from the page's files; run `make web-deps`", file=sys.stderr)
         return 2
     tls = TlsFiles(ca=args.ca) if args.ca else None
     server = WebServer(args.address, Upstreams(args.keystore, args.inference, tls, tls), args.cert, args.key)
