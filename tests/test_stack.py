@@ -418,3 +418,27 @@ def test_stack_predicts_on_encrypted_images_end_to_end(tmp_path):
     assert np.array_equal(scores.argmax(axis=1), plaintext.argmax(axis=1))
     assert np.abs(scores - plaintext).max() < 1e-3
     assert not [k for k in inference_env if k.startswith(("ENCINFER_S3_", "MINIO_"))]
+
+
+@pytest.mark.minio
+@pytest.mark.slow
+@needs_minio
+@needs_inference
+def test_stack_runs_web_when_asked_and_its_gateway_reaches_inference(tmp_path):
+    # browser's gRPC-Web -> web -> inference, with a tenant token, all from compose's `web` service.
+    import urllib.request
+
+    from encinfer.web import static_dir
+    from encinfer.v1 import inference_pb2 as pb
+
+    if not (static_dir() / "vendor" / "node-seal" / "seal_throws.wasm").is_file():
+        pytest.skip("node-seal is not in the page's files: run `make web-deps`")
+    with Stack(tmp_path, free_ports=True, services=["web"], env={"inference": {"ENCINFER_WORKERS": "1"}}) as stack:
+        url = f"http://{stack.address('web', 8080)}"
+        call = urllib.request.Request(f"{url}/encinfer.v1.Inference/ListModels", data=b"\0\0\0\0\0", headers={
+            "content-type": "application/grpc-web+proto", "authorization": f"Bearer {stack.token('demo')}"})
+        with urllib.request.urlopen(call, timeout=30) as reply:
+            body = reply.read()
+    length = int.from_bytes(body[1:5], "big")
+    assert body[0] == 0 and b"grpc-status: 0" in body[5 + length:]
+    assert "mnist" in [m.name for m in pb.ListModelsResponse.FromString(body[5:5 + length]).models]
