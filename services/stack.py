@@ -54,6 +54,10 @@ DEFAULT_MODEL_COMMAND = ("model", "train-mnist", "--out")
 # The bind mount of deploy/secrets/ in compose.yml: the stack's secrets_dir stands in for it.
 OPERATOR_SECRETS_SOURCE = "./secrets"
 LOOPBACK_HOSTS = ("", "0.0.0.0", "127.0.0.1", "localhost", "::")
+# Compose services the stack starts only when named (`--only web`, services=[...]), and why:
+# the stack runs them like the rest, but a plain checkout lacks what they need.
+ON_REQUEST = {"web": "the browser page needs node-seal's files, which `make web-deps` puts in web/static/vendor/ "
+                     "(the image builds them in)"}
 
 
 class StackError(RuntimeError):
@@ -287,7 +291,7 @@ class Stack:
         self.start_timeout, self.stop_grace = start_timeout, stop_grace
         self.compose = load_compose(self.compose_file)
         all_services = self.compose.get("services") or {}
-        self.order = start_order(all_services, services or list(all_services))
+        self.order = start_order(all_services, services or [n for n in all_services if n not in ON_REQUEST])
         # Replicas, a proxy, distributed MinIO (encinfer.scaling); Scale() is compose's own topology.
         self.scale = scale or Scale()
         self.spec, self.order, self.groups = expand(all_services, self.order, self.scale)
@@ -614,9 +618,13 @@ def _service_secrets(spec: Mapping) -> list[str]:
 
 
 def run_health_check(test: list[str], env: Mapping[str, str] | None = None, timeout: float = 3.0) -> bool:
-    """Runs a compose health-check test on loopback: `encinfer probe ADDR` and `curl URL`
+    """Runs a compose health-check test on loopback: `encinfer probe ADDR [--http PATH]` and `curl URL`
     in-process (no interpreter start per poll, no curl needed), anything else as a command."""
     kind, args = test[0], test[1:]
+    if kind == "CMD" and args[:2] == ["encinfer", "probe"] and "--http" in args:
+        from encinfer.common.probe import http_ok
+
+        return http_ok(args[2], args[args.index("--http") + 1], timeout=timeout)[0]
     if kind == "CMD" and args[:2] == ["encinfer", "probe"]:
         return _grpc_serving(args[2], timeout)
     if kind == "CMD" and args[:1] == ["curl"]:
@@ -760,6 +768,9 @@ def _print_summary(stack: Stack) -> None:
         host = stack.address(name).rpartition(":")[0] if service.ports else "127.0.0.1"
         where = ", ".join(f"{host}:{p}" for p in service.ports.values()) or "(done)"
         lines.append(f"  {name:<10} {where:<40} log: {stack.log_path(name)}")
+    for name, reason in ON_REQUEST.items():
+        if name in (stack.compose.get("services") or {}) and name not in stack.services:
+            lines.append(f"  {name:<10} not started ({reason}): `--only {name}` starts it")
     if PROXY in stack.services:
         lines.append(f"  clients:   {stack.client_address} (the proxy: inference and the key store)")
     lines.append(f"  tokens:    {stack.tokens_file} (tenant 'demo' token also in {stack.secrets_dir / 'demo_token'})")

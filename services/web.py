@@ -4,7 +4,8 @@ One origin serves both the page and the calls it makes, so the page needs no COR
 Content-Security-Policy can forbid every other origin (nothing the page holds can be sent
 elsewhere). The gateway speaks gRPC-Web (unary only: browsers cannot stream requests) and
 forwards a fixed list of methods as bytes, with the caller's `authorization` metadata (the
-tenant's bearer token) and deadline, over the same channels (and TLS) the Python client uses.
+tenant's bearer token), deadline and (for Predict) the key-id routing metadata, over the same
+channels (and TLS) the Python client uses.
 
 It is also where SEAL versions meet: the page runs node-seal (SEAL 4.1), the services TenSEAL's
 SEAL 4.3, and SEAL <= 4.3 refuses another minor version's objects although the wire format is
@@ -18,6 +19,7 @@ import argparse
 import functools
 import logging
 import mimetypes
+import os
 import ssl
 import struct
 import sys
@@ -50,6 +52,9 @@ METHODS = {
 }
 SERVICE_NAMES = {KEYSTORE: "key store", INFERENCE: "inference service"}
 DEFAULT_TIMEOUT, MAX_TIMEOUT = 30.0, 120.0
+DEFAULT_ADDRESS = "127.0.0.1:8080"
+# Liveness for container probes: answered by the HTTP server itself, no upstream call.
+HEALTH_PATH = "/healthz"
 MAX_BODY = MAX_MESSAGE_BYTES + 5
 ANSWER_BOUND = 16 << 20  # an uncompressed answer (a ciphertext is N x primes x 2 words)
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; connect-src 'self'; "
@@ -109,6 +114,16 @@ def _bridge_request(method: str, body: bytes) -> tuple[bytes, tuple[int, int] | 
                 put.header.expected_size = len(put.bundle)
             return put.SerializeToString(), None
     return body, None
+
+
+def _routing_metadata(method: str, request: bytes) -> tuple[tuple[str, str], ...]:
+    """The key-id metadata a Predict carries from the Python client too, so a proxy in front of
+    several inference replicas (Envoy's ring hash in deploy/k8s) keeps each key on one replica."""
+    if method != "/encinfer.v1.Inference/Predict":
+        return ()
+    from encinfer.common.routing import key_id_metadata
+    from encinfer.v1 import inference_pb2 as pb
+    return tuple(key_id_metadata(pb.PredictRequest.FromString(request).key_id))
 
 
 def _bundle_version(bundle: bytes) -> tuple[int, int] | None:
@@ -237,6 +252,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urllib.parse.urlsplit(self.path)
         path = url.path
+        if path == HEALTH_PATH:
+            self._send(200, b"ok\n", "text/plain; charset=utf-8")
+            return
         if path == "/common-a":
             status, body = _common_a(urllib.parse.parse_qs(url.query))
             self._send(status, body, "application/octet-stream" if status == 200 else "text/plain; charset=utf-8")
@@ -279,6 +297,7 @@ class Handler(BaseHTTPRequestHandler):
         t1 = t2 = t0
         try:
             request, version = _bridge_request(path, unframe(body))
+            metadata += _routing_metadata(path, request)
             t1 = time.perf_counter()
             answer = self.upstreams.call(path, request, metadata, parse_timeout(self.headers.get("grpc-timeout")))
             t2 = time.perf_counter()
@@ -346,19 +365,32 @@ class WebServer:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from encinfer.client.connection import INFERENCE_TARGET, KEYSTORE_TARGET
+
+    env = os.environ.get
     p = sub.add_parser("web", help="serve the browser page and its gRPC-Web gateway to the two services")
-    p.add_argument("--address", default="127.0.0.1:8080", help="host:port to listen on (default %(default)s)")
-    p.add_argument("--keystore", default="127.0.0.1:50052", help="key store target (default %(default)s)")
-    p.add_argument("--inference", default="127.0.0.1:50051", help="inference target (default %(default)s)")
-    p.add_argument("--ca", default="", help="CA bundle (PEM) to verify both services' TLS certificates")
-    p.add_argument("--cert", default="", help="this server's TLS certificate (PEM): serve HTTPS")
-    p.add_argument("--key", default="", help="this server's TLS key (PEM)")
+    p.add_argument("--address", default=env("ENCINFER_WEB_ADDRESS", DEFAULT_ADDRESS),
+                   help=f"host:port to listen on (default $ENCINFER_WEB_ADDRESS or {DEFAULT_ADDRESS})")
+    p.add_argument("--keystore", default=env("ENCINFER_KEYSTORE_TARGET", KEYSTORE_TARGET),
+                   help=f"key store target (default $ENCINFER_KEYSTORE_TARGET or {KEYSTORE_TARGET})")
+    p.add_argument("--inference", default=env("ENCINFER_INFERENCE_TARGET", INFERENCE_TARGET),
+                   help=f"inference target (default $ENCINFER_INFERENCE_TARGET or {INFERENCE_TARGET})")
+    p.add_argument("--ca", default=env("ENCINFER_TLS_CA", ""),
+                   help="CA bundle (PEM) to verify both services' TLS certificates (default $ENCINFER_TLS_CA)")
+    p.add_argument("--cert", default=env("ENCINFER_TLS_CERT", ""),
+                   help="this server's TLS certificate (PEM): serve HTTPS (default $ENCINFER_TLS_CERT)")
+    p.add_argument("--key", default=env("ENCINFER_TLS_KEY", ""),
+                   help="this server's TLS key (PEM) (default $ENCINFER_TLS_KEY)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     from encinfer.common import logs
     logs.configure("INFO")
+    if bool(args.cert) != bool(args.key):
+        print("encinfer web: give both --cert and --key (ENCINFER_TLS_CERT, ENCINFER_TLS_KEY), or neither",
+              file=sys.stderr)
+        return 2
     if not (static_dir() / "vendor" / "node-seal" / "seal_throws.wasm").exists():
         print("encinfer web: node-seal is missing from the page's files; run `make web-deps`", file=sys.stderr)
         return 2

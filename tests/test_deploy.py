@@ -49,6 +49,12 @@ CREDENTIAL_VOLUMES = {"minio-credentials": "ENCINFER_INIT_MINIO_DIR",
                       "tokens": "ENCINFER_INIT_TOKENS_DIR", "tls": "ENCINFER_INIT_TLS_DIR"}
 STORAGE_VOLUMES = {"minio-credentials", "keystore-credentials"}
 INIT_SERVICE = "init"
+LISTEN_VARIABLES = ("ENCINFER_KEYSTORE_ADDRESS", "ENCINFER_INFERENCE_ADDRESS", "ENCINFER_WEB_ADDRESS")
+# The services that reach the others only through the gRPC services, never storage.
+NO_STORAGE_SERVICES = ("inference", "web")
+# TLS files a service reads (from init's `tls` volume).
+TLS_FILE_VARIABLES = ("ENCINFER_TLS_CERT", "ENCINFER_TLS_KEY", "ENCINFER_PROBE_TLS_CA", "ENCINFER_KEYSTORE_TLS_CA",
+                      "ENCINFER_TLS_CA")
 OPERATOR_DIR = "./secrets"
 
 
@@ -326,8 +332,7 @@ def probe_problems(compose: dict) -> list[str]:
     for name, service in encinfer_services(compose).items():
         if not is_long_running(service):
             continue
-        listen = [v for k, v in env_of(service).items()
-                  if k in ("ENCINFER_KEYSTORE_ADDRESS", "ENCINFER_INFERENCE_ADDRESS")]
+        listen = [v for k, v in env_of(service).items() if k in LISTEN_VARIABLES]
         test = (service.get("healthcheck") or {}).get("test") or []
         if len(listen) != 1:
             problems.append(f"{name}: should set exactly one listen address, has {listen}")
@@ -397,10 +402,10 @@ def credential_problems(compose: dict) -> list[str]:
     for name, service in compose["services"].items():
         env = env_of(service)
         volumes = set(mounts(service).values())
-        if name == "inference":
+        if name in NO_STORAGE_SERVICES:
             s3 = [v for v in env if v.startswith("ENCINFER_S3_") or v.startswith("MINIO_")]
             if s3 or volumes & STORAGE_VOLUMES:
-                problems.append(f"inference gets storage credentials: {sorted(s3) + sorted(volumes & STORAGE_VOLUMES)}")
+                problems.append(f"{name} gets storage credentials: {sorted(s3) + sorted(volumes & STORAGE_VOLUMES)}")
         if name not in ROOT_CREDENTIAL_SERVICES | {INIT_SERVICE}:
             root = [v for v in env if "ROOT" in v] + sorted(volumes & {"minio-credentials"})
             if root:
@@ -469,8 +474,7 @@ def secret_problems(compose: dict) -> list[str]:
                 compose, name, INIT_SERVICE):
             problems.append(f"{name}: reads init's volumes but does not wait for {INIT_SERVICE} to complete")
         for var, path in env_of(service).items():
-            if not var.endswith("_FILE") and var not in ("ENCINFER_TLS_CERT", "ENCINFER_TLS_KEY",
-                                                         "ENCINFER_PROBE_TLS_CA", "ENCINFER_KEYSTORE_TLS_CA"):
+            if not var.endswith("_FILE") and var not in TLS_FILE_VARIABLES:
                 continue
             directory, _, filename = path.rpartition("/")
             volume = service_mounts.get(directory)
@@ -482,13 +486,17 @@ def secret_problems(compose: dict) -> list[str]:
 
 
 def network_problems(compose: dict) -> list[str]:
-    """The inference service shares no network with MinIO (defence in depth beyond credentials)."""
+    """Inference and web share no network with MinIO (defence in depth beyond credentials)."""
     def networks(service: dict) -> set[str]:
         nets = service.get("networks") or ["default"]
         return set(nets) if isinstance(nets, list) else set(nets.keys())
 
-    shared = networks(compose["services"]["inference"]) & networks(compose["services"]["minio"])
-    return [f"inference and minio share the network(s) {sorted(shared)}"] if shared else []
+    problems = []
+    for name in NO_STORAGE_SERVICES:
+        shared = networks(compose["services"][name]) & networks(compose["services"]["minio"])
+        if shared:
+            problems.append(f"{name} and minio share the network(s) {sorted(shared)}")
+    return problems
 
 
 def volume_problems(compose: dict) -> list[str]:
@@ -520,7 +528,7 @@ def test_compose_loads_with_the_library_docker_compose_uses():
     result = compose_go_load(COMPOSE_FILE.read_text(encoding="utf-8"))
     assert result.returncode == 0, result.stderr
     project = json.loads(result.stdout)
-    assert set(project["services"]) == {"init", "minio", "s3-init", "keystore", "inference"}
+    assert set(project["services"]) == {"init", "minio", "s3-init", "keystore", "inference", "web"}
     assert project["services"]["inference"]["environment"]["ENCINFER_KEYSTORE_TARGET"] == "keystore:50051"
 
 
@@ -543,22 +551,23 @@ def test_root_compose_load_fails_when_an_included_file_is_missing():
 def test_root_compose_file_is_the_deployment_with_tls_merged_in():
     project = root_project()
     assert project["name"] == "encinfer"
-    assert set(project["services"]) == {"init", "minio", "s3-init", "keystore", "inference"}
+    assert set(project["services"]) == {"init", "minio", "s3-init", "keystore", "inference", "web"}
 
 
 def tls_problems(project: dict) -> list[str]:
-    """Both gRPC listeners speak TLS with init's certificate; their probes and the inference
-    service's key-store client verify it, for names the certificate holds."""
+    """Both gRPC listeners and web's HTTP one speak TLS with init's certificate; their probes,
+    the inference service's key-store client and web's clients of both services verify it, for
+    names the certificate holds."""
     problems = []
     services = project["services"]
     names = env_of(services[INIT_SERVICE]).get("ENCINFER_INIT_TLS_NAMES", "").split(",")
-    for name in ("keystore", "inference"):
+    for name in ("keystore", "inference", "web"):
         env = env_of(services[name])
         for var in ("ENCINFER_TLS_CERT", "ENCINFER_TLS_KEY", "ENCINFER_PROBE_TLS_CA"):
             if not env.get(var):
                 problems.append(f"{name}: {var} unset: the listener or its health probe is plaintext")
         test = (services[name].get("healthcheck") or {}).get("test") or []
-        host = str(test[-1]).rsplit(":", 1)[0] if test else ""
+        host = str(test[3]).rsplit(":", 1)[0] if len(test) > 3 else ""
         if host not in names:
             problems.append(f"{name}: the probe's host {host!r} is not in the certificate ({names})")
     inference = env_of(services["inference"])
@@ -567,6 +576,13 @@ def tls_problems(project: dict) -> list[str]:
         problems.append("inference talks to the key store in plaintext")
     if target_host not in names:
         problems.append(f"the key store's name {target_host!r} is not in the certificate ({names})")
+    web = env_of(services["web"])
+    if not web.get("ENCINFER_TLS_CA"):
+        problems.append("web talks to the services in plaintext")
+    for var in ("ENCINFER_KEYSTORE_TARGET", "ENCINFER_INFERENCE_TARGET"):
+        host = web.get(var, "").rsplit(":", 1)[0]
+        if host not in names:
+            problems.append(f"web: {var}'s host {host!r} is not in the certificate ({names})")
     return problems
 
 
@@ -585,7 +601,8 @@ def test_root_compose_project_passes_the_credential_checks():
 
 
 @pytest.mark.parametrize("mutation", ["plaintext key store", "probe without the CA",
-                                      "key store name not in the certificate"])
+                                      "key store name not in the certificate",
+                                      "plaintext web page", "web's clients without the CA"])
 def test_tls_check_catches_a_broken_tls_setup(mutation):
     project = root_project()
     services = project["services"]
@@ -593,6 +610,10 @@ def test_tls_check_catches_a_broken_tls_setup(mutation):
         del services["keystore"]["environment"]["ENCINFER_TLS_CERT"]
     elif mutation == "probe without the CA":
         del services["inference"]["environment"]["ENCINFER_PROBE_TLS_CA"]
+    elif mutation == "plaintext web page":
+        del services["web"]["environment"]["ENCINFER_TLS_KEY"]
+    elif mutation == "web's clients without the CA":
+        del services["web"]["environment"]["ENCINFER_TLS_CA"]
     else:
         services[INIT_SERVICE]["environment"]["ENCINFER_INIT_TLS_NAMES"] = "inference,127.0.0.1"
     assert tls_problems(project) != []
@@ -828,6 +849,13 @@ MUTATIONS = {
     "minio does not wait for init": ("secrets", _delete("services.minio.depends_on")),
     "no init": ("secrets", lambda c: c["services"].pop("init")),
     "inference on the storage network": ("networks", _set("services.inference.networks", ["grpc", "storage"])),
+    "web on the storage network": ("networks", _set("services.web.networks", ["grpc", "storage"])),
+    "storage credentials volume given to web": ("credentials", _append("services.web.volumes",
+                                                                        "keystore-credentials:/run/encinfer/keystore-s3:ro")),
+    "web's probe of the wrong port": ("probe", _set("services.web.healthcheck.test",
+                                                    ["CMD", "encinfer", "probe", "127.0.0.1:8081", "--http",
+                                                     "/healthz"])),
+    "web published on every interface": ("loopback", _set("services.web.ports", ["8080:8080"])),
     "everything on the default network": ("networks",
                                           lambda c: [s.pop("networks", None) for s in c["services"].values()]),
     "undefined network": ("compose_go", _set("services.inference.networks", ["grpc", "backend"])),

@@ -233,7 +233,7 @@ def port_problems(resources: Resources) -> list[str]:
                 metrics = env.get("ENCINFER_METRICS_PORT")
                 if metrics and int(metrics) not in ports:
                     problems.append(f"{name_of(w)}: metrics port {metrics} is no container port")
-            for var in ("ENCINFER_KEYSTORE_TARGET", "ENCINFER_S3_ENDPOINT"):
+            for var in ("ENCINFER_KEYSTORE_TARGET", "ENCINFER_INFERENCE_TARGET", "ENCINFER_S3_ENDPOINT"):
                 if var in env and (p := service_port(resources, env[var])):
                     problems.append(f"{name_of(w)}: {var}={p}")
     return problems
@@ -245,7 +245,10 @@ def compose_env(service: str) -> set[str]:
 
 # Variables compose sets that mean nothing in Kubernetes (TLS files from compose's init
 # volume; in the cluster, probes are native and plaintext inside the NetworkPolicies).
-COMPOSE_ONLY = {"ENCINFER_TLS_CERT", "ENCINFER_TLS_KEY", "ENCINFER_KEYSTORE_TLS_CA", "ENCINFER_PROBE_TLS_CA"}
+COMPOSE_ONLY = {"ENCINFER_TLS_CERT", "ENCINFER_TLS_KEY", "ENCINFER_KEYSTORE_TLS_CA", "ENCINFER_PROBE_TLS_CA",
+                "ENCINFER_TLS_CA"}
+# Commands other than `encinfer keystore|inference serve` whose compose service's variables a pod must set.
+OTHER_COMMANDS = {("encinfer", "s3-init"): "s3-init", ("encinfer", "web"): "web"}
 
 
 def env_problems(resources: Resources) -> list[str]:
@@ -257,7 +260,7 @@ def env_problems(resources: Resources) -> list[str]:
         for var in env:
             if var.startswith("ENCINFER_") and var not in read:
                 problems.append(f"{name_of(w)}: sets {var}, which no code reads")
-        command = server_command(c) or ("s3-init" if c.get("args") == ["encinfer", "s3-init"] else None)
+        command = server_command(c) or OTHER_COMMANDS.get(tuple(c.get("args") or ()))
         if command is None:
             continue
         wanted = compose_env(command) - COMPOSE_ONLY
@@ -339,6 +342,9 @@ def security_problems(resources: Resources) -> list[str]:
 
 
 def probe_problems(resources: Resources) -> list[str]:
+    """Every long-running container is probed; `encinfer web` by an HTTP GET of the path it answers itself."""
+    from encinfer.web import HEALTH_PATH
+
     problems = []
     for w, t in pod_templates(resources):
         if w["kind"] == "Job":
@@ -347,6 +353,12 @@ def probe_problems(resources: Resources) -> list[str]:
             for kind in ("livenessProbe", "readinessProbe"):
                 if kind not in c:
                     problems.append(f"{name_of(w)}/{c['name']}: no {kind}")
+                elif c.get("args") == ["encinfer", "web"]:
+                    get = c[kind].get("httpGet") or {}
+                    listen = int(env_of(c).get("ENCINFER_WEB_ADDRESS", ":0").rsplit(":", 1)[1])
+                    if get.get("path") != HEALTH_PATH or container_ports(c).get(get.get("port")) != listen:
+                        problems.append(f"{name_of(w)}: {kind} is not an HTTP GET of {HEALTH_PATH} "
+                                        f"on its listen port {listen}")
     return problems
 
 
@@ -414,7 +426,8 @@ def labels_of(resources: Resources, name: str) -> dict:
 
 # (source, target, port): the edges the system needs, and the ones it must not have.
 NEEDED_EDGES = [("inference", "keystore", 50051), ("keystore", "minio", 9000), ("s3-init", "minio", 9000),
-                ("minio", "minio", 9000), ("proxy", "inference", 50052), ("proxy", "keystore", 50051)]
+                ("minio", "minio", 9000), ("proxy", "inference", 50052), ("proxy", "keystore", 50051),
+                ("web", "keystore", 50051), ("web", "proxy", 8080)]
 FORBIDDEN_TARGETS = {"minio": {"keystore", "s3-init", "minio"}}
 
 
@@ -659,7 +672,8 @@ def test_overlay_passes_check(overlay, check):
 def test_overlay_renders_the_whole_topology(overlay):
     kinds = {(r["kind"], r["metadata"]["name"]) for r in rendered(overlay)}
     assert {("StatefulSet", "minio"), ("Job", "s3-init"), ("Deployment", "keystore"), ("Deployment", "inference"),
-            ("Deployment", "proxy"), ("HorizontalPodAutoscaler", "inference"), ("Service", "minio-headless")} <= kinds
+            ("Deployment", "proxy"), ("HorizontalPodAutoscaler", "inference"), ("Service", "minio-headless"),
+            ("Deployment", "web"), ("Service", "web")} <= kinds
     assert {r["metadata"].get("namespace") for r in rendered(overlay) if r["kind"] != "Namespace"} == {"encinfer"}
 
 
@@ -792,12 +806,14 @@ def first_container(fn: Callable[[dict], None]) -> Callable[[dict], None]:
     return lambda r: fn(r["spec"]["template"]["spec"]["containers"][0])
 
 
-def allow_inference_to_minio(resources: Resources) -> None:
-    policy = find(resources, "NetworkPolicy", "minio")
-    policy["spec"]["ingress"][0]["from"].append(
-        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "inference"}}})
-    find(resources, "NetworkPolicy", "inference")["spec"]["egress"].append(
-        {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "minio"}}}]})
+def allow_to_minio(source: str) -> Callable[[Resources], None]:
+    def mutate(resources: Resources) -> None:
+        policy = find(resources, "NetworkPolicy", "minio")
+        policy["spec"]["ingress"][0]["from"].append(
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/name": source}}})
+        find(resources, "NetworkPolicy", source)["spec"]["egress"].append(
+            {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "minio"}}}]})
+    return mutate
 
 
 def edit_envoy(fn: Callable[[dict], None]) -> Callable[[Resources], None]:
@@ -853,7 +869,22 @@ MUTATIONS = {
     "grace shorter than the drain": ("drain", edit("Deployment", "inference", lambda r: r["spec"]["template"][
         "spec"].update(terminationGracePeriodSeconds=10))),
     "no preStop sleep": ("drain", edit("Deployment", "keystore", first_container(lambda c: c.pop("lifecycle")))),
-    "NetworkPolicy lets inference reach MinIO": ("network", allow_inference_to_minio),
+    "NetworkPolicy lets inference reach MinIO": ("network", allow_to_minio("inference")),
+    "NetworkPolicy lets web reach MinIO": ("network", allow_to_minio("web")),
+    "web cut off from the proxy": ("network", edit("NetworkPolicy", "web", lambda r: r["spec"]["egress"].pop(1))),
+    "key store refusing web": ("network", edit("NetworkPolicy", "keystore",
+                                               lambda r: r["spec"]["ingress"][0]["from"].pop(2))),
+    "web's inference target naming no Service": ("ports", set_env("Deployment", "web", "ENCINFER_INFERENCE_TARGET",
+                                                                  "inference:50052")),
+    "web's Service targeting a port nobody listens on": (
+        "ports", edit("Service", "web", lambda r: r["spec"]["ports"][0].update(targetPort=8081))),
+    "web without its key store target": ("env", set_env("Deployment", "web", "ENCINFER_KEYSTORE_TARGET", None)),
+    "web probed on a path it does not serve": ("probes", edit("Deployment", "web", first_container(
+        lambda c: c["readinessProbe"]["httpGet"].update(path="/ready")))),
+    "web probed by gRPC": ("probes", edit("Deployment", "web", first_container(
+        lambda c: c.update(livenessProbe={"grpc": {"port": 8080}})))),
+    "web running as root": ("security", edit("Deployment", "web", lambda r: r["spec"]["template"]["spec"][
+        "securityContext"].update(runAsUser=0))),
     "MinIO open to every pod": ("network", edit("NetworkPolicy", "minio",
                                                 lambda r: r["spec"]["ingress"][0].pop("from"))),
     "inference cut off from the key store": ("network", edit("NetworkPolicy", "inference",

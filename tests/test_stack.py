@@ -125,11 +125,43 @@ def test_dependency_cycle_is_refused():
 
 @needs_minio
 def test_every_service_gets_exactly_the_variables_compose_sets(tmp_path):
-    stack = Stack(tmp_path, free_ports=True)
-    stack.prepare()
     compose = stack_mod.load_compose()["services"]
+    stack = Stack(tmp_path, free_ports=True, services=list(compose))
+    stack.prepare()
     for name in compose:
         assert set(stack.env(name)) == set(compose[name].get("environment") or {}), name
+
+
+def test_stack_leaves_out_web_unless_asked(tmp_path):
+    assert "web" in stack_mod.load_compose()["services"] and "web" in stack_mod.ON_REQUEST
+    assert "web" not in Stack(tmp_path, free_ports=True).order
+    assert Stack(tmp_path, free_ports=True, services=["web"]).order[-3:] == ["keystore", "inference", "web"]
+
+
+@needs_minio
+def test_stack_points_web_at_the_loopback_ports_of_both_services(tmp_path):
+    stack = Stack(tmp_path, free_ports=True, services=["web"])
+    stack.prepare()
+    env = stack.env("web")
+    assert env["ENCINFER_KEYSTORE_TARGET"] == stack.address("keystore", 50051)
+    assert env["ENCINFER_INFERENCE_TARGET"] == stack.address("inference", 50052)
+    assert env["ENCINFER_WEB_ADDRESS"] == stack.address("web", 8080)
+    assert stack.services["web"].health[-3:] == [stack.address("web", 8080), "--http", "/healthz"]
+
+
+def test_http_health_check_is_healthy_while_web_serves_and_not_after(tmp_path):
+    from encinfer.web import Upstreams, WebServer
+
+    # The upstreams are never called: /healthz answers without them.
+    upstreams = Upstreams(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    server = WebServer(f"127.0.0.1:{free_port()}", upstreams).start()
+    test = ["CMD", "encinfer", "probe", f"127.0.0.1:{server.port}", "--http", "/healthz"]
+    try:
+        assert stack_mod.run_health_check(test)
+        assert not stack_mod.run_health_check([*test[:-1], "/no-such-page"])
+    finally:
+        server.stop()
+    assert not stack_mod.run_health_check(test, timeout=1.0)
 
 
 @needs_minio
@@ -388,3 +420,27 @@ def test_stack_predicts_on_encrypted_images_end_to_end(tmp_path):
     assert np.array_equal(scores.argmax(axis=1), plaintext.argmax(axis=1))
     assert np.abs(scores - plaintext).max() < 1e-3
     assert not [k for k in inference_env if k.startswith(("ENCINFER_S3_", "MINIO_"))]
+
+
+@pytest.mark.minio
+@pytest.mark.slow
+@needs_minio
+@needs_inference
+def test_stack_runs_web_when_asked_and_its_gateway_reaches_inference(tmp_path):
+    # browser's gRPC-Web -> web -> inference, with a tenant token, all from compose's `web` service.
+    import urllib.request
+
+    from encinfer.v1 import inference_pb2 as pb
+    from encinfer.web import static_dir
+
+    if not (static_dir() / "vendor" / "node-seal" / "seal_throws.wasm").is_file():
+        pytest.skip("node-seal is not in the page's files: run `make web-deps`")
+    with Stack(tmp_path, free_ports=True, services=["web"], env={"inference": {"ENCINFER_WORKERS": "1"}}) as stack:
+        url = f"http://{stack.address('web', 8080)}"
+        call = urllib.request.Request(f"{url}/encinfer.v1.Inference/ListModels", data=b"\0\0\0\0\0", headers={
+            "content-type": "application/grpc-web+proto", "authorization": f"Bearer {stack.token('demo')}"})
+        with urllib.request.urlopen(call, timeout=30) as reply:
+            body = reply.read()
+    length = int.from_bytes(body[1:5], "big")
+    assert body[0] == 0 and b"grpc-status: 0" in body[5 + length:]
+    assert "mnist" in [m.name for m in pb.ListModelsResponse.FromString(body[5:5 + length]).models]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import struct
 import subprocess
@@ -194,3 +195,71 @@ def test_the_common_polynomial_needs_secure_parameters(web, query):
     assert status in (400, 404)
     if status == 400:
         assert b"common-a needs" in body or b"no common polynomial" in body
+
+
+def test_health_is_answered_without_calling_the_services(web):
+    # Nothing listens behind `web`: /healthz is about the gateway alone (container probes).
+    status, _, body = request(web, "GET", "/healthz")
+    assert status == 200 and body == b"ok\n"
+
+
+def test_encinfer_web_defaults_to_the_projects_service_addresses(monkeypatch):
+    from encinfer.cli import build_parser
+    for var in ("ENCINFER_WEB_ADDRESS", "ENCINFER_KEYSTORE_TARGET", "ENCINFER_INFERENCE_TARGET", "ENCINFER_TLS_CA",
+                "ENCINFER_TLS_CERT", "ENCINFER_TLS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    args = build_parser().parse_args(["web"])
+    assert (args.address, args.keystore, args.inference) == ("127.0.0.1:8080", "127.0.0.1:50051", "127.0.0.1:50052")
+    assert (args.ca, args.cert, args.key) == ("", "", "")
+
+
+def test_encinfer_web_takes_its_settings_from_the_environment_unless_flags_say_otherwise(monkeypatch):
+    from encinfer.cli import build_parser
+    env = {"ENCINFER_WEB_ADDRESS": "0.0.0.0:9080", "ENCINFER_KEYSTORE_TARGET": "keystore:50051",
+           "ENCINFER_INFERENCE_TARGET": "proxy:50050", "ENCINFER_TLS_CA": "/tls/ca.crt",
+           "ENCINFER_TLS_CERT": "/tls/server.crt", "ENCINFER_TLS_KEY": "/tls/server.key"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    args = build_parser().parse_args(["web", "--inference", "inference:50052"])
+    assert (args.address, args.keystore, args.inference) == ("0.0.0.0:9080", "keystore:50051", "inference:50052")
+    assert (args.ca, args.cert, args.key) == ("/tls/ca.crt", "/tls/server.crt", "/tls/server.key")
+
+
+def test_encinfer_web_refuses_a_certificate_without_its_key(tmp_path):
+    cert, _ = _self_signed(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCINFER_")}
+    result = subprocess.run([sys.executable, "-m", "encinfer.cli", "web", "--address", f"127.0.0.1:{free_port()}"],
+                            env={**env, "ENCINFER_TLS_CERT": str(cert)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "both --cert and --key" in result.stderr
+
+
+def test_a_predict_carries_its_key_id_for_the_proxys_affinity():
+    from concurrent import futures
+
+    import grpc
+
+    from encinfer.common.routing import KEY_ID_HEADER
+    from encinfer.v1 import inference_pb2 as pb
+
+    seen = []
+
+    def predict(request: bytes, context) -> bytes:
+        seen.append(dict(context.invocation_metadata()))
+        return pb.PredictResponse().SerializeToString()
+
+    upstream = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    upstream.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "encinfer.v1.Inference", {"Predict": grpc.unary_unary_rpc_method_handler(predict)})])
+    port = upstream.add_insecure_port("127.0.0.1:0")
+    upstream.start()
+    server = WebServer("127.0.0.1:0", Upstreams(f"127.0.0.1:{free_port()}", f"127.0.0.1:{port}")).start()
+    try:
+        key_id = "ab" * 32
+        message = pb.PredictRequest(model="m", key_id=key_id).SerializeToString()
+        _, _, body = grpc_web(server, "/encinfer.v1.Inference/Predict", message,
+                              {"authorization": "Bearer t", "grpc-timeout": "10S"})
+    finally:
+        server.stop()
+        upstream.stop(0)
+    assert trailers(body)["grpc-status"] == "0"
+    assert seen and seen[0][KEY_ID_HEADER] == key_id and seen[0]["authorization"] == "Bearer t"
