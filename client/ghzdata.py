@@ -151,9 +151,8 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
     >>> data = write_ghz_data("127.0.0.1:50052", "127.0.0.1:50051", token, "out/ghz")  # doctest: +SKIP
     >>> subprocess.run(data.scenarios["predict"].command(str(ghz_binary())))          # doctest: +SKIP
     """
-    from encinfer.client.classifier import EncryptedClassifier
+    from encinfer.client.classifier import SINGLE_SAMPLE, EncryptedClassifier
     from encinfer.he.batch import BatchLayout, encrypt_batch
-    from encinfer.he.latency import LatencyLayout, encrypt_latency
     from encinfer.v1 import inference_pb2 as pb
 
     out = Path(out).resolve()
@@ -161,11 +160,13 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
     key_dir = Path(key_dir) if key_dir else out / "keys"
     with EncryptedClassifier(inference=inference, keystore=keystore, model=model, token=token,
                              key_dir=key_dir, tls=tls, keystore_tls=keystore_tls) as clf:
-        layout = clf.layout_info("latency")
-        assert isinstance(layout, LatencyLayout)
-        secret, key_id = clf.keys("latency")
+        # One sample per call in the layout the client library picks (coefficient when offered).
+        wire = clf.single_sample_layout()
+        encrypt, _decrypt, wire_layout = SINGLE_SAMPLE[wire]
+        layout = clf.layout_info(wire)
+        secret, key_id = clf.keys(wire)
         X, _ = images(max(n_predict, n_stream), idx_dir)
-        cts = [encrypt_latency(secret, x, layout) for x in X]
+        cts = [encrypt(secret, x, layout) for x in X]
         batch_key = ""
         batch_msgs: list = []
         if with_batch:
@@ -180,9 +181,9 @@ def write_ghz_data(inference: str, keystore: str, token: str | None, out: str | 
                 batch_msgs.append(pb.PredictStreamRequest(batch_part=pb.BatchPart(
                     request_id="b0", position=position, n_samples=n, ciphertext=ct)))
 
-    predict = [pb.PredictRequest(model=model, key_id=key_id, request_id=f"ghz-{i}", ciphertext=ct)
+    predict = [pb.PredictRequest(model=model, key_id=key_id, request_id=f"ghz-{i}", ciphertext=ct, layout=wire_layout)
                for i, ct in enumerate(cts[:n_predict])]
-    stream = [pb.PredictStreamRequest(header=pb.StreamHeader(model=model, key_id=key_id, layout=pb.LAYOUT_LATENCY))]
+    stream = [pb.PredictStreamRequest(header=pb.StreamHeader(model=model, key_id=key_id, layout=wire_layout))]
     stream += [pb.PredictStreamRequest(item=pb.PredictRequest(request_id=f"s{i}", ciphertext=ct))
                for i, ct in enumerate(cts[:n_stream])]
 
