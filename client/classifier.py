@@ -105,6 +105,12 @@ def from_service(e: errors.EncinferError) -> errors.EncinferError:
     return e
 
 
+def stream_error(e: grpc.RpcError, failed: list[BaseException]) -> BaseException:
+    """What a failed stream call raises: the request side's own error first (it ended the
+    call: a bad sample, an encryption that failed), else the service's."""
+    return failed[0] if failed else from_service(error_from_rpc(e))
+
+
 def key_lost(e: errors.EncinferError) -> bool:
     """The service says the key itself is gone (expired, deleted) or corrupted: upload it again."""
     return (getattr(e, "from_service", False) and e.code in ("NOT_FOUND", "DATA_LOSS")
@@ -537,9 +543,7 @@ class EncryptedClassifier:
                     if failed:
                         raise failed[0]
             except grpc.RpcError as e:
-                if failed:
-                    raise failed[0] from None
-                raise from_service(error_from_rpc(e)) from None
+                raise stream_error(e, failed) from None
             if failed:
                 raise failed[0]
         finally:
@@ -675,9 +679,7 @@ class EncryptedClassifier:
                     if pending[g] == 0:
                         done_groups.put(g)
             except grpc.RpcError as e:
-                if failed:
-                    raise failed[0] from None
-                raise from_service(error_from_rpc(e)) from None
+                raise stream_error(e, failed) from None
             if failed:
                 raise failed[0]
         finally:

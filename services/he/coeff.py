@@ -66,7 +66,7 @@ import tenseal.sealapi as seal
 from encinfer.common.errors import DataLoss, EncinferError, FailedPrecondition, InvalidArgument
 from encinfer.he import serial
 from encinfer.he.batch import _CiphertextMemory
-from encinfer.he.params import CkksParams
+from encinfer.he.params import CkksParams, check_keys_fit, checked_sample
 
 if TYPE_CHECKING:  # pragma: no cover
     from encinfer.he.secret import SecretKeys
@@ -457,7 +457,6 @@ class CoeffModel:
         self._parms_id = self._context.first_parms_id()
         self._evaluator = seal.Evaluator(self._context)
         self._q = _modulus(params)
-        self._input_scale = 2.0 ** params.input_scale_bits
         weight_bits = params.output_scale_bits - params.input_scale_bits
         self.weights_int = np.rint(W * 2.0 ** weight_bits)  # what is computed: rounded weights
         encoder = seal.CKKSEncoder(self._context)
@@ -487,18 +486,7 @@ class CoeffModel:
             raise InvalidArgument(f"ciphertext of {len(data)} bytes is larger than any fresh ciphertext for these "
                                   f"parameters ({self._max_input_bytes} bytes at most)")
         ct = serial.load(lambda: seal.Ciphertext(self._context), bytes(data), self._context, "ciphertext")
-        if ct.size() != _FRESH_SIZE:
-            raise InvalidArgument(f"ciphertext has {ct.size()} polynomials; a fresh ciphertext has 2")
-        if ct.parms_id() != self._parms_id:
-            raise InvalidArgument("ciphertext is not at the parameters' first level")
-        if not ct.is_ntt_form():
-            raise InvalidArgument("ciphertext is not in NTT form; it is not a CKKS ciphertext")
-        if ct.scale != self._input_scale:
-            raise InvalidArgument(f"ciphertext scale is {ct.scale:.6g}; the model's inputs are encoded at "
-                                  f"2^{self.params.input_scale_bits}")
-        if ct.is_transparent():
-            raise InvalidArgument("ciphertext is transparent (not encrypted); encrypt the sample")
-        return ct
+        return serial.check_fresh_input(ct, self._context, self._parms_id, self.params.input_scale_bits)
 
     def _check_keys(self, keys: CoeffKeys) -> None:
         p, q = keys.params, self.params
@@ -571,31 +559,12 @@ def secret_coefficients(context: seal.SEALContext, secret_key: seal.SecretKey) -
     return s.astype(np.int8)
 
 
-def _check_secret(secret: SecretKeys, layout: CoeffLayout) -> None:
-    a, b = secret.params, layout.params
-    if (a.poly_modulus_degree, a.coeff_modulus_bits) != (b.poly_modulus_degree, b.coeff_modulus_bits):
-        raise FailedPrecondition(f"secret keys are for N={a.poly_modulus_degree}, moduli {list(a.coeff_modulus_bits)};"
-                                 f" the layout needs N={b.poly_modulus_degree}, moduli {list(b.coeff_modulus_bits)}")
-
-
 def encrypt_coeff(secret: SecretKeys, x: Sequence[float] | np.ndarray, layout: CoeffLayout) -> bytes:
     """One sample -> one seeded ciphertext for the coefficient layout.
 
     >>> ct = encrypt_coeff(secret, image.ravel() / 255.0, layout)   # doctest: +SKIP
     """
-    _check_secret(secret, layout)
-    try:
-        v = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"input is not a vector of numbers ({e})") from None
-    if v.shape != (layout.n_features,):
-        raise InvalidArgument(f"input has shape {v.shape}; the model takes a vector of {layout.n_features} features")
-    if not np.all(np.isfinite(v)):
-        raise InvalidArgument("input has NaN or infinite values")
-    lo, hi = layout.input_range
-    if v.min() < lo or v.max() > hi:
-        raise InvalidArgument(f"input values must lie in [{lo:g}, {hi:g}] (got {v.min():g} to {v.max():g}); "
-                              "scale the sample as the model was trained")
+    v = checked_sample(secret.params, layout.params, x, layout.n_features, layout.input_range)
     n = layout.params.poly_modulus_degree
     try:
         pt = _encode(secret.encoder, v, n, secret.context.first_parms_id(), 2.0 ** layout.params.input_scale_bits)
@@ -626,7 +595,7 @@ def decrypt_coeff(secret: SecretKeys, answer: bytes, layout: CoeffLayout) -> np.
     another secret key, or was out of range): a random answer passes with
     probability 2^-n_outputs.
     """
-    _check_secret(secret, layout)
+    check_keys_fit(secret.params, layout.params)
     c0, c1 = unpack_answer(answer, layout)
     bits = layout.answer_bits
     rows = _decrypt_rows(secret, layout)

@@ -49,7 +49,7 @@ import tenseal.sealapi as seal
 
 from encinfer.common.errors import DataLoss, EncinferError, FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.params import CkksParams, score_bound
+from encinfer.he.params import CkksParams, check_keys_fit, checked_sample, score_bound
 
 if TYPE_CHECKING:  # pragma: no cover
     from encinfer.he.coeff import CoeffKeys
@@ -363,7 +363,6 @@ class LatencyModel:
         self._first_parms_id = self._context.first_parms_id()
         self._evaluator = seal.Evaluator(self._context)
         self._fold = fold_steps(row_period, slots)
-        self._input_scale = 2.0 ** params.input_scale_bits
         weight_scale = 2.0 ** (params.output_scale_bits - params.input_scale_bits)
         self._diagonals, self._bias = self._encode(W, b, weight_scale)
         k = len(params.coeff_modulus_bits) - 1
@@ -393,20 +392,7 @@ class LatencyModel:
             raise InvalidArgument(f"ciphertext of {len(data)} bytes is larger than any fresh ciphertext for these "
                                   f"parameters ({self._max_input_bytes} bytes at most)")
         ct = serial.load_ciphertext(bytes(data), self._context, parms_id=self._first_parms_id)
-        if ct.size() != _FRESH_SIZE:
-            raise InvalidArgument(f"ciphertext has {ct.size()} polynomials; a fresh ciphertext has 2")
-        if ct.parms_id() != self._first_parms_id:
-            level = self._context.get_context_data(ct.parms_id()).chain_index()
-            raise InvalidArgument(f"ciphertext is at level {level}; a fresh input is at the first level "
-                                  f"({self._context.first_context_data().chain_index()})")
-        if not ct.is_ntt_form():
-            raise InvalidArgument("ciphertext is not in NTT form; it is not a CKKS ciphertext")
-        if ct.scale != self._input_scale:
-            raise InvalidArgument(f"ciphertext scale is {ct.scale:.6g}; the model's inputs are encoded at "
-                                  f"2^{self.params.input_scale_bits}")
-        if ct.is_transparent():
-            raise InvalidArgument("ciphertext is transparent (not encrypted); encrypt the sample")
-        return ct
+        return serial.check_fresh_input(ct, self._context, self._first_parms_id, self.params.input_scale_bits)
 
     def _check_keys(self, keys: ServerKeys) -> None:
         p, q = keys.params, self.params
@@ -460,31 +446,12 @@ class LatencyModel:
 
 # ---------------------------------------------------------------- client side
 
-def _check_secret(secret: SecretKeys, layout: LatencyLayout) -> None:
-    a, b = secret.params, layout.params
-    if (a.poly_modulus_degree, a.coeff_modulus_bits) != (b.poly_modulus_degree, b.coeff_modulus_bits):
-        raise FailedPrecondition(f"secret keys are for N={a.poly_modulus_degree}, moduli {list(a.coeff_modulus_bits)};"
-                                 f" the layout needs N={b.poly_modulus_degree}, moduli {list(b.coeff_modulus_bits)}")
-
-
 def encrypt_latency(secret: SecretKeys, x: Sequence[float] | np.ndarray, layout: LatencyLayout) -> bytes:
     """One sample -> one seeded ciphertext for the latency layout.
 
     >>> ct = encrypt_latency(secret, image.ravel() / 255.0, layout)   # doctest: +SKIP
     """
-    _check_secret(secret, layout)
-    try:
-        v = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"input is not a vector of numbers ({e})") from None
-    if v.shape != (layout.n_features,):
-        raise InvalidArgument(f"input has shape {v.shape}; the model takes a vector of {layout.n_features} features")
-    if not np.all(np.isfinite(v)):
-        raise InvalidArgument("input has NaN or infinite values")
-    lo, hi = layout.input_range
-    if v.min() < lo or v.max() > hi:
-        raise InvalidArgument(f"input values must lie in [{lo:g}, {hi:g}] (got {v.min():g} to {v.max():g}); "
-                              "scale the sample as the model was trained")
+    v = checked_sample(secret.params, layout.params, x, layout.n_features, layout.input_range)
     slots = layout.pack(v)
     pt = seal.Plaintext()
     scale = 2.0 ** layout.params.input_scale_bits
@@ -502,7 +469,7 @@ def decrypt_latency(secret: SecretKeys, ciphertext: bytes, layout: LatencyLayout
     DataLoss when they decrypt to something that is not a result for this key and
     model (e.g. the input was encrypted under another secret key).
     """
-    _check_secret(secret, layout)
+    check_keys_fit(secret.params, layout.params)
     ctx = secret.context
     ct = serial.load(lambda: seal.Ciphertext(ctx), ciphertext, ctx, "result ciphertext")
     if ct.scale != 2.0 ** layout.params.output_scale_bits:

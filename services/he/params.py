@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import tenseal.sealapi as seal
 
-from encinfer.common.errors import InvalidArgument
+from encinfer.common.errors import FailedPrecondition, InvalidArgument
 
 # SEAL's HomomorphicEncryption.org table for 128-bit classical security:
 # the largest total coefficient-modulus bit count per ring degree.
@@ -129,3 +129,32 @@ def score_bound(weights, bias, input_range: tuple[float, float] = (0.0, 1.0)) ->
     top = b + np.maximum(W * lo, W * hi).sum(axis=1)
     bottom = b + np.minimum(W * lo, W * hi).sum(axis=1)
     return float(max(np.abs(top).max(), np.abs(bottom).max()))
+
+
+def check_keys_fit(secret: CkksParams, layout: CkksParams) -> None:
+    """FAILED_PRECONDITION when secret keys were made for other parameters than the layout's."""
+    if (secret.poly_modulus_degree, secret.coeff_modulus_bits) != (layout.poly_modulus_degree,
+                                                                    layout.coeff_modulus_bits):
+        raise FailedPrecondition(
+            f"secret keys are for N={secret.poly_modulus_degree}, moduli {list(secret.coeff_modulus_bits)}; "
+            f"the layout needs N={layout.poly_modulus_degree}, moduli {list(layout.coeff_modulus_bits)}")
+
+
+def checked_sample(secret: CkksParams, layout: CkksParams, x, n_features: int,
+                   input_range: tuple[float, float]) -> np.ndarray:
+    """One sample as floats, refused before anything is encrypted: keys made for other
+    parameters (FAILED_PRECONDITION), and shapes or values the layout was not sized for."""
+    check_keys_fit(secret, layout)
+    try:
+        v = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"input is not a vector of numbers ({e})") from None
+    if v.shape != (n_features,):
+        raise InvalidArgument(f"input has shape {v.shape}; the model takes a vector of {n_features} features")
+    if not np.all(np.isfinite(v)):
+        raise InvalidArgument("input has NaN or infinite values")
+    lo, hi = input_range
+    if v.min() < lo or v.max() > hi:
+        raise InvalidArgument(f"input values must lie in [{lo:g}, {hi:g}] (got {v.min():g} to {v.max():g}); "
+                              "scale the sample as the model was trained")
+    return v

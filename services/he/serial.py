@@ -592,6 +592,26 @@ def load_file(make: Callable[[], T], path: str | os.PathLike, context: seal.SEAL
     return obj
 
 
+def check_fresh_input(ct: seal.Ciphertext, context: seal.SEALContext, parms_id: Any,
+                      input_scale_bits: int) -> seal.Ciphertext:
+    """A loaded input is a fresh encryption for these parameters: 2 polynomials, at the first
+    level, in NTT form, at the model's input scale, and not transparent (every layout asks this)."""
+    if ct.size() != 2:
+        raise InvalidArgument(f"ciphertext has {ct.size()} polynomials; a fresh ciphertext has 2")
+    if ct.parms_id() != parms_id:
+        level = context.get_context_data(ct.parms_id()).chain_index()
+        raise InvalidArgument(f"ciphertext is at level {level}; a fresh input is at the first level "
+                              f"({context.first_context_data().chain_index()})")
+    if not ct.is_ntt_form():
+        raise InvalidArgument("ciphertext is not in NTT form; it is not a CKKS ciphertext")
+    if ct.scale != 2.0 ** input_scale_bits:
+        raise InvalidArgument(f"ciphertext scale is {ct.scale:.6g}; the model's inputs are encoded at "
+                              f"2^{input_scale_bits}")
+    if ct.is_transparent():
+        raise InvalidArgument("ciphertext is transparent (not encrypted); encrypt the sample")
+    return ct
+
+
 def load_ciphertext(data: bytes, context: seal.SEALContext, what: str = "ciphertext", *,
                     parms_id: Any = None) -> seal.Ciphertext:
     """A client's fresh ciphertext: checked by check_ciphertext, then parsed by SEAL."""
