@@ -83,7 +83,7 @@ def test_stream_payload_is_a_header_then_one_item_per_image(served):
     _, data = served
     messages = ghzdata.read_delimited(Path(data.scenarios["stream"].payload).read_bytes(), pb.PredictStreamRequest)
     assert [m.WhichOneof("msg") for m in messages] == ["header"] + ["item"] * N_IMAGES
-    assert messages[0].header.layout == pb.LAYOUT_LATENCY
+    assert messages[0].header.layout == pb.LAYOUT_COEFF  # the layout the client library picks
 
 
 def test_batch_payload_is_a_header_then_every_part_of_one_batch(served):
@@ -97,16 +97,17 @@ def test_batch_payload_is_a_header_then_every_part_of_one_batch(served):
 
 
 def test_predict_payloads_decrypt_to_the_plaintext_models_argmax(served):
-    from encinfer.he.latency import decrypt_latency
+    from encinfer.he.coeff import decrypt_coeff
 
     stack, data = served
     messages = ghzdata.read_delimited(Path(data.scenarios["predict"].payload).read_bytes(), pb.PredictRequest)
+    assert {m.layout for m in messages} == {pb.LAYOUT_COEFF}
     with stack.classifier(Path(data.out) / "keys") as clf:
-        secret, key_id = clf.keys("latency")  # the secret ghz-data kept; the key is still uploaded
-        layout = clf.layout_info("latency")
+        secret, key_id = clf.keys("coeff")  # the secret ghz-data kept; the key is still uploaded
+        layout = clf.layout_info("coeff")
         stub = stack.stub()
-        scores = np.array([decrypt_latency(secret, stub.Predict(m, metadata=auth_metadata(ALICE),
-                                                                timeout=CALL_TIMEOUT).ciphertexts[0], layout)
+        scores = np.array([decrypt_coeff(secret, stub.Predict(m, metadata=auth_metadata(ALICE),
+                                                              timeout=CALL_TIMEOUT).ciphertexts[0], layout)
                            for m in messages])
     assert key_id == data.latency_key_id
     X, _ = ghzdata.images(N_IMAGES)
