@@ -29,13 +29,22 @@ def _locked(path: Path) -> dict[str, str]:
     return out
 
 
+def _parse(path: Path) -> ast.Module:
+    """ast.parse in a fresh thread: CPython 3.11's AST validator miscounts its recursion depth
+    when called deep in a stack some extension modules have touched ("AST constructor
+    recursion depth mismatch", seen in the full suite); a new thread starts at depth 0."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(ast.parse, path.read_text(), str(path)).result()
+
+
 def _imports(root: Path) -> set[str]:
     """Top-level module names imported anywhere under root (absolute imports only)."""
     names: set[str] = set()
     for path in root.rglob("*.py"):
         if "_pb2" in path.name:
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(_parse(path)):
             if isinstance(node, ast.Import):
                 names.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from encinfer.common.errors import NotFound
+from encinfer.common.errors import Unavailable
 
 if TYPE_CHECKING:
     from encinfer.inference.cache import ByteLRU
@@ -170,7 +170,8 @@ def batch_add(batch_id: str, parts: list[tuple[int, bytes]]) -> None:
     """Adds several parts per call: one executor round trip costs about as much as a part."""
     entry = _batches.get(batch_id)
     if entry is None:
-        raise NotFound(f"batch {batch_id!r} is not open (failed or finished before)")
+        raise Unavailable(f"batch {batch_id!r} is not open here: the worker that held it restarted; "
+                          "send the batch again")
     acc, _, busy = entry
     start = time.perf_counter()
     try:
@@ -185,7 +186,8 @@ def batch_add(batch_id: str, parts: list[tuple[int, bytes]]) -> None:
 def batch_finish(batch_id: str) -> tuple[list[bytes], float]:
     entry = _batches.pop(batch_id, None)
     if entry is None:
-        raise NotFound(f"batch {batch_id!r} is not open (failed or finished before)")
+        raise Unavailable(f"batch {batch_id!r} is not open here: the worker that held it restarted; "
+                          "send the batch again")
     acc, _, busy = entry
     start = time.perf_counter()
     out = acc.finish()

@@ -29,6 +29,8 @@ from encinfer.v1 import keystore_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyStore"].full_name
+# A stop waits at most this long past the grace period for anything that will not end.
+STOP_MARGIN_SECONDS = 5.0
 
 
 async def split_put_stream(requests: AsyncIterator[pb.PutKeysRequest]) -> tuple[PutHeader, AsyncIterator[bytes]]:
@@ -166,12 +168,19 @@ class KeyStoreServer:
         self._stopped.set()
         for task in self._tasks:  # first, so no probe can flip health back to SERVING
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Bounded: a probe or clean-up stuck in a storage thread must not hold the shutdown.
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_MARGIN_SECONDS)
         self.serving = False
         await set_health(self.health, [SERVICE_NAME], False)
         if delay > 0:
             await asyncio.sleep(delay)
-        await self.server.stop(self.config.shutdown_grace if grace is None else grace)
+        grace = self.config.shutdown_grace if grace is None else grace
+        try:
+            await asyncio.wait_for(self.server.stop(grace), grace + STOP_MARGIN_SECONDS)
+        except TimeoutError:
+            log.error("the gRPC server did not stop within its grace period; closing anyway",
+                      extra={"fields": {"grace_seconds": grace}})
         self.store.close()
         log.info("key store stopped", extra={"fields": {"address": self.address}})
 
