@@ -40,7 +40,7 @@ import tenseal.sealapi as seal
 
 from encinfer.common.errors import FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.params import MAX_COEFF_BITS_128, CkksParams, score_bound
+from encinfer.he.params import MAX_COEFF_BITS_128, CkksParams, finite_interval, score_bound
 
 if TYPE_CHECKING:  # pragma: no cover
     from encinfer.he.coeff import CoeffKeys
@@ -159,9 +159,7 @@ def choose_batch_params(weights: np.ndarray, bias: np.ndarray, *,
     """
     if poly_modulus_degree not in MAX_COEFF_BITS_128 or poly_modulus_degree < 2048:
         raise InvalidArgument(f"poly_modulus_degree {poly_modulus_degree} is not usable for the batch layout")
-    lo, hi = (float(v) for v in input_range)
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-        raise InvalidArgument(f"input_range {input_range!r} is not a finite interval")
+    lo, hi = finite_interval(input_range)
     prime_bits = min(MAX_PRIME_BITS, MAX_COEFF_BITS_128[poly_modulus_degree])
     bound = score_bound(weights, bias, (lo, hi)) * (math.sqrt(2) if complex_packing else 1.0)
     value_bits = max(0, math.ceil(math.log2(max(bound, 1.0))))

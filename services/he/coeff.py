@@ -66,7 +66,7 @@ import tenseal.sealapi as seal
 from encinfer.common.errors import DataLoss, EncinferError, FailedPrecondition, InvalidArgument
 from encinfer.he import serial
 from encinfer.he.batch import _CiphertextMemory
-from encinfer.he.params import CkksParams, check_keys_fit, checked_sample
+from encinfer.he.params import CkksParams, check_keys_fit, checked_sample, finite_interval, linear_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from encinfer.he.secret import SecretKeys
@@ -425,18 +425,8 @@ class CoeffModel:
 
     def __init__(self, weights: np.ndarray, bias: np.ndarray | float, params: CkksParams | None = None, *,
                  input_range: tuple[float, float] = (0.0, 1.0), flood_bits: int = 0) -> None:
-        W = np.asarray(weights, dtype=np.float64)
-        if W.ndim == 1:
-            W = W[None, :]
-        b = np.asarray(bias, dtype=np.float64).reshape(-1)
-        if W.ndim != 2 or W.shape[0] < 1 or W.shape[1] < 1 or b.shape != (W.shape[0],):
-            raise InvalidArgument(f"weights {np.shape(weights)} and bias {np.shape(bias)} are not an "
-                                  "(outputs, features) matrix and an (outputs,) vector")
-        if not (np.all(np.isfinite(W)) and np.all(np.isfinite(b))):
-            raise InvalidArgument("weights and bias must be finite")
-        lo, hi = (float(v) for v in input_range)
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-            raise InvalidArgument(f"input_range {input_range!r} is not a finite interval")
+        W, b = linear_model(weights, bias)
+        lo, hi = finite_interval(input_range)
         m, d = W.shape
         bound = score_bound(W, b, (lo, hi))
         if params is None:

@@ -49,7 +49,7 @@ import tenseal.sealapi as seal
 
 from encinfer.common.errors import DataLoss, EncinferError, FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.params import CkksParams, check_keys_fit, checked_sample, score_bound
+from encinfer.he.params import CkksParams, check_keys_fit, checked_sample, finite_interval, linear_model, score_bound
 
 if TYPE_CHECKING:  # pragma: no cover
     from encinfer.he.coeff import CoeffKeys
@@ -321,20 +321,10 @@ class LatencyModel:
 
     def __init__(self, weights: np.ndarray, bias: np.ndarray | float, params: CkksParams | None = None, *,
                  input_range: tuple[float, float] = (0.0, 1.0)) -> None:
-        W = np.asarray(weights, dtype=np.float64)
-        if W.ndim == 1:
-            W = W[None, :]
-        b = np.asarray(bias, dtype=np.float64).reshape(-1)
-        if W.ndim != 2 or W.shape[0] < 1 or W.shape[1] < 1 or b.shape != (W.shape[0],):
-            raise InvalidArgument(f"weights {np.shape(weights)} and bias {np.shape(bias)} are not an "
-                                  "(outputs, features) matrix and an (outputs,) vector")
-        if not (np.all(np.isfinite(W)) and np.all(np.isfinite(b))):
-            raise InvalidArgument("weights and bias must be finite")
+        W, b = linear_model(weights, bias)
         if not np.any(W):
             raise InvalidArgument("every weight is zero: the scores are the bias, nothing to compute")
-        lo, hi = (float(v) for v in input_range)
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-            raise InvalidArgument(f"input_range {input_range!r} is not a finite interval")
+        lo, hi = finite_interval(input_range)
         m, d = W.shape
         bound = score_bound(W, b, (lo, hi))
         used = np.flatnonzero(np.any(W != 0, axis=0))

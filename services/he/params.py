@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -158,3 +160,26 @@ def checked_sample(secret: CkksParams, layout: CkksParams, x, n_features: int,
         raise InvalidArgument(f"input values must lie in [{lo:g}, {hi:g}] (got {v.min():g} to {v.max():g}); "
                               "scale the sample as the model was trained")
     return v
+
+
+def linear_model(weights: Any, bias: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) as floats (a vector of weights is one output row); INVALID_ARGUMENT unless they
+    are an (outputs, features) matrix and an (outputs,) vector of finite numbers."""
+    W = np.asarray(weights, dtype=np.float64)
+    if W.ndim == 1:
+        W = W[None, :]
+    b = np.asarray(bias, dtype=np.float64).reshape(-1)
+    if W.ndim != 2 or W.shape[0] < 1 or W.shape[1] < 1 or b.shape != (W.shape[0],):
+        raise InvalidArgument(f"weights {np.shape(weights)} and bias {np.shape(bias)} are not an "
+                              "(outputs, features) matrix and an (outputs,) vector")
+    if not (np.all(np.isfinite(W)) and np.all(np.isfinite(b))):
+        raise InvalidArgument("weights and bias must be finite")
+    return W, b
+
+
+def finite_interval(input_range: Any) -> tuple[float, float]:
+    """The input range as (lo, hi) floats; INVALID_ARGUMENT unless it is a finite interval."""
+    lo, hi = (float(v) for v in input_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise InvalidArgument(f"input_range {input_range!r} is not a finite interval")
+    return lo, hi

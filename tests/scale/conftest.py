@@ -10,13 +10,13 @@ import json
 import os
 import shutil
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/conftest.py's helpers (MINIO_BIN)
@@ -92,12 +92,8 @@ def sample(seed: int = 0) -> np.ndarray:
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+    """The suite's bounded wait (tests/conftest.py), polling less often: these checks read /proc and logs."""
+    return wait_until(predicate, timeout=timeout, interval=interval)
 
 
 def have_unshare() -> bool:
