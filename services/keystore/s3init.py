@@ -149,7 +149,7 @@ def init_storage(config: S3InitConfig) -> S3InitResult:
         _call(lambda: root.make_bucket(bucket_name=config.bucket, location=config.region or None), config)
         log.info("bucket created", extra={"fields": {"bucket": config.bucket}})
 
-    user_created = not _user_exists(admin, config)
+    user_created = not _wait_for_admin(admin, config, time.monotonic() + config.wait_seconds)
     _call(lambda: admin.user_add(access_key=config.access_key, secret_key=config.secret_key), config)
     _call(lambda: admin.policy_add(policy_name=config.policy_name, policy=keystore_policy(config.bucket)),
                 config)
@@ -178,6 +178,19 @@ def _wait_for_endpoint(root: Minio, config: S3InitConfig) -> bool:
             if time.monotonic() >= deadline:
                 raise Unavailable(f"S3 endpoint {config.endpoint} did not answer within "
                                   f"{config.wait_seconds:g} s: {exc}") from None
+            time.sleep(0.5)
+
+
+def _wait_for_admin(admin: MinioAdmin, config: S3InitConfig, deadline: float) -> bool:
+    """Whether the key store's user exists, once MinIO's admin API is initialized: a server
+    that answers S3 calls may still answer admin calls "XMinioServerNotInitialized" for a
+    moment (distributed MinIO right after start); polled until `deadline`."""
+    while True:
+        try:
+            return _user_exists(admin, config)
+        except EncinferError as exc:
+            if "XMinioServerNotInitialized" not in str(exc) or time.monotonic() >= deadline:
+                raise
             time.sleep(0.5)
 
 
