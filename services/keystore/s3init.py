@@ -22,7 +22,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import certifi
 import urllib3
@@ -36,6 +38,7 @@ from encinfer.common.errors import EncinferError, FailedPrecondition, InvalidArg
 from encinfer.keystore.config import S3Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_ENDPOINT = S3Settings.endpoint
 DEFAULT_BUCKET = S3Settings.bucket
@@ -143,22 +146,18 @@ def init_storage(config: S3InitConfig) -> S3InitResult:
                  secure=config.secure, region=config.region or None, http_client=http)
     admin = MinioAdmin(endpoint=config.endpoint, credentials=StaticProvider(config.root_user, config.root_password),
                        region=config.region, secure=config.secure, http_client=http)
+    call = _Steps(config)
 
-    exists = _wait_for_endpoint(root, config)
+    exists = call(lambda: root.bucket_exists(bucket_name=config.bucket))
     if not exists:
-        _call(lambda: root.make_bucket(bucket_name=config.bucket, location=config.region or None), config)
+        call(lambda: root.make_bucket(bucket_name=config.bucket, location=config.region or None))
         log.info("bucket created", extra={"fields": {"bucket": config.bucket}})
 
-    user_created = not _wait_for_admin(admin, config, time.monotonic() + config.wait_seconds)
-    _call(lambda: admin.user_add(access_key=config.access_key, secret_key=config.secret_key), config)
-    _call(lambda: admin.policy_add(policy_name=config.policy_name, policy=keystore_policy(config.bucket)),
-                config)
-    try:
-        admin.attach_policy(policies=[config.policy_name], user=config.access_key)
-    except MinioAdminException as exc:
-        if _admin_code(exc) != "XMinioAdminPolicyChangeAlreadyApplied":
-            raise _admin_error(exc, config) from None
-    _warn_on_extra_policies(admin, config)
+    user_created = not call(lambda: _user_exists(admin, config))
+    call(lambda: admin.user_add(access_key=config.access_key, secret_key=config.secret_key))
+    call(lambda: admin.policy_add(policy_name=config.policy_name, policy=keystore_policy(config.bucket)))
+    call(lambda: _attach_policy(admin, config))
+    _warn_on_extra_policies(json.loads(call(lambda: admin.user_info(access_key=config.access_key)) or "{}"), config)
     log.info("key store user ready", extra={"fields": {
         "bucket": config.bucket, "user": config.access_key, "user_created": user_created,
         "policy": config.policy_name}})
@@ -166,31 +165,34 @@ def init_storage(config: S3InitConfig) -> S3InitResult:
                         user_created=user_created, policy=config.policy_name)
 
 
-def _wait_for_endpoint(root: Minio, config: S3InitConfig) -> bool:
-    """Polls until the endpoint answers (bounded by wait_seconds); returns whether the bucket exists."""
-    deadline = time.monotonic() + config.wait_seconds
-    while True:
-        try:
-            return root.bucket_exists(bucket_name=config.bucket)
-        except S3Error as exc:
-            raise _s3_error(exc, config) from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            if time.monotonic() >= deadline:
-                raise Unavailable(f"S3 endpoint {config.endpoint} did not answer within "
-                                  f"{config.wait_seconds:g} s: {exc}") from None
-            time.sleep(0.5)
+# What a MinIO that is still starting answers, to S3 and admin calls alike: a
+# distributed MinIO serves some calls before its IAM and bucket metadata are loaded.
+_NOT_READY_CODES = {"XMinioServerNotInitialized"}
 
 
-def _wait_for_admin(admin: MinioAdmin, config: S3InitConfig, deadline: float) -> bool:
-    """Whether the key store's user exists, once MinIO's admin API is initialized: a server
-    that answers S3 calls may still answer admin calls "XMinioServerNotInitialized" for a
-    moment (distributed MinIO right after start); polled until `deadline`."""
-    while True:
-        try:
-            return _user_exists(admin, config)
-        except EncinferError as exc:
-            if "XMinioServerNotInitialized" not in str(exc) or time.monotonic() >= deadline:
-                raise
+class _Steps:
+    """Runs each S3 or admin step, waiting out a server that is not up yet (no answer, or
+    "not initialized") until one deadline `wait_seconds` from the first step; any other
+    failure becomes, at once, an error that says what to fix."""
+
+    def __init__(self, config: S3InitConfig) -> None:
+        self.config = config
+        self.deadline = time.monotonic() + config.wait_seconds
+
+    def __call__(self, fn: Callable[[], T]) -> T:
+        while True:
+            try:
+                return fn()
+            except S3Error as exc:
+                error, ready = _s3_error(exc, self.config), exc.code not in _NOT_READY_CODES
+            except MinioAdminException as exc:
+                error, ready = _admin_error(exc, self.config), _admin_code(exc) not in _NOT_READY_CODES
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                error, ready = Unavailable(f"S3 endpoint {self.config.endpoint} did not answer: {exc}"), False
+            if ready:
+                raise error from None
+            if time.monotonic() >= self.deadline:
+                raise type(error)(f"{error} (still so after waiting {self.config.wait_seconds:g} s)") from None
             time.sleep(0.5)
 
 
@@ -201,31 +203,24 @@ def _user_exists(admin: MinioAdmin, config: S3InitConfig) -> bool:
     except MinioAdminException as exc:
         if _admin_code(exc) == "XMinioAdminNoSuchUser":
             return False
-        raise _admin_error(exc, config) from None
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise Unavailable(f"S3 endpoint {config.endpoint}: {exc}") from None
+        raise
 
 
-def _warn_on_extra_policies(admin: MinioAdmin, config: S3InitConfig) -> None:
-    info = json.loads(_call(lambda: admin.user_info(access_key=config.access_key), config) or "{}")
+def _attach_policy(admin: MinioAdmin, config: S3InitConfig) -> None:
+    try:
+        admin.attach_policy(policies=[config.policy_name], user=config.access_key)
+    except MinioAdminException as exc:
+        if _admin_code(exc) != "XMinioAdminPolicyChangeAlreadyApplied":
+            raise
+
+
+def _warn_on_extra_policies(info: dict, config: S3InitConfig) -> None:
     attached = [p for p in str(info.get("policyName", "")).split(",") if p]
     extra = sorted(set(attached) - {config.policy_name})
     if extra:
         # Someone granted more by hand; we don't take it away silently, but say so.
         log.warning("key store user has more policies than it needs", extra={"fields": {
             "user": config.access_key, "extra_policies": extra}})
-
-
-def _call(fn, config: S3InitConfig):
-    """Runs one S3 or admin call; its failure becomes an error that says what to fix."""
-    try:
-        return fn()
-    except S3Error as exc:
-        raise _s3_error(exc, config) from None
-    except MinioAdminException as exc:
-        raise _admin_error(exc, config) from None
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise Unavailable(f"S3 endpoint {config.endpoint}: {exc}") from None
 
 
 _AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "XMinioInvalidIAMCredentials", "AccessDenied"}
