@@ -444,39 +444,52 @@ def _alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------- through the real services
 
-@pytest.fixture(scope="module")
-def tenant(fs_stack, tmp_path_factory):
-    clf = fs_stack.classifier(tmp_path_factory.mktemp("untrusted-keys"), layout="latency")
-    secret, key_id = clf.keys("latency")
-    yield fs_stack, clf, secret, key_id
+LAYOUTS = {"latency": ("encrypt_latency", "decrypt_latency"), "coeff": ("encrypt_coeff", "decrypt_coeff")}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def tenant(fs_stack, tmp_path_factory, request):
+    """A tenant of each single-sample layout: the rotation layout and the default coefficient layout."""
+    clf = fs_stack.classifier(tmp_path_factory.mktemp("untrusted-keys"), layout=request.param)
+    secret, key_id = clf.keys(request.param)
+    yield fs_stack, clf, secret, key_id, request.param
     clf.close()
 
 
-def predict(stack, key_id: str, ciphertext: bytes):
+def predict(stack, key_id: str, ciphertext: bytes, layout: str = "latency"):
     from encinfer.v1 import inference_pb2 as pb
-    return stack.stub().Predict(pb.PredictRequest(model=MODEL, key_id=key_id, request_id="r", ciphertext=ciphertext),
-                                metadata=(("authorization", f"Bearer {ALICE}"),), timeout=CALL_TIMEOUT)
+    request = pb.PredictRequest(model=MODEL, key_id=key_id, request_id="r", ciphertext=ciphertext,
+                                layout=pb.LAYOUT_COEFF if layout == "coeff" else pb.LAYOUT_LATENCY)
+    return stack.stub().Predict(request, metadata=(("authorization", f"Bearer {ALICE}"),), timeout=CALL_TIMEOUT)
 
 
-@pytest.mark.parametrize("forge", ["size-2^40", "3-polynomials", "version-4.4", "bomb"])
+@pytest.mark.parametrize("forge", ["size-2^40", "3-polynomials", "version-4.4", "bomb", "coefficients"])
 def test_a_crafted_ciphertext_in_predict_is_invalid_argument_and_the_server_keeps_serving(
         tenant, test_images, forge):
-    from encinfer.he.latency import decrypt_latency, encrypt_latency
-    stack, clf, secret, key_id = tenant
-    layout = clf.layout_info("latency")
+    import importlib
+
+    stack, clf, secret, key_id, name = tenant
+    module = importlib.import_module(f"encinfer.he.{name}")
+    encrypt, decrypt = (getattr(module, f) for f in LAYOUTS[name])
+    layout = clf.layout_info(name)
     x = test_images[0][0]
-    good = serial.check_ciphertext(encrypt_latency(secret, x, layout), layout.params.context())
+    good = serial.check_ciphertext(encrypt(secret, x, layout), layout.params.context())
+    coefficients = bytearray(good)
+    struct.pack_into("<Q", coefficients, 16 + META.size + 16, 1 << 40)  # the coefficient array's count
     crafted = {
         "size-2^40": header(2 ** 40) + good[16:],
         "3-polynomials": with_meta(good, polys=3),
         "version-4.4": header(len(good), version=(4, 4)) + good[16:],
         "bomb": (lambda p: header(16 + len(p), compression=2) + p)(bomb(64 << 20, content_size=False)),
+        "coefficients": bytes(coefficients),
     }[forge]
     start = time.monotonic()
-    err = rpc_error(lambda: predict(stack, key_id, crafted))
+    err = rpc_error(lambda: predict(stack, key_id, crafted, name))
     assert time.monotonic() - start < 10
-    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "ciphertext")
-    scores = decrypt_latency(secret, predict(stack, key_id, good).ciphertexts[0], layout)
+    # The refusal comes from encinfer's own check, before SEAL parses anything.
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, r"holds 2\^40 coefficients" if forge == "coefficients"
+                  else "ciphertext")
+    scores = decrypt(secret, predict(stack, key_id, good, name).ciphertexts[0], layout)
     assert np.all(np.isfinite(scores))
 
 

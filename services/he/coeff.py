@@ -475,7 +475,8 @@ class CoeffModel:
         if len(data) > self._max_input_bytes:
             raise InvalidArgument(f"ciphertext of {len(data)} bytes is larger than any fresh ciphertext for these "
                                   f"parameters ({self._max_input_bytes} bytes at most)")
-        ct = serial.load(lambda: seal.Ciphertext(self._context), bytes(data), self._context, "ciphertext")
+        # Checked byte by byte before SEAL parses it (encinfer.he.serial), as in every layout.
+        ct = serial.load_ciphertext(bytes(data), self._context, parms_id=self._parms_id)
         return serial.check_fresh_input(ct, self._context, self._parms_id, self.params.input_scale_bits)
 
     def _check_keys(self, keys: CoeffKeys) -> None:
