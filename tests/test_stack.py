@@ -288,9 +288,9 @@ def test_s3_init_with_a_wrong_root_password_is_unauthenticated(minio_server):
 
 class StartingMinio:
     """A front to the real MinIO that answers the first `s3` S3 requests and the first
-    `admin` admin requests as a MinIO still starting does (503, XMinioServerNotInitialized:
-    XML to S3 calls, JSON to admin calls), as a distributed MinIO answers right after it
-    listens, then forwards everything."""
+    `admin` admin requests as a distributed MinIO answered right after it listened (503:
+    XMinioServerNotInitialized in XML to S3 calls, XMinioAdminConfigNoQuorum in JSON to
+    admin calls, both seen in the scale suite), then forwards everything."""
 
     def __init__(self, backend: str, s3: int, admin: int) -> None:
         import http.server
@@ -310,7 +310,8 @@ class StartingMinio:
                 if sum(p.startswith("/minio/admin") == admin for p in front.refused) < (admin_refusals if admin
                                                                                        else s3_refusals):
                     front.refused.append(self.path)
-                    answer = (b'{"Code":"XMinioServerNotInitialized","Message":"Server not initialized yet"}'
+                    answer = (b'{"Code":"XMinioAdminConfigNoQuorum","Message":"Configuration update failed '
+                              b'because server quorum was not met"}'
                               if admin else b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>"
                               b"<Code>XMinioServerNotInitialized</Code><Message>Server not initialized yet"
                               b"</Message><Resource>/</Resource><RequestId>1</RequestId></Error>")

@@ -165,9 +165,12 @@ def init_storage(config: S3InitConfig) -> S3InitResult:
                         user_created=user_created, policy=config.policy_name)
 
 
-# What a MinIO that is still starting answers, to S3 and admin calls alike: a
-# distributed MinIO serves some calls before its IAM and bucket metadata are loaded.
-_NOT_READY_CODES = {"XMinioServerNotInitialized"}
+# What a MinIO that is still starting answers, to S3 and admin calls alike (MinIO's
+# cmd/api-errors.go): a distributed MinIO serves some calls before its IAM and bucket
+# metadata are loaded, and before all its nodes are up (no write quorum yet). Waited
+# out within the deadline; past it the same answer is the error, with its reason.
+_NOT_READY_CODES = {"XMinioServerNotInitialized", "XMinioIAMNotInitialized", "XMinioBucketMetadataNotInitialized",
+                    "XMinioAdminConfigNoQuorum", "SlowDownWrite", "SlowDownRead"}
 
 
 class _Steps:
