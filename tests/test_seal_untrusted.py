@@ -14,6 +14,8 @@ import os
 import resource
 import signal
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 import zlib
@@ -423,8 +425,10 @@ def test_a_parser_that_died_while_idle_costs_no_upload():
         try:
             pid = await pool.run(os.getpid)
             os.kill(pid, signal.SIGSEGV)
+            # Until the pool has reaped it: a SIGSEGV'd child shows as a zombie while the kernel
+            # still writes its core (waitpid reports nothing yet), and is not dead until then.
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another process
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             return pid, await pool.run(os.getpid)
         finally:
@@ -432,6 +436,35 @@ def test_a_parser_that_died_while_idle_costs_no_upload():
 
     dead, alive = asyncio.run(scenario())
     assert alive != dead and not _alive(alive)  # and close() left nothing running
+
+
+UNGUARDED_SCRIPT = """
+import asyncio, os
+from encinfer.common.errors import EncinferError
+from encinfer.keystore.parser import ParserPool
+
+async def main():
+    pool = ParserPool()
+    try:
+        await pool.run(os.getpid)
+        print("PARSED")
+    except EncinferError as e:
+        print("ANSWER", e.code, e)
+    finally:
+        pool.close()
+
+asyncio.run(main())  # no `if __name__ == "__main__":` guard: the spawned child runs this again
+"""
+
+
+def test_a_parser_that_cannot_start_is_the_key_stores_fault_and_says_why(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    answers = [line for line in result.stdout.splitlines() if line.startswith(("ANSWER", "PARSED"))]
+    assert len(answers) == 1, result.stdout + result.stderr
+    assert answers[0].startswith("ANSWER INTERNAL the key store's parser process could not start (exit 1)")
+    assert "__main__" in answers[0]
 
 
 def _alive(pid: int) -> bool:

@@ -6,21 +6,23 @@ never the key store: the parse runs in one spawned child process (one at a time,
 before: SEAL keeps its memory pool at its peak, so parallel parses would add up). When
 the child dies, the upload it was reading is answered (INVALID_ARGUMENT: the bytes
 crashed the parser; UNAVAILABLE when it was SIGKILLed, by the OOM killer or an
-operator, which is not the upload's fault), and one new child replaces it.
+operator, which is not the upload's fault), and one new child replaces it. A child
+that dies before it has even imported the parser never read the upload: that is the
+key store's fault (INTERNAL, with the likely reason), never the client's.
 """
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import multiprocessing
 import signal
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+import weakref
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from encinfer.common.errors import InvalidArgument, Unavailable
+from encinfer.common.errors import EncinferError, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,23 @@ class ParserPool:
 
     def __init__(self, *, in_process: bool = False) -> None:
         self._in_process = in_process
+        # Each pool's first task: the parser's import, which proves its child started.
+        self._imports: weakref.WeakKeyDictionary[Executor, Future] = weakref.WeakKeyDictionary()
         self._pool = self._new()
 
     def _new(self) -> Executor:
+        pool: Executor
         if self._in_process:
-            return ThreadPoolExecutor(max_workers=1, thread_name_prefix="keystore-inspect")
-        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_ignore_stop_signals)
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keystore-inspect")
+        else:
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_ignore_stop_signals)
+        self._imports[pool] = pool.submit(preload)  # warm, off the request path
+        return pool
+
+    def _started(self, pool: Executor) -> bool:
+        first = self._imports.get(pool)
+        return first is not None and first.done() and not first.cancelled() and first.exception() is None
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -63,7 +75,13 @@ class ParserPool:
             return await future
         except BrokenProcessPool:
             codes = await _exit_codes(pool)
+            started = self._started(pool)
             self._replace(pool)
+            if not started:
+                raise EncinferError(
+                    f"the key store's parser process could not start ({_how(codes)}), so this upload was not read; "
+                    "the key store's log says why (a script that runs a key store in its own process needs "
+                    "`if __name__ == \"__main__\":` around its entry point: the parser process imports it)") from None
             if -signal.SIGKILL in codes:  # the OOM killer or an operator: not the upload's fault
                 raise Unavailable("the key parser process was killed while reading this upload; retry shortly") \
                     from None
@@ -76,7 +94,6 @@ class ParserPool:
             log.error("key parser process died; starting another",
                       extra={"fields": {"exit_codes": [p.exitcode for p in _processes(broken)]}})
             self._pool = self._new()
-            self._pool.submit(importlib.import_module, "encinfer.he.keys")  # warm, off the request path
             _stop(broken)
         return self._pool
 
