@@ -203,7 +203,7 @@ class KeySource:
         self._records = _Records(record_entries)
         self._bytes: ByteLRU[str, bytes] = ByteLRU(cache_bytes, size_of=len, name="server-bytes")
         self._checks: SharedCalls[tuple[str, str], _Entry] = SharedCalls()
-        self._fetches: SharedCalls[str, bytes] = SharedCalls()
+        self._fetches: SharedCalls[str, tuple[keystore_pb2.KeyRecord, bytes]] = SharedCalls()
 
     @classmethod
     def from_config(cls, config: InferenceConfig) -> KeySource:
@@ -267,12 +267,19 @@ class KeySource:
         raise exc
 
     async def _check(self, slot: tuple[str, str]) -> _Entry:
-        """Asks the key store for the record; updates or drops the cached entry."""
+        """Asks the key store for the record; updates or drops the cached entry.
+
+        A key whose bytes are not here yet is read with GetKeys, whose first message is
+        the same owner's record: a first request costs one key-store call (two storage
+        reads), not a StatKeys and then a GetKeys (three)."""
         key_id, owner = slot
         try:
-            rec = await self._call(self._stub.StatKeys(
-                keystore_pb2.StatKeysRequest(key_id=key_id, owner=owner),
-                metadata=self._metadata, timeout=self.timeout), key_id, f"checking key {key_id} with the key store")
+            if self._bytes.get(key_id) is not None:  # a re-check, or another tenant's copy of the bytes
+                rec = await self._call(self._stub.StatKeys(
+                    keystore_pb2.StatKeysRequest(key_id=key_id, owner=owner), metadata=self._metadata,
+                    timeout=self.timeout), key_id, f"checking key {key_id} with the key store")
+            else:
+                rec, _ = await self._fetch(key_id, owner, f"checking key {key_id} with the key store")
         except KeyStoreUnavailable as e:
             self._outage(slot, e)
             raise
@@ -322,9 +329,10 @@ class KeySource:
         cached = self._bytes.get(key_id)
         if cached is not None:
             return cached
-        return await asyncio.shield(self._fetches.start(key_id, lambda: self._fetch(key_id, owner)).task)
+        return (await asyncio.shield(self._fetches.start(key_id, lambda: self._fetch(key_id, owner)).task))[1]
 
-    async def _fetch(self, key_id: str, owner: str) -> bytes:
+    async def _fetch(self, key_id: str, owner: str, doing: str = "") -> tuple[keystore_pb2.KeyRecord, bytes]:
+        """`owner`'s record of the key and the key's bytes (checked against the record), cached."""
         call = self._stub.GetKeys(keystore_pb2.GetKeysRequest(key_id=key_id, owner=owner), metadata=self._metadata,
                                   timeout=self.timeout)
         record, parts = None, []
@@ -335,13 +343,13 @@ class KeySource:
                 else:
                     parts.append(msg.chunk)
         except grpc.aio.AioRpcError as e:
-            raise self._translate(e, key_id, f"fetching key {key_id} from the key store") from None
+            raise self._translate(e, key_id, doing or f"fetching key {key_id} from the key store") from None
         data = b"".join(parts)
         if record is None or hashlib.sha256(data).hexdigest() != record.sha256 or record.key_id != key_id:
             raise DataLoss(f"key {key_id} arrived from the key store with a wrong checksum")
         self._bytes.put(key_id, data)
         log.info("key fetched", extra={"fields": {"key_id": key_id, "bytes": len(data)}})
-        return data
+        return record, data
 
     # ------------------------------------------------------------ errors
     async def _call(self, coro, key_id: str, doing: str):
