@@ -428,7 +428,7 @@ def test_a_parser_that_died_while_idle_costs_no_upload():
             # Until the pool has reaped it: a SIGSEGV'd child shows as a zombie while the kernel
             # still writes its core (waitpid reports nothing yet), and is not dead until then.
             deadline = time.monotonic() + 10
-            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:  # noqa: ASYNC110
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:  # noqa: ASYNC110, ASYNC240
                 await asyncio.sleep(0.05)
             return pid, await pool.run(os.getpid)
         finally:

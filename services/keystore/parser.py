@@ -16,8 +16,8 @@ import asyncio
 import logging
 import multiprocessing
 import signal
-from collections.abc import Callable
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
