@@ -153,6 +153,46 @@ def test_a_key_the_worker_lacks_goes_with_the_first_call_and_not_again(mnist_mod
     asyncio.run(scenario())
 
 
+def test_a_key_sent_to_one_worker_is_loaded_by_the_others_before_their_first_call(mnist_model):
+    """The second request of a new key (another worker, by least-loaded pick) goes without the
+    bytes: the pool handed them to the other worker in the background after the first call."""
+    from encinfer.he.coeff import encrypt_coeff
+    from encinfer.he.secret import SecretKeys
+
+    stem, model = mnist_model
+
+    async def scenario() -> None:
+        pool = WorkerPool([str(stem)], 2, 1 << 26)
+        await pool.start()
+        try:
+            lay = next(m for m in pool.models if m.name == model.name).layouts["coeff"]
+            secret = SecretKeys.generate(lay.params)
+            bundle = secret.public_bundle()
+            ct = encrypt_coeff(secret, model_images(1)[0], lay)
+            trips, fetches = [], []
+            real_call = pool.call
+
+            async def counting_call(index, fn, *args, **kw):
+                if fn is worker.predict_coeff:
+                    trips.append((index, args[2] is not None))  # (model, key id, key bytes or None, ciphertext)
+                return await real_call(index, fn, *args, **kw)
+
+            async def fetch() -> bytes:
+                fetches.append(1)
+                return bundle
+            pool.call = counting_call
+            head = (model.name, "c" * 64)
+            await pool.with_key(0, fetch, worker.predict_coeff, head, (ct,))
+            slot = ("predict_coeff", *head)
+            assert await wait_for(lambda: slot in pool._workers[1].holds and not pool._background)
+            await pool.with_key(1, fetch, worker.predict_coeff, head, (ct,))
+            assert trips == [(0, True), (1, False)] and len(fetches) == 1
+            assert await pool.call(1, worker.zero_pools) != []  # its encryptions of zero are kept ready
+        finally:
+            await pool.close()
+    asyncio.run(scenario())
+
+
 def model_images(n: int):
     from encinfer import datasets
     return datasets.default_test_images(n)[0]

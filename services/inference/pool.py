@@ -22,7 +22,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from encinfer.common.errors import Unavailable
-from encinfer.inference.worker import WORKER_CODE, KeyMissing, describe, init_worker, predict_coeff, predict_latency
+from encinfer.inference.worker import (
+    WORKER_CODE,
+    KeyMissing,
+    describe,
+    init_worker,
+    predict_coeff,
+    predict_latency,
+    preload_key,
+)
 from encinfer.modelinfo import ModelDescription
 
 log = logging.getLogger(__name__)
@@ -197,6 +205,7 @@ class WorkerPool:
         self.models: list[ModelDescription] = []
         self.replacements = 0
         self._inline_holds = KeysHeld()
+        self._background: set[asyncio.Task] = set()  # key preloads under way
         self._spawned: set[subprocess.Popen] = set()  # every process this pool started
 
     async def start(self) -> None:
@@ -339,17 +348,41 @@ class WorkerPool:
                 return await self.call(index, fn, *head, None, *tail, retry=retry)
             except KeyMissing:
                 holds.discard(slot)
-        result = await self.call(index, fn, *head, await fetch(), *tail, retry=retry)
+        data = await fetch()
+        result = await self.call(index, fn, *head, data, *tail, retry=retry)
         holds.add(slot)
+        if retry and self.n > 1:
+            self._spread(index, slot, data)
         return result
+
+    def _spread(self, index: int, slot: tuple, data: bytes) -> None:
+        """Hands a single-sample key that worker `index` was just sent to the other workers, in
+        the background: a key's second request (the least-loaded pick is another worker) then
+        finds it loaded, with encryptions of zero made while that worker was idle, instead of
+        loading the key and making them on the spot (3.6-7.5 ms against 1.2 ms warm, measured)."""
+        for other, worker in enumerate(self._workers):
+            if other != index and slot not in worker.holds and not worker.dead:
+                task = asyncio.get_running_loop().create_task(self._preload(other, worker, slot, data),
+                                                              name=f"encinfer-worker-{other}-preload")
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _preload(self, index: int, worker: _Worker, slot: tuple, data: bytes) -> None:
+        try:
+            await self.call(index, preload_key, *slot, data)
+        except Exception as e:  # noqa: BLE001 - a worker that misses it loads it with its first request
+            log.debug("key preload failed", extra={"fields": {"worker": index, "error": str(e)}})
+            return
+        if self._workers[index] is worker:  # not replaced meanwhile: this worker holds it now
+            worker.holds.add(slot)
 
     async def close(self, timeout: float = 3.0) -> None:
         """Stops every worker (replacements under way too) within about `timeout` + 5 s."""
         self._closing = True
-        replacing = list(self._replacing.values())
-        for task in replacing:
+        pending = [*self._replacing.values(), *self._background]
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*replacing, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(w.close(timeout) for w in self._workers), return_exceptions=True)
         self._workers = []
         # Whatever a failed start or replacement left (a worker not yet in the list): kill, reap.

@@ -142,6 +142,18 @@ def predict_coeff(model_name: str, key_id: str, key_bytes: bytes | None, ciphert
     return result, (time.perf_counter() - start) * 1000
 
 
+def preload_key(predict_fn: str, model_name: str, key_id: str, key_bytes: bytes) -> None:
+    """Loads a key another worker was just sent, ahead of this worker's first request with
+    it; its encryptions of zero are then made while this worker is idle."""
+    from encinfer.inference.catalog import find
+
+    model = find(_models, model_name)
+    if predict_fn == predict_latency.__name__:
+        _server_keys(model, "latency", key_id, key_bytes)
+    layout = "latency" if predict_fn == predict_latency.__name__ else "coeff"
+    _drew_from(_public_keys(model, layout, key_id, key_bytes))
+
+
 # Key sets whose pools of encryptions of zero were drawn from, most recent last (a few).
 _refill: list = []
 _REFILL_KEYS = 16
