@@ -1,10 +1,12 @@
 """encinfer's own rows for `make bench`: real servers on loopback, measured at the RPC.
 
 Latency layout: sequential unary Predict calls (server time = the handler's time,
-reported in each answer), the first call cold (key fetched through the key store,
-verified, deserialized in the worker), then a PredictStream of all images for
-throughput. Batch layout: batches pre-encrypted by the client, then streamed with
-their parts interleaved so every worker is busy; server time per image = stream
+reported in each answer), the first call cold (the server's first request: key
+fetched through the key store, verified, deserialized in the worker, and the process's
+own first-call costs), then the first calls of a new key id on the running server (a
+new tenant's first requests), then a PredictStream of all images for throughput.
+Batch layout: batches pre-encrypted by the client, then streamed with their parts
+interleaved so every worker is busy; server time per image = stream
 wall time / images (upload, deserialization, compute and download included).
 Each layout is measured with 1 and with 2 worker processes.
 """
@@ -27,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from encinfer.client.classifier import SINGLE_SAMPLE, EncryptedClassifier
 from encinfer.client.demo import LocalStack
 from encinfer.he.batch import decrypt_batch, encrypt_batch
+from encinfer.he.secret import SecretKeys
 from encinfer.inference.artifact import load_model
 from encinfer.stack import free_port
 from encinfer.v1 import inference_pb2 as pb
@@ -103,6 +106,18 @@ def bench_latency(stem: str, X: np.ndarray, y: np.ndarray, workers: int = 2, wir
             rtt.append((time.perf_counter() - t) * 1000)
             server.append(reply.server_ms)
             outs.append(reply.ciphertexts[0])
+        # A new key id on the running server: its first request fetches and loads the key,
+        # the next ones find it in every worker.
+        fresh = SecretKeys.generate(layout.params)
+        fresh_id = clf._keystore.put(fresh.public_bundle()).key_id
+        new_rtt, new_server = [], []
+        for i, x in enumerate(X[:3]):
+            ct = encrypt_one(fresh, x, layout)
+            t = time.perf_counter()
+            reply = stub.Predict(pb.PredictRequest(model=artifact.name, key_id=fresh_id, request_id=f"new-{i}",
+                                                   ciphertext=ct, layout=wire_enum), metadata=md, timeout=120)
+            new_rtt.append((time.perf_counter() - t) * 1000)
+            new_server.append(reply.server_ms)
         t = time.perf_counter()
         scores = np.array([decrypt_one(secret, c, layout) for c in outs])
         decrypt_ms = (time.perf_counter() - t) * 1000 / len(X)
@@ -124,6 +139,7 @@ def bench_latency(stem: str, X: np.ndarray, y: np.ndarray, workers: int = 2, wir
         "key_bytes": int(key_bytes), "agreement": agree, "accuracy": acc, "n_images": len(X),
         "max_score_error": err, "workers": workers,
         "cold_rtt_ms": rtt[0], "cold_server_ms": server[0],
+        "new_key_rtt_ms": new_rtt, "new_key_server_ms": new_server,
         "warm_rtt_ms_p50": statistics.median(warm_rtt),
         "warm_rtt_ms_p95": float(np.percentile(warm_rtt, 95)),
         "stream_ms_per_image": stream_s * 1000 / len(X),

@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if row.get("system") == "encinfer" and row.get("layout") in ("coeff", "latency") and "cold_rtt_ms" in row:
             extra[f"{row['layout']}_cold_vs_warm"] = round(row["cold_rtt_ms"] / row["warm_rtt_ms_p50"], 2)
+            first, second = row["new_key_rtt_ms"][:2]
+            extra[f"{row['layout']}_new_key_first_vs_warm"] = round(first / row["warm_rtt_ms_p50"], 2)
+            extra[f"{row['layout']}_new_key_second_vs_warm"] = round(second / row["warm_rtt_ms_p50"], 2)
     if not quick:
         print("key store: 50 MB key through the service to MinIO ...", file=sys.stderr)
         done = subprocess.run([sys.executable, "-m", "bench.keystore"], capture_output=True, text=True, timeout=900)
