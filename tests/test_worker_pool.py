@@ -119,35 +119,49 @@ def test_a_free_port_and_port_0_pass_the_check():
     check_port_free("127.0.0.1", 0, "ENCINFER_X")
 
 
-def test_a_key_the_worker_lacks_goes_with_the_first_call_and_not_again(mnist_model):
-    """One worker trip for a new key (the pool knows the worker has none), none with bytes after."""
-    from encinfer.he.latency import encrypt_latency
+class KeyTrips:
+    """A pool's calls of `fn`, as (worker, whether the key bytes went along), and its key fetches."""
+
+    def __init__(self, pool: WorkerPool, fn, bundle: bytes) -> None:
+        self.trips: list[tuple[int, bool]] = []
+        self.fetches = 0
+        self._bundle, real_call = bundle, pool.call
+
+        async def counting_call(index, called, *args, **kw):
+            if called is fn:
+                self.trips.append((index, args[2] is not None))  # (model, key id, key bytes or None, input)
+            return await real_call(index, called, *args, **kw)
+        pool.call = counting_call
+
+    async def fetch(self) -> bytes:
+        self.fetches += 1
+        return self._bundle
+
+
+async def started_pool(stem, workers: int, model, layout: str):
+    """A started pool, a new key for `layout` and one encrypted image under it."""
+    from encinfer.he import coeff, latency
     from encinfer.he.secret import SecretKeys
 
+    pool = WorkerPool([str(stem)], workers, 1 << 26)
+    await pool.start()
+    lay = next(m for m in pool.models if m.name == model.name).layouts[layout]
+    secret = SecretKeys.generate(lay.params)
+    encrypt = coeff.encrypt_coeff if layout == "coeff" else latency.encrypt_latency
+    return pool, secret.public_bundle(), encrypt(secret, model_images(1)[0], lay)
+
+
+def test_a_key_the_worker_lacks_goes_with_the_first_call_and_not_again(mnist_model):
+    """One worker trip for a new key (the pool knows the worker has none), none with bytes after."""
     stem, model = mnist_model
 
     async def scenario() -> None:
-        pool = WorkerPool([str(stem)], 1, 1 << 26)
-        await pool.start()
+        pool, bundle, ct = await started_pool(stem, 1, model, "latency")
         try:
-            lay = next(m for m in pool.models if m.name == model.name).layouts["latency"]
-            secret = SecretKeys.generate(lay.params)
-            bundle = secret.public_bundle()
-            ct = encrypt_latency(secret, model_images(1)[0], lay)
-            trips, fetches = [], []
-            real_call = pool.call
-
-            async def counting_call(index, fn, *args, **kw):
-                trips.append(args[2] is not None)  # (model, key id, key bytes or None, ciphertext)
-                return await real_call(index, fn, *args, **kw)
-
-            async def fetch() -> bytes:
-                fetches.append(1)
-                return bundle
-            pool.call = counting_call
+            count = KeyTrips(pool, worker.predict_latency, bundle)
             for _ in range(3):
-                await pool.with_key(0, fetch, worker.predict_latency, (model.name, "k" * 64), (ct,))
-            assert trips == [True, False, False] and len(fetches) == 1
+                await pool.with_key(0, count.fetch, worker.predict_latency, (model.name, "k" * 64), (ct,))
+            assert count.trips == [(0, True), (0, False), (0, False)] and count.fetches == 1
         finally:
             await pool.close()
     asyncio.run(scenario())
@@ -156,37 +170,18 @@ def test_a_key_the_worker_lacks_goes_with_the_first_call_and_not_again(mnist_mod
 def test_a_key_sent_to_one_worker_is_loaded_by_the_others_before_their_first_call(mnist_model):
     """The second request of a new key (another worker, by least-loaded pick) goes without the
     bytes: the pool handed them to the other worker in the background after the first call."""
-    from encinfer.he.coeff import encrypt_coeff
-    from encinfer.he.secret import SecretKeys
-
     stem, model = mnist_model
 
     async def scenario() -> None:
-        pool = WorkerPool([str(stem)], 2, 1 << 26)
-        await pool.start()
+        pool, bundle, ct = await started_pool(stem, 2, model, "coeff")
         try:
-            lay = next(m for m in pool.models if m.name == model.name).layouts["coeff"]
-            secret = SecretKeys.generate(lay.params)
-            bundle = secret.public_bundle()
-            ct = encrypt_coeff(secret, model_images(1)[0], lay)
-            trips, fetches = [], []
-            real_call = pool.call
-
-            async def counting_call(index, fn, *args, **kw):
-                if fn is worker.predict_coeff:
-                    trips.append((index, args[2] is not None))  # (model, key id, key bytes or None, ciphertext)
-                return await real_call(index, fn, *args, **kw)
-
-            async def fetch() -> bytes:
-                fetches.append(1)
-                return bundle
-            pool.call = counting_call
+            count = KeyTrips(pool, worker.predict_coeff, bundle)
             head = (model.name, "c" * 64)
-            await pool.with_key(0, fetch, worker.predict_coeff, head, (ct,))
+            await pool.with_key(0, count.fetch, worker.predict_coeff, head, (ct,))
             slot = ("predict_coeff", *head)
             assert await wait_for(lambda: slot in pool._workers[1].holds and not pool._background)
-            await pool.with_key(1, fetch, worker.predict_coeff, head, (ct,))
-            assert trips == [(0, True), (1, False)] and len(fetches) == 1
+            await pool.with_key(1, count.fetch, worker.predict_coeff, head, (ct,))
+            assert count.trips == [(0, True), (1, False)] and count.fetches == 1
             assert await pool.call(1, worker.zero_pools) != []  # its encryptions of zero are kept ready
         finally:
             await pool.close()
