@@ -9,7 +9,6 @@ from test_he_latency import TOLERANCE, fit, mnist
 
 from encinfer.common.errors import DataLoss, FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.batch import _CiphertextMemory
 from encinfer.he.coeff import (
     MAGIC,
     CoeffLayout,
@@ -22,6 +21,7 @@ from encinfer.he.coeff import (
     secret_coefficients,
     unpack_answer,
 )
+from encinfer.he.memory import CiphertextMemory
 from encinfer.he.params import CkksParams
 from encinfer.he.secret import SecretKeys
 
@@ -59,11 +59,11 @@ def plain_coefficients(plain: seal.Plaintext, params: CkksParams) -> np.ndarray:
     q = ctx.first_context_data().parms().coeff_modulus()[0].value()
     ct = seal.Ciphertext(ctx)
     seal.Encryptor(ctx, seal.KeyGenerator(ctx).secret_key()).encrypt_zero_symmetric(ct)
-    words = _CiphertextMemory.view(ct, 2 * n)
+    words = CiphertextMemory.view(ct, 2 * n)
     words[:n] = [plain.data(i) for i in range(n)]
     words[n:] = 1
     seal.Evaluator(ctx).transform_from_ntt_inplace(ct)
-    c = np.array(_CiphertextMemory.view(ct, 2 * n)[:n]).astype(object)
+    c = np.array(CiphertextMemory.view(ct, 2 * n)[:n]).astype(object)
     return np.array([int(v) - q if v > q // 2 else int(v) for v in c], dtype=np.int64)
 
 
@@ -183,7 +183,7 @@ def test_an_answers_c1_is_not_the_unrandomized_product(mnist_served):
     product = served.model.products(ct)[0]
     seal.Evaluator(served.layout.params.context()).transform_from_ntt_inplace(product)
     n = served.layout.params.poly_modulus_degree
-    raw = np.array(_CiphertextMemory.view(product, 2 * n)[n:])
+    raw = np.array(CiphertextMemory.view(product, 2 * n)[n:])
     from encinfer.he.coeff import _modulus, switch_modulus
     unrandomized = switch_modulus(raw, _modulus(served.layout.params), served.layout.answer_bits)
     _, c1 = unpack_answer(served.model.evaluate(served.keys, ct), served.layout)

@@ -27,7 +27,6 @@ of which is now SEAL deserializing the seeded inputs (see BatchModel).
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import math
@@ -40,6 +39,7 @@ import tenseal.sealapi as seal
 
 from encinfer.common.errors import FailedPrecondition, InvalidArgument
 from encinfer.he import serial
+from encinfer.he.memory import CiphertextMemory
 from encinfer.he.params import MAX_COEFF_BITS_128, CkksParams, finite_interval, score_bound
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -226,7 +226,7 @@ class BatchModel:
     - "numpy": each feature ciphertext's coefficients, split in 16-bit limbs, go into
       one float64 matrix product per NUMPY_CHUNK features (exact: every partial sum stays below
       2^53), reduced mod q once per batch. About 2x faster than "seal"; needs the
-      zero-copy view of SEAL's buffers (checked once per process, see _CiphertextMemory).
+      zero-copy view of SEAL's buffers (checked once per process, see CiphertextMemory).
     - "seal": multiply_plain by each weight's constant plaintext (filled in place when
       used: 0.8 us, against 217 MB for 6,630 pre-encoded 32 KB plaintexts of an MNIST
       model) and add_inplace.
@@ -298,7 +298,7 @@ class BatchModel:
             return "seal"
         # Exactness: a 16-bit limb times the integer weights, summed, must stay below 2^53.
         exact = float(np.abs(self._wq).sum(axis=1).max()) * 0xFFFF < 2.0 ** 53
-        if exact and _CiphertextMemory.supported(self.params):
+        if exact and CiphertextMemory.supported(self.params):
             return "numpy"
         reason = "SEAL memory layout not recognized" if exact else "weights too large for exact float64 sums"
         if wanted == "numpy":
@@ -472,7 +472,7 @@ class _NumpyAccumulator(BatchAccumulator):
         m = self.model
         if position == 0:  # a ciphertext at the answer's level and scale, to carry the answers
             m.evaluator.multiply_plain(ct, m._one, self._template)
-        self._chunk[self._filled] = _CiphertextMemory.view(ct, m._words).view(np.uint16)
+        self._chunk[self._filled] = CiphertextMemory.view(ct, m._words).view(np.uint16)
         self._filled += 1
         if self._filled == len(self._chunk) or position == self.total - 1:
             first = position + 1 - self._filled
@@ -488,7 +488,7 @@ class _NumpyAccumulator(BatchAccumulator):
         for j in (2, 1, 0):
             total = _add_mod(_shift_mod(total, 16, q), _mod(limbs[:, :, j], q), q)
         out = []
-        words = _CiphertextMemory.view(self._template, m._words)
+        words = CiphertextMemory.view(self._template, m._words)
         answer = seal.Ciphertext(m.context)
         for c in range(len(total)):
             words[:] = total[c]
@@ -532,82 +532,6 @@ def _one_blas_thread():
     import contextlib
     controller = _blas_controller()
     return controller.limit(limits=1, user_api="blas") if controller else contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------- SEAL ciphertext memory
-
-class _CiphertextMemory:
-    """Zero-copy numpy views of a seal.Ciphertext's coefficient array.
-
-    tenseal.sealapi has no buffer access (ct.data(i) returns one coefficient per call),
-    so this reads the objects' memory: pybind11 keeps the C++ object's address right
-    after the Python object header (twice: value pointer and unique_ptr holder), and
-    SEAL 4's Ciphertext lays out parms_id, is_ntt_form, size, poly_modulus_degree,
-    coeff_modulus_size, scale, correction_factor, then its DynArray (pool handle,
-    capacity, size, data pointer). `supported` checks every one of these against
-    SEAL's own accessors, and a write through the view against ct.data(), once per
-    process and parameter set; `view` re-checks the shape fields of each ciphertext.
-    Any mismatch means another tenseal build: the model then uses the seal kernel.
-    """
-
-    _VALUE, _HOLDER = 16, 24
-    _NTT, _SIZE, _DEGREE, _PRIMES, _SCALE = 32, 40, 48, 56, 64
-    _DYN_CAPACITY, _DYN_SIZE, _DYN_DATA = 96, 104, 112
-
-    @staticmethod
-    def _u64(address: int) -> int:
-        return ctypes.c_uint64.from_address(address).value
-
-    @classmethod
-    def _object(cls, ct: seal.Ciphertext) -> int:
-        return cls._u64(id(ct) + cls._VALUE)
-
-    @classmethod
-    def view(cls, ct: seal.Ciphertext, words: int) -> np.ndarray:
-        """The ciphertext's `words` uint64 coefficients, as a writable array (no copy)."""
-        p = cls._object(ct)
-        if cls._u64(p + cls._SIZE) != 2 or cls._u64(p + cls._DYN_SIZE) != words:
-            raise RuntimeError("ciphertext memory does not have the expected shape")
-        return np.ctypeslib.as_array((ctypes.c_uint64 * words).from_address(cls._u64(p + cls._DYN_DATA)))
-
-    @classmethod
-    @functools.lru_cache(maxsize=8)
-    def supported(cls, params: CkksParams) -> bool:
-        try:
-            return cls._probe(params)
-        except Exception:  # any surprise in a foreign layout means: not supported
-            log.exception("SEAL memory layout probe failed")
-            return False
-
-    @classmethod
-    def _probe(cls, params: CkksParams) -> bool:
-        ctx = params.context()
-        ct = seal.Ciphertext(ctx)
-        seal.Encryptor(ctx, seal.KeyGenerator(ctx).secret_key()).encrypt_zero_symmetric(ct)
-        n, k = params.poly_modulus_degree, len(params.coeff_modulus_bits)
-        words = 2 * n * k
-        p = cls._object(ct)
-        if p == 0 or p != cls._u64(id(ct) + cls._HOLDER):
-            return False
-        u = cls._u64
-        fields_ok = (
-            [u(p + 8 * i) for i in range(4)] == list(ct.parms_id())
-            and ctypes.c_uint8.from_address(p + cls._NTT).value == int(ct.is_ntt_form())
-            and u(p + cls._SIZE) == ct.size() == 2
-            and u(p + cls._DEGREE) == ct.poly_modulus_degree() == n
-            and u(p + cls._PRIMES) == ct.coeff_modulus_size() == k
-            and ctypes.c_double.from_address(p + cls._SCALE).value == ct.scale
-            and u(p + cls._DYN_SIZE) == words <= u(p + cls._DYN_CAPACITY)
-            and u(p + cls._DYN_DATA) != 0)
-        if not fields_ok:
-            return False
-        data = cls.view(ct, words)
-        dyn = ct.dyn_array()
-        if not (data[0] == ct.data(0) and data[n * k] == ct.data(1)
-                and all(data[i] == dyn.at(i) for i in (1, n - 1, n * k + 7, words - 1))):
-            return False
-        data[n * k] = 12345
-        return ct.data(1) == 12345
 
 
 # ---------------------------------------------------------------- client side

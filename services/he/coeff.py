@@ -65,7 +65,7 @@ import tenseal.sealapi as seal
 
 from encinfer.common.errors import DataLoss, EncinferError, FailedPrecondition, InvalidArgument
 from encinfer.he import serial
-from encinfer.he.batch import _CiphertextMemory
+from encinfer.he.memory import CiphertextMemory
 from encinfer.he.params import CkksParams, check_keys_fit, checked_sample, finite_interval, linear_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -331,7 +331,7 @@ class _PublicKeyMemory:
 
     @staticmethod
     def view(public_key: seal.PublicKey, words: int) -> np.ndarray:
-        return _CiphertextMemory.view(public_key.data(), words)
+        return CiphertextMemory.view(public_key.data(), words)
 
 
 def _check_common_a(public_key: seal.PublicKey, params: CkksParams) -> None:
@@ -439,7 +439,7 @@ class CoeffModel:
         n = params.poly_modulus_degree
         self.layout = CoeffLayout(params=params, n_features=d, n_outputs=m, rows_per_product=n // d,
                                   answer_bits=_answer_bits(params.output_scale_bits), input_range=(lo, hi))
-        if not _CiphertextMemory.supported(params):
+        if not CiphertextMemory.supported(params):
             raise FailedPrecondition("the coefficient layout needs direct access to SEAL ciphertexts, which this "
                                      "tenseal build does not allow")
         self.params, self.flood_bits = params, flood_bits
@@ -510,7 +510,7 @@ class CoeffModel:
                 zero.scale = product.scale  # an encryption of zero has no scale of its own
                 ev.add_inplace(product, zero)
                 ev.transform_from_ntt_inplace(product)
-                words = _CiphertextMemory.view(product, 2 * n)
+                words = CiphertextMemory.view(product, 2 * n)
                 rows, coefficients = self._outputs_of[g]
                 out[rows] = words[coefficients]
                 out[m + g * n: m + (g + 1) * n] = words[n:]
@@ -539,11 +539,11 @@ def secret_coefficients(context: seal.SEALContext, secret_key: seal.SecretKey) -
     plain = secret_key.data()
     ct = seal.Ciphertext(context)
     seal.Encryptor(context, secret_key).encrypt_zero_symmetric(ct)
-    words = _CiphertextMemory.view(ct, 2 * n)
+    words = CiphertextMemory.view(ct, 2 * n)
     words[:n] = [plain.data(i) for i in range(n)]
     words[n:] = 1  # any non-zero c1: SEAL refuses to transform a transparent ciphertext
     seal.Evaluator(context).transform_from_ntt_inplace(ct)
-    c = np.array(_CiphertextMemory.view(ct, 2 * n)[:n])
+    c = np.array(CiphertextMemory.view(ct, 2 * n)[:n])
     s = np.where(c == q - 1, -1, c.astype(np.int64))
     if not np.all(np.abs(s) <= 1):
         raise EncinferError("the secret key is not ternary")
