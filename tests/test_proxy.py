@@ -15,11 +15,11 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
+from raw_grpc import named_server
 
 from encinfer.stack import free_port
 
@@ -108,21 +108,6 @@ def test_proxy_syntax_check_catches_a_broken_config(kind, old, new, tmp_path):
 
 # ---------------------------------------------------------------------------- real traffic
 
-def backend(name: str) -> tuple[grpc.Server, str]:
-    """A gRPC server whose every unary method answers with its own name (raw bytes)."""
-    def answer(request: bytes, context) -> bytes:
-        return name.encode()
-
-    class Handler(grpc.GenericRpcHandler):
-        def service(self, details):
-            return grpc.unary_unary_rpc_method_handler(answer)
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[Handler()])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, f"127.0.0.1:{port}"
-
-
 def wait_listening(port: int, process: subprocess.Popen, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -140,8 +125,8 @@ def proxy(request, tmp_path):
     """(the proxy's address, names of the inference backends) with three inference and one key store backend."""
     kind = request.param
     exe = binary(kind)
-    servers = [backend(f"inference-{i}") for i in range(3)]
-    keystore = backend("keystore")
+    servers = [named_server(f"inference-{i}") for i in range(3)]
+    keystore = named_server("keystore")
     port = free_port()
     config = rendered(kind, tmp_path, listen=f"127.0.0.1:{port}", inference=tuple(a for _, a in servers),
                       keystore=(keystore[1],))

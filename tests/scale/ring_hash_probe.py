@@ -6,28 +6,18 @@ switches from the environment of the process). Each backend answers with its nam
 from __future__ import annotations
 
 import json
+import sys
 import time
-from concurrent import futures
+from pathlib import Path
 
 import grpc
 
 from encinfer.common.routing import KEY_ID_HEADER, client_options
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for its helpers
+from raw_grpc import named_server
+
 N_KEYS = 24
-
-
-def backend(name: str) -> tuple[grpc.Server, int]:
-    def answer(request: bytes, context) -> bytes:
-        return name.encode()
-
-    class Handler(grpc.GenericRpcHandler):
-        def service(self, details):
-            return grpc.unary_unary_rpc_method_handler(answer)
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[Handler()])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
 
 
 def owners(call, rounds: int = 3) -> dict[str, list[str]]:
@@ -37,8 +27,8 @@ def owners(call, rounds: int = 3) -> dict[str, list[str]]:
 
 
 def main() -> dict:
-    servers = [backend(f"b{i}") for i in range(3)]
-    target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for _, port in servers)
+    servers = [named_server(f"b{i}") for i in range(3)]
+    target = "ipv4:" + ",".join(address for _, address in servers)
     out: dict = {}
     with grpc.insecure_channel(target, options=client_options("ring_hash")) as channel:
         call = channel.unary_unary("/encinfer.v1.Inference/Predict")

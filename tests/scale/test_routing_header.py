@@ -7,10 +7,10 @@ store: what matters here is the metadata each call arrives with. The inference c
 from __future__ import annotations
 
 import json
-from concurrent import futures
 
 import grpc
 import pytest
+from raw_grpc import generic_server, raw_server
 
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common import errors
@@ -43,14 +43,8 @@ def recorder():
             return grpc.unary_stream_rpc_method_handler(streaming_out)
         return grpc.unary_unary_rpc_method_handler(unary)
 
-    class Handler(grpc.GenericRpcHandler):
-        def service(self, details):
-            return handlers(details.method)
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[Handler()])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}", seen
+    server, address = generic_server(handlers)
+    yield address, seen
     server.stop(None)
 
 
@@ -115,14 +109,8 @@ def flaky():
             context.abort(grpc.StatusCode.UNAVAILABLE, "not yet")
         return b"ok"
 
-    class Handler(grpc.GenericRpcHandler):
-        def service(self, details):
-            return grpc.unary_unary_rpc_method_handler(answer)
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[Handler()])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}", attempts
+    server, address = raw_server(answer)
+    yield address, attempts
     server.stop(None)
 
 
