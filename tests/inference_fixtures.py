@@ -185,3 +185,15 @@ def fs_stack(mnist_model, tmp_path_factory) -> Iterator[InferenceStack]:
     finally:
         stack.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def count_uploads(clf) -> list:
+    """The arguments of every key upload `clf` makes from now on (its key store client's put)."""
+    calls = []
+    real_put = clf._keystore.put
+
+    def put(*args, **kwargs):
+        calls.append(args)
+        return real_put(*args, **kwargs)
+    clf._keystore.put = put
+    return calls

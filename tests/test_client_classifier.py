@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 pytest.register_assert_rewrite("inference_fixtures")
-from inference_fixtures import ALICE, BOB, assert_matches_plaintext, start_stack, wait_for
+from inference_fixtures import ALICE, BOB, assert_matches_plaintext, count_uploads, start_stack, wait_for
 
 from encinfer.client.classifier import EncryptedClassifier, PredictionError
 from encinfer.client.keystore import KeyStoreClient
@@ -60,17 +60,6 @@ def test_refused_item_raises_prediction_error_with_its_status(strict_stack, tmp_
     assert info.value.code == "PERMISSION_DENIED" and isinstance(info.value, PermissionDenied)
     assert "another tenant" in info.value.message and info.value.request_id in ("0", "1")
     assert not isinstance(info.value, grpc.RpcError)
-
-
-def count_uploads(clf) -> list:
-    calls = []
-    real_put = clf._keystore.put
-
-    def put(*args, **kwargs):
-        calls.append(args)
-        return real_put(*args, **kwargs)
-    clf._keystore.put = put
-    return calls
 
 
 @pytest.mark.parametrize("layout", ["latency", "batch"])

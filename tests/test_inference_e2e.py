@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.register_assert_rewrite("inference_fixtures")
-from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, assert_matches_plaintext, start_stack
+from inference_fixtures import ALICE, CALL_TIMEOUT, MODEL, assert_matches_plaintext, count_uploads, start_stack
 
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.he.batch import BatchModel
@@ -178,17 +178,6 @@ def test_keys_are_objects_in_the_real_minio_bucket(s3_stack, tmp_path, minio_ser
                    secret_key=minio_server.secret_key, secure=False)
     names = [o.object_name for o in client.list_objects(s3.bucket, recursive=True)]
     assert any(key_id in name for name in names)
-
-
-def count_uploads(clf) -> list:
-    calls = []
-    real_put = clf._keystore.put
-
-    def put(*args, **kwargs):
-        calls.append(args)
-        return real_put(*args, **kwargs)
-    clf._keystore.put = put
-    return calls
 
 
 def test_keys_are_uploaded_once_and_reused_by_a_later_client(stack, clf_factory, tmp_path, test_images):
