@@ -7,6 +7,7 @@ import time
 
 import pytest
 from conftest import FakeClock, fake_inspect, fake_key, unique_bucket
+from minio_front import MinioFront, busy_reads, busy_writes
 
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common.errors import InvalidArgument, Unavailable
@@ -85,6 +86,45 @@ def test_an_unreachable_s3_is_unavailable_not_a_hang(tmp_path):
         store.check()
     with pytest.raises(Unavailable):
         store.head("x")
+
+
+def front_store(front, minio_server, timeout: float) -> S3ObjectStore:
+    store = S3ObjectStore(S3Settings(endpoint=front.endpoint, access_key=minio_server.access_key,
+                                     secret_key=minio_server.secret_key, bucket=unique_bucket()), timeout=timeout)
+    store.ensure_ready()
+    return store
+
+
+@pytest.mark.minio
+@pytest.mark.parametrize("code", ["SlowDownWrite", "XMinioServerNotInitialized"])
+def test_a_write_minio_cannot_take_for_a_moment_is_retried_within_the_deadline(minio_server, code):
+    with MinioFront(minio_server.endpoint, busy_writes(4, code)) as front:
+        store = front_store(front, minio_server, timeout=5.0)
+        store.put_bytes("keys/k", b"payload", {"kind": "test"})
+        assert store.read_bytes("keys/k") == b"payload"
+    assert [c for _, _, c in front.refused] == [code] * 4
+
+
+@pytest.mark.minio
+def test_a_write_minio_keeps_refusing_is_unavailable_with_its_reason_within_the_deadline(minio_server):
+    with MinioFront(minio_server.endpoint, busy_writes(10_000)) as front:
+        store = front_store(front, minio_server, timeout=1.0)
+        start = time.monotonic()
+        with pytest.raises(Unavailable, match="SlowDownWrite"):
+            store.put_bytes("keys/k", b"payload", {})
+        assert time.monotonic() - start < 3.0  # the 1 s deadline, not an endless retry
+    assert 2 <= len(front.refused) <= 20
+
+
+@pytest.mark.minio
+def test_an_object_unreadable_for_a_moment_is_read_and_never_called_corrupt(minio_server):
+    """SlowDownRead is also what a corrupt object answers; for a few seconds after a node dies it
+    is what a sound one answers too: only an answer that lasts makes the object corrupt."""
+    with MinioFront(minio_server.endpoint, busy_reads(4)) as front:
+        store = front_store(front, minio_server, timeout=5.0)
+        store.put_bytes("keys/k", b"payload", {})
+        assert store.read_bytes("keys/k") == b"payload"
+    assert [c for _, _, c in front.refused] == ["SlowDownRead"] * 4
 
 
 def test_an_invalid_bucket_name_stops_the_service_at_start():

@@ -17,6 +17,7 @@ import urllib3
 from conftest import MINIO_BIN, free_port, unique_bucket
 from minio import Minio
 from minio.error import S3Error
+from minio_front import MinioFront, starting
 
 from encinfer import stack as stack_mod
 from encinfer.cli import build_parser
@@ -286,70 +287,10 @@ def test_s3_init_with_a_wrong_root_password_is_unauthenticated(minio_server):
         init_storage(s3init_config(minio_server, root_password="not-the-password"))
 
 
-class StartingMinio:
-    """A front to the real MinIO that answers the first `s3` S3 requests and the first
-    `admin` admin requests as a distributed MinIO answered right after it listened (503:
-    XMinioServerNotInitialized in XML to S3 calls, XMinioAdminConfigNoQuorum in JSON to
-    admin calls, both seen in the scale suite), then forwards everything."""
-
-    def __init__(self, backend: str, s3: int, admin: int) -> None:
-        import http.server
-        import threading
-
-        front, s3_refusals, admin_refusals = self, s3, admin
-        self.refused: list[str] = []
-        pool = urllib3.PoolManager(retries=False)
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def handle_one(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                admin = self.path.startswith("/minio/admin")
-                if sum(p.startswith("/minio/admin") == admin for p in front.refused) < (admin_refusals if admin
-                                                                                       else s3_refusals):
-                    front.refused.append(self.path)
-                    answer = (b'{"Code":"XMinioAdminConfigNoQuorum","Message":"Configuration update failed '
-                              b'because server quorum was not met"}'
-                              if admin else b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>"
-                              b"<Code>XMinioServerNotInitialized</Code><Message>Server not initialized yet"
-                              b"</Message><Resource>/</Resource><RequestId>1</RequestId></Error>")
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/json" if admin else "application/xml")
-                    self.send_header("Content-Length", str(len(answer)))
-                    self.end_headers()
-                    self.wfile.write(answer)
-                    return
-                reply = pool.request(self.command, f"http://{backend}{self.path}", body=body,
-                                     headers=dict(self.headers), preload_content=True, redirect=False)
-                self.send_response(reply.status)
-                for name, value in reply.headers.items():
-                    if name.lower() not in ("transfer-encoding", "content-length", "connection"):
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(reply.data)))
-                self.end_headers()
-                self.wfile.write(reply.data)
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = handle_one
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> StartingMinio:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.mark.minio
 @pytest.mark.parametrize("s3, admin", [(3, 0), (0, 3), (2, 2)])
 def test_s3_init_waits_for_a_minio_still_initializing_its_s3_and_admin_apis(minio_server, s3, admin):
-    with StartingMinio(minio_server.endpoint, s3, admin) as front:
+    with MinioFront(minio_server.endpoint, starting(s3, admin)) as front:
         config = s3init_config(minio_server, endpoint=front.endpoint)
         result = init_storage(config)
     assert len(front.refused) == s3 + admin
@@ -362,7 +303,7 @@ def test_s3_init_waits_for_a_minio_still_initializing_its_s3_and_admin_apis(mini
 def test_s3_init_gives_up_on_a_minio_that_never_initializes_after_its_wait(minio_server):
     from encinfer.common.errors import FailedPrecondition
 
-    with StartingMinio(minio_server.endpoint, 10_000, 0) as front, \
+    with MinioFront(minio_server.endpoint, starting(10_000, 0)) as front, \
             pytest.raises(FailedPrecondition, match="XMinioServerNotInitialized.*still so after waiting 1 s"):
         init_storage(s3init_config(minio_server, endpoint=front.endpoint, wait_seconds=1))
     assert 2 <= len(front.refused) <= 5

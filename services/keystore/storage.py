@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +276,12 @@ class FsObjectStore:
 # ---------------------------------------------------------------- S3 / MinIO
 
 
+# MinIO's answers that it cannot serve a call just now (cmd/api-errors.go): no write or read
+# quorum for a moment after a node died (SlowDownWrite, SlowDownRead: also what a corrupt
+# object answers, which therefore persists), S3's generic SlowDown, a node still starting.
+_BUSY_CODES = frozenset({"SlowDownWrite", "SlowDownRead", "SlowDown", "XMinioServerNotInitialized"})
+
+
 class S3ObjectStore:
     """An S3 bucket through the minio SDK (keyword arguments only, as minio 8 requires).
 
@@ -304,7 +311,7 @@ class S3ObjectStore:
         except ValueError:
             raise ConfigError(f"ENCINFER_S3_BUCKET={settings.bucket!r} is not a valid bucket name "
                               "(3-63 characters: a-z 0-9 . -)") from None
-        self.settings, self.bucket = settings, settings.bucket
+        self.settings, self.bucket, self.timeout = settings, settings.bucket, timeout
         # urllib3 warns on every retried connection: during an outage the health probe
         # and our own UNAVAILABLE lines already say it, once.
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -330,25 +337,47 @@ class S3ObjectStore:
             http_client=self._http,
         )
 
-    def _call(self, what: str, fn, *args, **kwargs):
-        """Runs one SDK call, turning storage failures into Unavailable (missing objects: None)."""
+    def _call(self, what: str, fn, *args, busy_retry: bool = False, **kwargs):
+        """Runs one SDK call, turning storage failures into Unavailable (missing objects: None).
+
+        busy_retry (the data calls, all idempotent here: objects are named by content or
+        replaced whole): MinIO's answers that it cannot serve a call for a moment
+        (SlowDownWrite or SlowDownRead while a node that just died still counts for its
+        quorum, a node still starting) are retried with backoff for up to 80% of the
+        deadline, which stays the bound of the whole call; a connection that broke after
+        the request was sent (a node killed behind a proxy) is tried once more. So an
+        object is called corrupt only when it stays unreadable that long while MinIO
+        says the cluster can read, never in the seconds after a node died."""
         import urllib3
         from minio.error import MinioException, S3Error
 
-        try:
-            return fn(*args, **kwargs)
-        except S3Error as e:
-            if e.code in ("NoSuchKey", "NoSuchObject"):
-                return None
-            if e.code == "SlowDownRead" and self.cluster_readable():
-                raise CorruptObject(f"object storage cannot read {e.object_name or what} back "
-                                    f"({e.code}: {e.message}) although the cluster can read: "
-                                    f"the stored object is corrupted") from None
-            raise Unavailable(f"object storage refused {what}: {e.code}: {e.message}") from None
-        except (urllib3.exceptions.HTTPError, OSError, MinioException) as e:
-            reason = getattr(e, "reason", None) or e
-            raise Unavailable(f"object storage at {self.settings.endpoint} unreachable during {what}: "
-                              f"{type(reason).__name__}") from None
+        give_up, delay, broke = time.monotonic() + 0.8 * self.timeout, 0.1, False
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except S3Error as e:
+                if not (busy_retry and e.code in _BUSY_CODES and time.monotonic() + delay < give_up):
+                    return self._refused(what, e)
+                log.info("object storage busy; retrying", extra={"fields": {"doing": what, "code": e.code}})
+            except (urllib3.exceptions.HTTPError, OSError, MinioException) as e:
+                reason = getattr(e, "reason", None) or e
+                if not (busy_retry and not broke and isinstance(reason, urllib3.exceptions.ProtocolError)
+                        and time.monotonic() + delay < give_up):
+                    raise Unavailable(f"object storage at {self.settings.endpoint} unreachable during {what}: "
+                                      f"{type(reason).__name__}") from None
+                broke = True
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+
+    def _refused(self, what: str, e) -> None:
+        """An S3 error answer: None for a missing object, otherwise the error it stands for."""
+        if e.code in ("NoSuchKey", "NoSuchObject"):
+            return None
+        if e.code == "SlowDownRead" and self.cluster_readable():
+            raise CorruptObject(f"object storage cannot read {e.object_name or what} back "
+                                f"({e.code}: {e.message}) although the cluster can read: "
+                                f"the stored object is corrupted") from None
+        raise Unavailable(f"object storage refused {what}: {e.code}: {e.message}") from None
 
     def cluster_readable(self) -> bool:
         """True when MinIO's read-health endpoint says the cluster has read quorum (never retried)."""
@@ -384,14 +413,16 @@ class S3ObjectStore:
                                        metadata=metadata,  # type: ignore[arg-type]  # minio: dict of str|list|tuple
                                        part_size=PART_SIZE,
                                        num_parallel_uploads=PARALLEL_PARTS)
-        self._call("upload", put)
+        self._call("upload", put, busy_retry=True)
 
     def put_bytes(self, name: str, data: bytes, metadata: dict[str, str]) -> None:
-        self._call("write", self.client.put_object, bucket_name=self.bucket, object_name=name,
-                   data=io.BytesIO(data), length=len(data), metadata=metadata)
+        def put() -> None:  # a fresh stream for every attempt
+            self.client.put_object(bucket_name=self.bucket, object_name=name, data=io.BytesIO(data),
+                                   length=len(data), metadata=metadata)  # type: ignore[arg-type]
+        self._call("write", put, busy_retry=True)
 
     def head(self, name: str) -> ObjectInfo | None:
-        st = self._call("stat", self.client.stat_object, bucket_name=self.bucket, object_name=name)
+        st = self._call("stat", self.client.stat_object, busy_retry=True, bucket_name=self.bucket, object_name=name)
         if st is None:
             return None
         meta = {k.lower()[len("x-amz-meta-"):]: v for k, v in (st.metadata or {}).items()
@@ -401,7 +432,8 @@ class S3ObjectStore:
 
     def read_bytes(self, name: str) -> bytes | None:
         def read() -> bytes | None:
-            response = self._call("read", self.client.get_object, bucket_name=self.bucket, object_name=name)
+            response = self._call("read", self.client.get_object, busy_retry=True, bucket_name=self.bucket,
+                                  object_name=name)
             if response is None:
                 return None
             try:
@@ -412,11 +444,12 @@ class S3ObjectStore:
         return self._call("read", read)
 
     def open(self, name: str) -> ObjectReader | None:
-        response = self._call("read", self.client.get_object, bucket_name=self.bucket, object_name=name)
+        response = self._call("read", self.client.get_object, busy_retry=True, bucket_name=self.bucket,
+                              object_name=name)
         return None if response is None else _S3Reader(self, name, response)
 
     def delete(self, name: str) -> None:
-        self._call("delete", self.client.remove_object, bucket_name=self.bucket, object_name=name)
+        self._call("delete", self.client.remove_object, busy_retry=True, bucket_name=self.bucket, object_name=name)
 
     def list(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
         def names() -> list[str]:
@@ -427,7 +460,7 @@ class S3ObjectStore:
                     break
                 out.append(obj.object_name)
             return out
-        return self._call("list", names)
+        return self._call("list", names, busy_retry=True)
 
     def close(self) -> None:
         self._http.clear()
@@ -462,7 +495,7 @@ class _S3Reader:
                                       f"{self._name}") from None
                 self._resumed_at = self._offset
                 self._response = self._store._call(
-                    "read", self._store.client.get_object, bucket_name=self._store.bucket,
+                    "read", self._store.client.get_object, busy_retry=True, bucket_name=self._store.bucket,
                     object_name=self._name, offset=self._offset)
                 if self._response is None:
                     raise Unavailable(f"{self._name} disappeared from object storage while it was read") from None
