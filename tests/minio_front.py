@@ -34,7 +34,7 @@ class MinioFront:
                               f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{code} '
                               f'(from the test front)</Message><Resource>{self.path}</Resource>'
                               f'<RequestId>1</RequestId></Error>').encode()
-                    self.send_response(503)
+                    self.send_response(404 if code in ("NoSuchKey", "NoSuchBucket") else 503)
                     self.send_header("Content-Type", "application/json" if admin else "application/xml")
                     self.send_header("Content-Length", str(len(answer)))
                     self.end_headers()
@@ -102,4 +102,17 @@ def _first_object_calls(method: str, count: int, code: str) -> Refuse:
             return None
         left[0] -= 1
         return code
+    return refuse
+
+
+def degraded_without(names: set[str]) -> Refuse:
+    """MinIO without its write quorum that cannot find some objects it holds: GETs of the objects
+    named in `names` ("keys/<id>") answered NoSuchKey, its cluster health endpoint 503."""
+    def refuse(method: str, path: str) -> str | None:
+        bare = path.split("?")[0]
+        if bare == "/minio/health/cluster":
+            return "XMinioWriteQuorum"
+        if method == "GET" and any(bare.endswith("/" + name) for name in names):
+            return "NoSuchKey"
+        return None
     return refuse

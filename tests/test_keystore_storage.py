@@ -7,7 +7,7 @@ import time
 
 import pytest
 from conftest import FakeClock, fake_inspect, fake_key, unique_bucket
-from minio_front import MinioFront, busy_reads, busy_writes
+from minio_front import MinioFront, busy_reads, busy_writes, degraded_without
 
 from encinfer.client.keystore import KeyStoreClient
 from encinfer.common.errors import InvalidArgument, Unavailable
@@ -125,6 +125,32 @@ def test_an_object_unreadable_for_a_moment_is_read_and_never_called_corrupt(mini
         store.put_bytes("keys/k", b"payload", {})
         assert store.read_bytes("keys/k") == b"payload"
     assert [c for _, _, c in front.refused] == ["SlowDownRead"] * 4
+
+
+@pytest.mark.minio
+def test_bytes_a_degraded_minio_cannot_find_are_unavailable_and_the_key_is_kept(minio_server, keystore_factory):
+    """A distributed MinIO missing nodes has answered "no such object" for a key's bytes it held:
+    while its health says it lacks a write quorum that is UNAVAILABLE, never DATA_LOSS and removal."""
+    from encinfer.common.errors import DataLoss
+
+    refuse: list = [lambda method, path: None]
+    with MinioFront(minio_server.endpoint, lambda method, path: refuse[0](method, path)) as front:
+        ks = keystore_factory("s3", minio=type("Endpoint", (), {
+            "endpoint": front.endpoint, "access_key": minio_server.access_key,
+            "secret_key": minio_server.secret_key})(), tokens="t1=alice:tenant", inspect=fake_inspect)
+        with KeyStoreClient(ks.target, token="t1", timeout=10, transfer_timeout=10) as client:
+            data = fake_key()
+            kid = client.put(data).key_id
+            refuse[0] = degraded_without({f"keys/{kid}"})
+            with pytest.raises(Unavailable, match="degraded"):
+                client.get(kid)
+            refuse[0] = lambda method, path: None  # the nodes are back
+            assert client.get(kid) == data and client.stat(kid).key_id == kid
+            # Once the cluster is whole, bytes that are really gone are DATA_LOSS (and the key removed).
+            refuse[0] = lambda method, path: "NoSuchKey" if method == "GET" and path.split("?")[0].endswith(
+                f"/keys/{kid}") else None
+            with pytest.raises(DataLoss):
+                client.get(kid)
 
 
 def test_an_invalid_bucket_name_stops_the_service_at_start():

@@ -94,6 +94,10 @@ class ObjectStore(Protocol):
     def list(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
         """Names under prefix, sorted, strictly after start_after, at most limit."""
 
+    def degraded(self) -> bool:
+        """True while the storage itself says it is not whole (a distributed MinIO without its
+        write quorum): then a missing object may be a node's absence, not a loss."""
+
     def close(self) -> None: ...
 
 
@@ -269,6 +273,9 @@ class FsObjectStore:
         names.sort()
         return names if limit is None else names[:limit]
 
+    def degraded(self) -> bool:
+        return False
+
     def close(self) -> None:
         pass
 
@@ -378,6 +385,17 @@ class S3ObjectStore:
                                 f"({e.code}: {e.message}) although the cluster can read: "
                                 f"the stored object is corrupted") from None
         raise Unavailable(f"object storage refused {what}: {e.code}: {e.message}") from None
+
+    def degraded(self) -> bool:
+        """MinIO's cluster health endpoint answering 503 (no write quorum); anything else, including
+        a storage that is not MinIO (no such endpoint), is not a proof of a degraded cluster."""
+        scheme = "https" if self.settings.secure else "http"
+        try:
+            response = self._http.request("GET", f"{scheme}://{self.settings.endpoint}/minio/health/cluster",
+                                          timeout=2.0, retries=False)
+        except Exception:  # noqa: BLE001 - unreachable: the caller's own call says so
+            return False
+        return response.status == 503
 
     def cluster_readable(self) -> bool:
         """True when MinIO's read-health endpoint says the cluster has read quorum (never retried)."""

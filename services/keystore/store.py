@@ -569,6 +569,12 @@ class KeyStore:
                 raise DataLoss(f"key {kid} cannot be read back from storage (the stored object is corrupted)"
                                f"{removed}; upload the key again") from None
             if result is None:
+                if await self._io(self.backend.degraded):
+                    # A distributed MinIO missing a node's drives can answer "no such object" for one
+                    # it holds: an answer to retry, never a reason to remove the key.
+                    raise Unavailable(f"object storage cannot find the bytes of key {kid} while it is degraded "
+                                      "(MinIO reports no write quorum); the key is kept: retry once storage "
+                                      "has recovered")
                 removed = await self._discard_damaged(kid, "missing", "no object")
                 raise DataLoss(f"the bytes of key {kid} are missing from storage{removed}; upload the key again")
             got, digest = result
