@@ -118,12 +118,20 @@ class _Worker:
         try:
             self._writer.write(header + payload)
             await self._writer.drain()  # back-pressure when the worker falls behind
-        except (ConnectionError, OSError):
-            # Dead now, even before the reader has seen EOF: a retry must wait for the
-            # replacement, not write to this socket again.
-            self.dead = True
+        except BaseException as e:
+            # This call ends here: its future goes, and if the reader already failed it (the
+            # worker died while a big payload was draining), its exception is taken, not left
+            # for asyncio to report as never retrieved.
             self._pending.pop(call_id, None)
-            raise WorkerDied() from None
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+            fut.cancel()
+            if isinstance(e, (ConnectionError, OSError)):
+                # Dead now, even before the reader has seen EOF: a retry must wait for the
+                # replacement, not write to this socket again.
+                self.dead = True
+                raise WorkerDied() from None
+            raise
         return await fut
 
     async def close(self, timeout: float = 3.0) -> None:
