@@ -114,7 +114,16 @@ def test_rotation_layout_key_is_refused_for_the_coefficient_layout(fs_stack, clf
     _, rotation_key = clf.keys("latency")
     ct = encrypt_coeff(secret, test_images[0][0], clf.layout_info("coeff"))
     assert_status(rpc_error(lambda: predict(fs_stack, rotation_key, ct)), grpc.StatusCode.FAILED_PRECONDITION,
-                  "do not match")
+                  r"do not match.*This key fits the model's latency \(LAYOUT_LATENCY\) layout")
+
+
+def test_a_coefficient_key_in_a_request_without_a_layout_is_told_to_state_it(fs_stack, clf, test_images):
+    """An unset layout means the rotation layout (callers from before the coefficient layout): the
+    refusal names the layout the key fits, so the caller knows what to add."""
+    secret, key_id = clf.keys("coeff")
+    ct = encrypt_coeff(secret, test_images[0][0], clf.layout_info("coeff"))
+    err = rpc_error(lambda: predict(fs_stack, key_id, ct, layout=pb.LAYOUT_UNSPECIFIED))
+    assert_status(err, grpc.StatusCode.FAILED_PRECONDITION, r"latency layout.*fits the model's .*coeff \(LAYOUT_COEFF\)")
 
 
 def test_encryptions_of_zero_are_prepared_while_the_workers_are_idle(fs_stack, clf, test_images):

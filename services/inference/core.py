@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from encinfer.common.auth import Principal
-from encinfer.common.errors import EncinferError, InvalidArgument, NotFound, ResourceExhausted
+from encinfer.common.errors import EncinferError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from encinfer.he.batch import BatchLayout
 from encinfer.he.keyinfo import check_key_id
 from encinfer.he.params import CkksParams
@@ -41,6 +41,14 @@ class Answer:
     n_samples: int = 0
     server_ms: float = 0.0
     error: EncinferError | None = None
+
+
+def _fits(record_params, params: CkksParams, layout: str) -> bool:
+    try:
+        check_key_fits(record_params, params, layout)
+    except FailedPrecondition:
+        return False
+    return True
 
 
 class InferenceCore:
@@ -79,7 +87,18 @@ class InferenceCore:
         params = self.params(model, layout)  # NOT_FOUND for an unknown model first
         key_id = check_key_id(key_id)
         record = await self.keys.record(key_id, principal, self.auth_enabled)
-        check_key_fits(record.parameters, params, layout)
+        try:
+            check_key_fits(record.parameters, params, layout)
+        except FailedPrecondition as e:
+            # Often the right key in the wrong layout (a request that left `layout` unset means
+            # the rotation layout): say which of the model's layouts it does fit.
+            fits = [name for (m, name), other in self._params.items()
+                    if m == model and name != layout and _fits(record.parameters, other, name)]
+            if not fits:
+                raise
+            named = " or ".join(f"{name} (LAYOUT_{name.upper()})" for name in sorted(fits))
+            raise FailedPrecondition(f"{e.message}. This key fits the model's {named} layout: state that layout "
+                                     "in the request") from None
         return key_id
 
     # ------------------------------------------------------------ latency
