@@ -123,7 +123,8 @@ def test_a_coefficient_key_in_a_request_without_a_layout_is_told_to_state_it(fs_
     secret, key_id = clf.keys("coeff")
     ct = encrypt_coeff(secret, test_images[0][0], clf.layout_info("coeff"))
     err = rpc_error(lambda: predict(fs_stack, key_id, ct, layout=pb.LAYOUT_UNSPECIFIED))
-    assert_status(err, grpc.StatusCode.FAILED_PRECONDITION, r"latency layout.*fits the model's .*coeff \(LAYOUT_COEFF\)")
+    assert_status(err, grpc.StatusCode.FAILED_PRECONDITION,
+                  r"latency layout.*fits the model's .*coeff \(LAYOUT_COEFF\)")
 
 
 def test_encryptions_of_zero_are_prepared_while_the_workers_are_idle(fs_stack, clf, test_images):
