@@ -300,6 +300,25 @@ def test_s3_init_waits_for_a_minio_still_initializing_its_s3_and_admin_apis(mini
 
 
 @pytest.mark.minio
+def test_s3_init_takes_a_bucket_its_own_retried_call_had_already_made(minio_server):
+    """Seen in the scale suite: the bucket was made, the answer said "not initialized", and the retry
+    found the bucket there (BucketAlreadyOwnedByYou)."""
+    made = []
+
+    def refuse(method: str, path: str) -> str | None:
+        if method == "PUT" and path.split("?")[0].count("/") == 1 and not made:
+            made.append(path)
+            return "after:XMinioServerNotInitialized"
+        return None
+    with MinioFront(minio_server.endpoint, refuse) as front:
+        config = s3init_config(minio_server, endpoint=front.endpoint)
+        result = init_storage(config)
+    assert made and result.bucket_created
+    assert bare_minio(minio_server.endpoint, config.access_key, config.secret_key).bucket_exists(
+        bucket_name=config.bucket)
+
+
+@pytest.mark.minio
 def test_s3_init_gives_up_on_a_minio_that_never_initializes_after_its_wait(minio_server):
     from encinfer.common.errors import FailedPrecondition
 

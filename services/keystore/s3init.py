@@ -150,7 +150,7 @@ def init_storage(config: S3InitConfig) -> S3InitResult:
 
     exists = call(lambda: root.bucket_exists(bucket_name=config.bucket))
     if not exists:
-        call(lambda: root.make_bucket(bucket_name=config.bucket, location=config.region or None))
+        call(lambda: _make_bucket(root, config))
         log.info("bucket created", extra={"fields": {"bucket": config.bucket}})
 
     user_created = not call(lambda: _user_exists(admin, config))
@@ -197,6 +197,16 @@ class _Steps:
             if time.monotonic() >= self.deadline:
                 raise type(error)(f"{error} (still so after waiting {self.config.wait_seconds:g} s)") from None
             time.sleep(0.5)
+
+
+def _make_bucket(root: Minio, config: S3InitConfig) -> None:
+    """Creates the bucket; one this step already created (a retry after an answer that came
+    back "not initialized" although the bucket was made) is fine."""
+    try:
+        root.make_bucket(bucket_name=config.bucket, location=config.region or None)
+    except S3Error as exc:
+        if exc.code != "BucketAlreadyOwnedByYou":
+            raise
 
 
 def _user_exists(admin: MinioAdmin, config: S3InitConfig) -> bool:
