@@ -148,9 +148,9 @@ def preload_key(predict_fn: str, model_name: str, key_id: str, key_bytes: bytes)
     from encinfer.inference.catalog import find
 
     model = find(_models, model_name)
-    if predict_fn == predict_latency.__name__:
-        _server_keys(model, "latency", key_id, key_bytes)
     layout = "latency" if predict_fn == predict_latency.__name__ else "coeff"
+    if layout == "latency":  # the rotation layout's Galois keys too
+        _server_keys(model, layout, key_id, key_bytes)
     _drew_from(_public_keys(model, layout, key_id, key_bytes))
 
 

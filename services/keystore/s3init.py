@@ -36,6 +36,7 @@ from minio.helpers import check_bucket_name
 from encinfer.common.env import env_float, env_str
 from encinfer.common.errors import EncinferError, FailedPrecondition, InvalidArgument, Unauthenticated, Unavailable
 from encinfer.keystore.config import S3Settings
+from encinfer.keystore.storage import BUSY_CODES
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -169,8 +170,8 @@ def init_storage(config: S3InitConfig) -> S3InitResult:
 # cmd/api-errors.go): a distributed MinIO serves some calls before its IAM and bucket
 # metadata are loaded, and before all its nodes are up (no write quorum yet). Waited
 # out within the deadline; past it the same answer is the error, with its reason.
-_NOT_READY_CODES = {"XMinioServerNotInitialized", "XMinioIAMNotInitialized", "XMinioBucketMetadataNotInitialized",
-                    "XMinioAdminConfigNoQuorum", "SlowDownWrite", "SlowDownRead"}
+_NOT_READY_CODES = BUSY_CODES | {"XMinioIAMNotInitialized", "XMinioBucketMetadataNotInitialized",
+                                  "XMinioAdminConfigNoQuorum"}
 
 
 class _Steps:

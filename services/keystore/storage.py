@@ -286,7 +286,7 @@ class FsObjectStore:
 # MinIO's answers that it cannot serve a call just now (cmd/api-errors.go): no write or read
 # quorum for a moment after a node died (SlowDownWrite, SlowDownRead: also what a corrupt
 # object answers, which therefore persists), S3's generic SlowDown, a node still starting.
-_BUSY_CODES = frozenset({"SlowDownWrite", "SlowDownRead", "SlowDown", "XMinioServerNotInitialized"})
+BUSY_CODES = frozenset({"SlowDownWrite", "SlowDownRead", "SlowDown", "XMinioServerNotInitialized"})
 
 
 class S3ObjectStore:
@@ -363,7 +363,7 @@ class S3ObjectStore:
             try:
                 return fn(*args, **kwargs)
             except S3Error as e:
-                if not (busy_retry and e.code in _BUSY_CODES and time.monotonic() + delay < give_up):
+                if not (busy_retry and e.code in BUSY_CODES and time.monotonic() + delay < give_up):
                     return self._refused(what, e)
                 log.info("object storage busy; retrying", extra={"fields": {"doing": what, "code": e.code}})
             except (urllib3.exceptions.HTTPError, OSError, MinioException) as e:
@@ -389,23 +389,20 @@ class S3ObjectStore:
     def degraded(self) -> bool:
         """MinIO's cluster health endpoint answering 503 (no write quorum); anything else, including
         a storage that is not MinIO (no such endpoint), is not a proof of a degraded cluster."""
-        scheme = "https" if self.settings.secure else "http"
-        try:
-            response = self._http.request("GET", f"{scheme}://{self.settings.endpoint}/minio/health/cluster",
-                                          timeout=2.0, retries=False)
-        except Exception:  # noqa: BLE001 - unreachable: the caller's own call says so
-            return False
-        return response.status == 503
+        return self._health("/minio/health/cluster") == 503
 
     def cluster_readable(self) -> bool:
         """True when MinIO's read-health endpoint says the cluster has read quorum (never retried)."""
+        return self._health("/minio/health/cluster/read") == 200
+
+    def _health(self, path: str) -> int | None:
+        """The status of one MinIO health endpoint, or None when it cannot be asked (never retried)."""
         scheme = "https" if self.settings.secure else "http"
         try:
-            response = self._http.request("GET", f"{scheme}://{self.settings.endpoint}/minio/health/cluster/read",
-                                          timeout=2.0, retries=False)
-        except Exception:  # noqa: BLE001 - unreachable, or not MinIO: not a proof of corruption
-            return False
-        return response.status == 200
+            return self._http.request("GET", f"{scheme}://{self.settings.endpoint}{path}", timeout=2.0,
+                                      retries=False).status
+        except Exception:  # noqa: BLE001 - unreachable, or not MinIO: the caller's own call says so
+            return None
 
     def ensure_ready(self) -> None:
         def ensure() -> None:
